@@ -1,0 +1,24 @@
+// The emulation module (mokernels._emu, or mokernels._emu_asan built with ASan/UBSan): every
+// csrc/<family>.cu wrapper compiled as host C++ with MOKERNELS_EMULATION, so its kernels run on
+// CPU tensors through the fiber emulator (shim.cpp) as the `mokernels_emu` ops.
+#include <pybind11/pybind11.h>
+
+#include "../schemas.h"
+#include "../rank_one.cu"
+#include "../tile_gemm.cu"
+
+#include "planted.h"
+
+TORCH_LIBRARY(mokernels_emu, m) {
+  mk::define_schemas(m);
+  mk::planted::define(m);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mokernels kernels run on CPU through the CUDA emulator (logic only, not speed)";
+#if defined(__SANITIZE_ADDRESS__)
+  m.attr("sanitized") = true;
+#else
+  m.attr("sanitized") = false;
+#endif
+}

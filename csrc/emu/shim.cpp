@@ -1,0 +1,270 @@
+// Fiber scheduler behind csrc/emu/shim.h. One OS thread runs a whole launch; each CUDA thread of
+// the current block is a ucontext fiber that runs until it reaches a barrier or returns.
+#include "shim.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define MK_EMU_ASAN 1
+#endif
+
+namespace mk::emu {
+
+namespace {
+#if defined(MK_EMU_ASAN)
+constexpr size_t kStackBytes = 512 * 1024;  // ASan frames are much larger
+#else
+constexpr size_t kStackBytes = 128 * 1024;
+#endif
+}  // namespace
+
+enum class State { Ready, AtBlockBarrier, AtWarpBarrier, Done };
+
+struct ThreadState {
+  uint3 idx{};
+  int warp = 0;
+  int lane = 0;
+  State state = State::Done;
+  ucontext_t ctx{};
+  unsigned char* stack = nullptr;  // mmap'ed, lowest page is a guard page
+};
+
+struct BlockState {
+  dim3 grid, block;
+  uint3 bidx{};
+  int nthreads = 0;
+  std::vector<ThreadState> threads;
+  std::vector<unsigned char> exchange;  // [warps][32][kExchangeBytes]
+  void* smem = nullptr;
+  const std::function<void()>* body = nullptr;
+  ucontext_t sched{};
+  std::string error;
+  const void* sched_stack_bottom = nullptr;
+  size_t sched_stack_size = 0;
+};
+
+thread_local ThreadState* tls_thread = nullptr;
+thread_local BlockState* tls_block = nullptr;
+
+namespace {
+
+BlockState& cur_block() {
+  if (tls_block == nullptr || tls_thread == nullptr)
+    throw std::runtime_error("mokernels emulator: a device intrinsic was called outside a launch");
+  return *tls_block;
+}
+
+// Fiber -> scheduler. `dying` tells ASan that this fiber's fake stack can be released.
+void switch_to_scheduler(bool dying) {
+  BlockState* b = tls_block;
+  ThreadState* t = tls_thread;
+#if defined(MK_EMU_ASAN)
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(dying ? nullptr : &fake, b->sched_stack_bottom, b->sched_stack_size);
+#else
+  (void)dying;
+#endif
+  swapcontext(&t->ctx, &b->sched);
+#if defined(MK_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(fake, &b->sched_stack_bottom, &b->sched_stack_size);
+#endif
+}
+
+void fiber_main() {
+  BlockState* b = tls_block;
+#if defined(MK_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &b->sched_stack_bottom, &b->sched_stack_size);
+#endif
+  (*b->body)();
+  tls_thread->state = State::Done;
+  switch_to_scheduler(/*dying=*/true);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// Scheduler -> fiber, until the fiber parks at a barrier or finishes.
+void run_fiber(BlockState& b, ThreadState& t) {
+  tls_thread = &t;
+#if defined(MK_EMU_ASAN)
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, t.stack, kStackBytes);
+#endif
+  swapcontext(&b.sched, &t.ctx);
+#if defined(MK_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  tls_thread = nullptr;
+}
+
+void set_error(BlockState& b, const std::string& what) {
+  if (b.error.empty()) b.error = what;
+}
+
+// Releases the barrier that can be released; false means no live thread can make progress.
+bool release_barriers(BlockState& b) {
+  bool released = false;
+  const int nwarps = static_cast<int>(ceil_div_host(b.nthreads, kWarpSize));
+  for (int w = 0; w < nwarps; ++w) {
+    int waiting = 0, alive = 0, exited = -1;
+    const int end = std::min(b.nthreads, (w + 1) * kWarpSize);
+    for (int i = w * kWarpSize; i < end; ++i) {
+      if (b.threads[i].state == State::Done) { exited = i - w * kWarpSize; continue; }
+      ++alive;
+      if (b.threads[i].state == State::AtWarpBarrier) ++waiting;
+    }
+    if (waiting > 0 && exited >= 0) {
+      set_error(b, "warp collective in warp " + std::to_string(w) + " while lane " +
+                       std::to_string(exited) + " has exited (undefined behaviour on a GPU)");
+      return false;
+    }
+    if (waiting > 0 && waiting == alive) {
+      for (int i = w * kWarpSize; i < end; ++i) b.threads[i].state = State::Ready;
+      released = true;
+    }
+  }
+  if (released) return true;
+  bool all_at_block = true, any_live = false;
+  for (auto& t : b.threads) {
+    if (t.state == State::Done) continue;
+    any_live = true;
+    all_at_block = all_at_block && t.state == State::AtBlockBarrier;
+  }
+  if (any_live && all_at_block) {
+    for (auto& t : b.threads)
+      if (t.state != State::Done) t.state = State::Ready;
+    return true;
+  }
+  set_error(b, "deadlock: live threads wait at different barriers "
+               "(divergent __syncthreads or a warp collective not reached by the whole warp)");
+  return false;
+}
+
+void run_block(BlockState& b) {
+  for (auto& t : b.threads) {
+    t.state = State::Ready;
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = t.stack;
+    t.ctx.uc_stack.ss_size = kStackBytes;
+    t.ctx.uc_link = nullptr;
+    makecontext(&t.ctx, fiber_main, 0);
+  }
+  for (;;) {
+    bool any_live = false;
+    for (auto& t : b.threads) {
+      if (t.state == State::Ready) run_fiber(b, t);
+      if (!b.error.empty()) return;
+      any_live = any_live || t.state != State::Done;
+    }
+    if (!any_live) return;
+    if (!release_barriers(b)) return;
+  }
+}
+
+}  // namespace
+
+int64_t ceil_div_host(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+const uint3& thread_idx() { return cur_block(), tls_thread->idx; }
+const uint3& block_idx() { return cur_block().bidx; }
+const dim3& block_dim() { return cur_block().block; }
+const dim3& grid_dim() { return cur_block().grid; }
+int lane_id() { return cur_block(), tls_thread->lane; }
+void* dynamic_shared() { return cur_block().smem; }
+
+void block_sync() {
+  cur_block();
+  tls_thread->state = State::AtBlockBarrier;
+  switch_to_scheduler(false);
+}
+
+void warp_sync() {
+  cur_block();
+  tls_thread->state = State::AtWarpBarrier;
+  switch_to_scheduler(false);
+}
+
+unsigned char* exchange_slot(int lane) {
+  BlockState& b = cur_block();
+  const size_t slot = static_cast<size_t>(tls_thread->warp) * kWarpSize + lane;
+  return b.exchange.data() + slot * kExchangeBytes;
+}
+
+bool lane_exists(int lane) {
+  BlockState& b = cur_block();
+  return tls_thread->warp * kWarpSize + lane < b.nthreads;
+}
+
+void fail(const char* what) {
+  if (tls_thread == nullptr || tls_block == nullptr) throw std::runtime_error(what);
+  set_error(*tls_block, what);
+  tls_thread->state = State::Done;
+  switch_to_scheduler(/*dying=*/true);
+  std::abort();  // never resumed
+}
+
+void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  static std::mutex mu;  // statics stand in for shared memory: one emulated launch at a time
+  std::lock_guard<std::mutex> lock(mu);
+  const int64_t nthreads = static_cast<int64_t>(block.x) * block.y * block.z;
+  if (nthreads <= 0 || nthreads > 1024)
+    throw std::runtime_error("emulated launch: block must have 1..1024 threads, got " +
+                             std::to_string(nthreads));
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+    throw std::runtime_error("emulated launch: invalid grid dimensions");
+  if (smem_bytes > 227 * 1024) throw std::runtime_error("emulated launch: dynamic shared memory > 227 KiB");
+
+  BlockState b;
+  b.grid = grid;
+  b.block = block;
+  b.nthreads = static_cast<int>(nthreads);
+  b.body = &body;
+  b.threads.resize(nthreads);
+  b.exchange.assign(ceil_div_host(nthreads, kWarpSize) * kWarpSize * kExchangeBytes, 0);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  struct Cleanup {
+    BlockState& b;
+    size_t page;
+    ~Cleanup() {
+      for (auto& t : b.threads)
+        if (t.stack) munmap(t.stack - page, kStackBytes + page);
+      ::operator delete(b.smem, std::align_val_t{16});
+      tls_block = nullptr;
+      tls_thread = nullptr;
+    }
+  } cleanup{b, page};
+  for (int i = 0; i < nthreads; ++i) {
+    void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) throw std::runtime_error("emulated launch: cannot map fiber stacks");
+    mprotect(mem, page, PROT_NONE);  // guard page: a fiber stack overflow faults instead of corrupting
+    ThreadState& t = b.threads[i];
+    t.stack = static_cast<unsigned char*>(mem) + page;
+    t.idx = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
+                  static_cast<unsigned>(i / (block.x * block.y))};
+    t.warp = i / kWarpSize;
+    t.lane = i % kWarpSize;
+  }
+  // Exactly smem_bytes: an access one past the end is a heap-buffer-overflow under ASan.
+  b.smem = ::operator new(smem_bytes, std::align_val_t{16});
+  tls_block = &b;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.bidx = uint3{x, y, z};
+        run_block(b);
+        if (!b.error.empty())
+          throw std::runtime_error("emulated kernel failed in block (" + std::to_string(x) + "," +
+                                   std::to_string(y) + "," + std::to_string(z) + "): " + b.error);
+      }
+}
+
+}  // namespace mk::emu

@@ -1,0 +1,84 @@
+// CPU emulation of the CUDA execution model, for running kernel source on machines without a GPU.
+//
+// Design (see ARCHITECTURE.md "Emulation"):
+//  * a launch runs its blocks one after another on the calling OS thread;
+//  * every CUDA thread of a block is a user-level fiber (ucontext) with its own stack, so a block of
+//    1024 threads costs 1024 small stacks, not 1024 OS threads, and scheduling is deterministic;
+//  * __syncthreads parks the fiber until every *live* thread of the block has arrived (a thread that
+//    returned early is dropped from the barrier, like std::barrier::arrive_and_drop);
+//  * warp collectives (shuffles, ballots, ldmatrix, mma) go through a per-warp exchange buffer:
+//    write own value, warp barrier, read the source lane's value, warp barrier;
+//  * __shared__ variables are function-local statics (blocks never overlap), dynamic shared memory is
+//    a heap buffer of exactly the requested size (so ASan sees one-past-the-end accesses);
+//  * misuse that is undefined behaviour on a GPU is an error here: a warp collective while a lane of
+//    that warp has exited or waits elsewhere, a barrier that not all live threads reach (deadlock).
+//    Errors abort the launch and surface as std::runtime_error from launch().
+// Emulation proves logic, not speed or the memory model.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+#include <cuda_runtime_api.h>  // dim3, uint3, cudaStream_t, cudaError_t (types only; no CUDA calls)
+
+namespace mk::emu {
+
+constexpr int kWarpSize = 32;
+constexpr int kExchangeBytes = 64;  // per lane and exchange: enough for an mma fragment set
+
+struct ThreadState;
+struct BlockState;
+
+// The fiber running now on this OS thread (null outside an emulated launch).
+extern thread_local ThreadState* tls_thread;
+extern thread_local BlockState* tls_block;
+
+const uint3& thread_idx();
+const uint3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+int lane_id();
+
+int64_t ceil_div_host(int64_t a, int64_t b);
+
+void block_sync();
+void warp_sync();
+void* dynamic_shared();
+[[noreturn]] void fail(const char* what);
+
+// Per-warp exchange: slot of `lane` (valid between the two warp_syncs of a collective).
+unsigned char* exchange_slot(int lane);
+bool lane_exists(int lane);
+
+// Runs `body` as a kernel over grid x block threads with `smem_bytes` of dynamic shared memory.
+// Throws std::runtime_error when the emulated kernel misbehaves (see above).
+void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+
+// Warp collective: each lane contributes `v`; returns the value of lane `src_of(lane)`
+// (own value when the source is outside [0, 32)).
+template <class T, class F>
+inline T warp_exchange(T v, F src_of) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= kExchangeBytes, "exchange type");
+  const int lane = lane_id();
+  std::memcpy(exchange_slot(lane), &v, sizeof(T));
+  warp_sync();
+  const int src = src_of(lane);
+  T r = v;
+  if (src >= 0 && src < kWarpSize) {
+    if (!lane_exists(src)) fail("warp shuffle reads a lane that does not exist in this block");
+    std::memcpy(&r, exchange_slot(src), sizeof(T));
+  }
+  warp_sync();
+  return r;
+}
+
+}  // namespace mk::emu
+
+// CUDA's built-in index variables, read from the running fiber.
+#define threadIdx (::mk::emu::thread_idx())
+#define blockIdx (::mk::emu::block_idx())
+#define blockDim (::mk::emu::block_dim())
+#define gridDim (::mk::emu::grid_dim())

@@ -1,0 +1,2 @@
+// The emulator for mokernels._emu_asan (see module_asan.cpp).
+#include "shim.cpp"

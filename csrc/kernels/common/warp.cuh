@@ -1,0 +1,76 @@
+// Warp collectives over the full warp (mask 0xffffffff; every lane of the warp must take part —
+// the emulator reports a collective reached by part of a warp as an error).
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include "platform.cuh"
+
+namespace mk {
+
+constexpr int kWarpSize = 32;
+
+MK_DEVICE int lane_id() {
+#if defined(MOKERNELS_EMULATION)
+  return ::mk::emu::lane_id();
+#else
+  unsigned lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return static_cast<int>(lane);
+#endif
+}
+
+// Value of lane (lane ^ mask).
+template <class T> MK_DEVICE T shfl_xor(T v, int mask) {
+#if defined(MOKERNELS_EMULATION)
+  return ::mk::emu::warp_exchange(v, [mask](int lane) { return lane ^ mask; });
+#else
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+#endif
+}
+
+// Value of lane `src` (0..31).
+template <class T> MK_DEVICE T shfl_idx(T v, int src) {
+#if defined(MOKERNELS_EMULATION)
+  return ::mk::emu::warp_exchange(v, [src](int) { return src & (kWarpSize - 1); });
+#else
+  return __shfl_sync(0xffffffffu, v, src);
+#endif
+}
+
+// Value of lane (lane + delta); lanes whose source is past 31 keep their own value.
+template <class T> MK_DEVICE T shfl_down(T v, int delta) {
+#if defined(MOKERNELS_EMULATION)
+  return ::mk::emu::warp_exchange(v, [delta](int lane) { return lane + delta < kWarpSize ? lane + delta : lane; });
+#else
+  return __shfl_down_sync(0xffffffffu, v, delta);
+#endif
+}
+
+// Bit i set iff lane i passed `pred`.
+MK_DEVICE uint32_t ballot(bool pred) {
+#if defined(MOKERNELS_EMULATION)
+  namespace e = ::mk::emu;
+  *e::exchange_slot(e::lane_id()) = pred ? 1 : 0;
+  e::warp_sync();
+  uint32_t m = 0;
+  for (int l = 0; l < kWarpSize; ++l)
+    if (e::lane_exists(l) && *e::exchange_slot(l)) m |= 1u << l;
+  e::warp_sync();
+  return m;
+#else
+  return __ballot_sync(0xffffffffu, pred);
+#endif
+}
+
+struct SumOp { template <class T> MK_DEVICE T operator()(T a, T b) const { return a + b; } };
+struct MaxOp { template <class T> MK_DEVICE T operator()(T a, T b) const { return a > b ? a : b; } };
+
+// Butterfly reduction: every lane receives op over the whole warp.
+template <class T, class Op> MK_DEVICE T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = op(v, shfl_xor(v, m));
+  return v;
+}
+
+}  // namespace mk

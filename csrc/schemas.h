@@ -1,0 +1,20 @@
+// The schema of every mokernels op, defined once and used for both op namespaces:
+// `mokernels` (csrc/bindings.cpp: CUDA kernels + the Python reference on CPU) and `mokernels_emu`
+// (csrc/emu/module.cpp: the same kernel source run by the CPU emulator).
+#pragma once
+
+#include <torch/library.h>
+
+namespace mk {
+
+inline void define_schemas(torch::Library& m) {
+  // Rank-one expert scaling (MoORE): out = z * (sigma + g).  z, g: [..., R]; sigma: [R].
+  m.def("rank_one_scale(Tensor z, Tensor sigma, Tensor g) -> Tensor");
+  // Its backward: (dz, dsigma, dg) = (grad * (sigma + g), sum over rows of grad * z, grad * z).
+  m.def("rank_one_scale_backward(Tensor grad, Tensor z, Tensor sigma, Tensor g) -> (Tensor, Tensor, Tensor)");
+  // Test kernel for the mma.sync / ldmatrix wrappers: fp32 [M, N] = a [M, K] @ b, with b [N, K]
+  // used transposed (b_kn=False) or b [K, N] (b_kn=True); a, b fp16 or bf16.
+  m.def("_tile_gemm(Tensor a, Tensor b, bool b_kn=False) -> Tensor");
+}
+
+}  // namespace mk

@@ -1,0 +1,11 @@
+"""mokernels: fused CUDA kernels for mixture-of-adapters fine-tuning and serving.
+
+Ops live in :mod:`mokernels.ops` (also re-exported here); :func:`build_info` tells what this
+installation was built with; :mod:`mokernels.emu` runs the kernel source on CPU (logic only).
+"""
+from ._ext import build_info, config as _config
+
+from . import ops  # noqa: E402
+from .ops import rank_one_scale  # noqa: E402
+
+__all__ = ["build_info", "ops", "rank_one_scale"]

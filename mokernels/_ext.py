@@ -1,0 +1,74 @@
+"""Loads the compiled extension `mokernels._C` (op schemas + CUDA kernels) after checking that it
+was built for the torch that is running, and reports what the build contains."""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+
+try:
+    from . import _build_config as config
+except ImportError as exc:  # a source checkout that was never built
+    raise ImportError(
+        "mokernels: the compiled extension is not built (mokernels/_build_config.py is missing). "
+        "Build it with: pip install --no-build-isolation --no-deps -e ."
+    ) from exc
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+if _major_minor(config.TORCH_VERSION) != _major_minor(torch.__version__):
+    raise ImportError(
+        f"mokernels was built against torch {config.TORCH_VERSION} but torch {torch.__version__} is "
+        "installed; C++ extensions are tied to the torch ABI they were built with. Rebuild mokernels "
+        "(pip install --no-build-isolation --no-deps -e .) or install a wheel built for this torch."
+    )
+if config.WITH_CUDA and torch.version.cuda is None:
+    raise ImportError(
+        f"mokernels was built with CUDA kernels (torch {config.TORCH_VERSION}) but the installed torch "
+        f"{torch.__version__} is a CPU-only build; rebuild mokernels against this torch."
+    )
+
+from . import _C  # noqa: E402  (registers the `mokernels` op schemas and CUDA kernels)
+
+if not config.WITH_CUDA:
+    warnings.warn(
+        "mokernels was built without CUDA kernels (no nvcc or a CPU-only torch at build time): every op "
+        "runs its pure-torch reference implementation.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def emulation_built(sanitized: bool = False) -> bool:
+    """Whether the CPU emulation module (or its ASan/UBSan build) was built."""
+    return importlib.util.find_spec("mokernels._emu_asan" if sanitized else "mokernels._emu") is not None
+
+
+def build_info() -> dict:
+    """What this installation contains: compiled CUDA arches, CUDA/torch versions it was built with,
+    whether the emulation modules exist, and the GPU torch sees now (None without one)."""
+    info = dict(_C.build_info())
+    info.update(
+        version=_version(),
+        cuda_archs=list(config.CUDA_ARCHS),
+        torch_built=config.TORCH_VERSION,
+        torch_runtime=torch.__version__,
+        cutlass_version=config.CUTLASS_VERSION,
+        emulation=emulation_built(),
+        emulation_asan=emulation_built(sanitized=True),
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    )
+    return info
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mokernels")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. PYTHONPATH)
+        return "unknown"

@@ -1,0 +1,8 @@
+"""mokernels ops: one module per kernel family. Each defines the public function (docstring with the
+formula and every shape), the pure-torch reference ``<op>_reference`` (the CPU kernel and the tests'
+oracle), the fake kernel and the autograd formula of its `torch.ops.mokernels` ops."""
+from .rank_one import rank_one_scale, rank_one_scale_backward_reference, rank_one_scale_reference
+
+__all__ = ["rank_one_scale", "rank_one_scale_reference", "rank_one_scale_backward_reference"]
+
+from . import tile_gemm  # noqa: E402,F401  (registers the test op's CPU/fake kernels)
