@@ -20,17 +20,23 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
 
-if _major_minor(config.TORCH_VERSION) != _major_minor(torch.__version__):
-    raise ImportError(
-        f"mokernels was built against torch {config.TORCH_VERSION} but torch {torch.__version__} is "
-        "installed; C++ extensions are tied to the torch ABI they were built with. Rebuild mokernels "
-        "(pip install --no-build-isolation --no-deps -e .) or install a wheel built for this torch."
-    )
-if config.WITH_CUDA and torch.version.cuda is None:
-    raise ImportError(
-        f"mokernels was built with CUDA kernels (torch {config.TORCH_VERSION}) but the installed torch "
-        f"{torch.__version__} is a CPU-only build; rebuild mokernels against this torch."
-    )
+def check_torch_abi(built: str, runtime: str, built_with_cuda: bool, runtime_cuda: str | None) -> None:
+    """Raises ImportError (with the fix) when an extension built against torch `built` cannot load
+    into torch `runtime`: C++ extensions are tied to the torch ABI (major.minor) they were built with."""
+    if _major_minor(built) != _major_minor(runtime):
+        raise ImportError(
+            f"mokernels was built against torch {built} but torch {runtime} is installed; C++ extensions "
+            "are tied to the torch ABI they were built with. Rebuild mokernels "
+            "(pip install --no-build-isolation --no-deps -e .) or install a wheel built for this torch."
+        )
+    if built_with_cuda and runtime_cuda is None:
+        raise ImportError(
+            f"mokernels was built with CUDA kernels (torch {built}) but the installed torch {runtime} is a "
+            "CPU-only build; rebuild mokernels against this torch."
+        )
+
+
+check_torch_abi(config.TORCH_VERSION, torch.__version__, config.WITH_CUDA, torch.version.cuda)
 
 from . import _C  # noqa: E402  (registers the `mokernels` op schemas and CUDA kernels)
 

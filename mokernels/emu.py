@@ -3,13 +3,17 @@ kernel source on CPU tensors, one fiber per CUDA thread. It proves kernel *logic
 without a GPU; it says nothing about speed or the GPU memory model.
 
 `MOKERNELS_EMU_ASAN=1` selects the AddressSanitizer/UBSan build (mokernels._emu_asan), which must be
-loaded with the ASan runtime preloaded:
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 MOKERNELS_EMU_ASAN=1 pytest -m emu
+loaded with the ASan runtime (and libstdc++, so ASan's __cxa_throw interceptor finds the real one)
+preloaded into a Python that was not built with ASan:
+    LD_PRELOAD="$(python -m mokernels.emu --preload)" ASAN_OPTIONS=detect_leaks=0 MOKERNELS_EMU_ASAN=1 pytest -m emu
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -41,7 +45,7 @@ def load() -> str:
         if sanitized_requested() and "libasan" not in os.environ.get("LD_PRELOAD", ""):
             raise RuntimeError(
                 "MOKERNELS_EMU_ASAN=1 needs the ASan runtime preloaded: "
-                "LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0"
+                f'LD_PRELOAD="{sanitizer_preload()}" ASAN_OPTIONS=detect_leaks=0'
             )
         importlib.import_module(name)
         _loaded = name
@@ -52,3 +56,20 @@ def ops():
     """`torch.ops.mokernels_emu`, the emulated kernels (loads the module on first use)."""
     load()
     return torch.ops.mokernels_emu
+
+
+@functools.cache
+def sanitizer_preload() -> str:
+    """The LD_PRELOAD value for the ASan build: gcc's libasan and libstdc++ (space separated)."""
+
+    def lib(name: str) -> str:
+        return subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True, check=True).stdout.strip()
+
+    return f"{lib('libasan.so')} {lib('libstdc++.so')}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--preload"]:
+        print(sanitizer_preload())
+    else:
+        sys.exit("usage: python -m mokernels.emu --preload")

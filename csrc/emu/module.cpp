@@ -8,10 +8,12 @@
 #include "../tile_gemm.cu"
 
 #include "planted.h"
+#include "selftest.h"
 
 TORCH_LIBRARY(mokernels_emu, m) {
   mk::define_schemas(m);
   mk::planted::define(m);
+  mk::selftest::define(m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,91 @@
+// Kernels that test the emulator itself (tests/test_emu.py), registered only as
+// mokernels_emu::_selftest. Each exercises one rule of the CUDA execution model that the shim must
+// reproduce, or one misuse that it must report instead of silently running.
+#pragma once
+
+#include <string>
+
+#include <ATen/ops/zeros.h>
+
+#include "../torch_glue.h"
+#include "../kernels/common/warp.cuh"
+
+namespace mk::selftest {
+
+// Per thread t (one block of x.numel() threads, x float): out[t] = {warp sum, warp max, value of
+// lane 3, value of lane+1 (shfl_down), popcount(ballot(x > 0)), dynamic-smem neighbour x[t ^ 1]}.
+MK_GLOBAL void warp_ops_kernel(const float* x, float* out) {
+  MK_DYNAMIC_SHARED(float, smem);
+  const int t = threadIdx.x;
+  const float v = x[t];
+  smem[t] = v;
+  block_sync();
+  float* o = out + 6 * t;
+  o[0] = warp_reduce(v, SumOp{});
+  o[1] = warp_reduce(v, MaxOp{});
+  o[2] = shfl_idx(v, 3);
+  o[3] = shfl_down(v, 1);
+  o[4] = static_cast<float>(__builtin_popcount(ballot(v > 0.f)));
+  o[5] = smem[t ^ 1];
+}
+
+// Threads t >= keep return at once; the rest meet at two barriers (exited threads are dropped) and
+// read a neighbour through shared memory: out[t] = x[(t + 1) % keep] for t < keep.
+MK_GLOBAL void early_exit_kernel(const float* x, float* out, int keep) {
+  MK_SHARED float s[1024];
+  const int t = threadIdx.x;
+  if (t >= keep) return;
+  s[t] = x[t];
+  block_sync();
+  out[t] = s[(t + 1) % keep];
+  block_sync();
+}
+
+// Misuse: half of warp 0 waits at __syncthreads while the other half starts a full-warp shuffle
+// (a hang on a GPU). Note that threads which *exited* do not block a barrier (sm_70+ semantics).
+MK_GLOBAL void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x < 16)
+    block_sync();
+  else
+    out[threadIdx.x] = warp_reduce(1.f, SumOp{});
+}
+
+// Misuse: lane 5 exits, the rest of its warp shuffles with a full mask.
+MK_GLOBAL void exited_lane_shuffle_kernel(float* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = warp_reduce(1.f, SumOp{});
+}
+
+inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
+  const at::Tensor x = x_in.contiguous().to(at::kFloat);
+  const int64_t n = x.numel();
+  TORCH_CHECK_VALUE(n >= 1 && n <= 1024, "_selftest: x must have 1..1024 elements");
+  const unsigned threads = static_cast<unsigned>(n);
+  if (which == "warp_ops") {
+    at::Tensor out = at::zeros({n, 6}, x.options());
+    auto k = warp_ops_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), n * sizeof(float), nullptr, ptr<float>(x), ptr<float>(out));
+    return out;
+  }
+  at::Tensor out = at::zeros({n}, x.options());
+  if (which == "early_exit") {
+    auto k = early_exit_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), 0, nullptr, ptr<float>(x), ptr<float>(out), static_cast<int>(n / 2 + 1));
+  } else if (which == "divergent_barrier") {
+    auto k = divergent_barrier_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), 0, nullptr, ptr<float>(out));
+  } else if (which == "exited_lane_shuffle") {
+    auto k = exited_lane_shuffle_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), 0, nullptr, ptr<float>(out));
+  } else {
+    TORCH_CHECK_VALUE(false, "_selftest: unknown case ", which);
+  }
+  return out;
+}
+
+inline void define(torch::Library& m) {
+  m.def("_selftest(str which, Tensor x) -> Tensor");
+  m.impl("_selftest", c10::DispatchKey::CPU, TORCH_FN(run));
+}
+
+}  // namespace mk::selftest

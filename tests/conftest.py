@@ -1,0 +1,49 @@
+"""Shared test fixtures.
+
+Markers: `emu` tests run the real kernel source through the CPU emulator (mokernels._emu, or the
+ASan build with MOKERNELS_EMU_ASAN=1); `cuda` tests need a GPU and are skipped (with the reason in
+the summary) without one. With MOKERNELS_REQUIRE_EMU=1 (set by CI) a missing emulation module fails
+the emulated tests instead of skipping them.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+import mokernels  # noqa: F401  (loads the op library)
+from mokernels import emu
+
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
+
+
+@pytest.fixture(scope="session")
+def emu_ops():
+    """`torch.ops.mokernels_emu` (the emulated kernels)."""
+    if not emu.available():
+        msg = "emulation module not built (MOKERNELS_BUILD_EMU=1 when building)"
+        if os.environ.get("MOKERNELS_REQUIRE_EMU") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return emu.ops()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# Tolerances for comparing a kernel against the reference (both compute in fp32, round once).
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-6, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
