@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for mokernels: a venv (.venv, or $MOKERNELS_VENV), the pinned toolchain
+# (torch from the local pip cap, the nvidia-cutlass headers wheel, test deps), then builds the
+# extension in place (editable install): mokernels._C with nvcc when it is there, the CPU emulation
+# module, and its ASan build when MOKERNELS_BUILD_EMU_ASAN=1. Idempotent; safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MOKERNELS_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --disable-pip-version-check \
+  "torch==${MOKERNELS_TORCH_VERSION:-2.14.1}" "nvidia-cutlass==4.2.0.0" \
+  numpy pytest hypothesis expecttest ninja pybind11 rich matplotlib setuptools wheel
+export MAX_JOBS=${MAX_JOBS:-2}
+echo "mokernels: building (MAX_JOBS=$MAX_JOBS, archs=${TORCH_CUDA_ARCH_LIST:-default})"
+python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+python -c "import mokernels; print('mokernels build_info:', mokernels.build_info())"
