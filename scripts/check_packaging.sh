@@ -17,14 +17,20 @@ whl=$(ls "$work"/cuda/mokernels-*.whl)
 echo "built $(basename "$whl")"
 case "$(basename "$whl")" in *torch2.14*) ;; *) echo "wheel version lacks the torch tag"; exit 1 ;; esac
 (cd "$work/cuda" && python -m zipfile -e "$whl" x >/dev/null)
-elfs=$("$(python - <<'PY'
-import os, shutil
-home = os.environ.get("CUDA_HOME") or ""
-print(os.path.join(home, "bin", "cuobjdump") if home and os.path.exists(os.path.join(home, "bin", "cuobjdump")) else shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump")
-PY
-)" --list-elf "$work"/cuda/x/mokernels/_C*.so | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')
+# cuobjdump: next to the real nvcc (the nvcc on PATH may be a wrapper script; nvcc says where it
+# lives), else on PATH, else the copy inside triton's wheel (a torch dependency).
+find_cuobjdump() {
+  local bindir
+  bindir=$(nvcc -dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)
+  if [ -x "$bindir/cuobjdump" ]; then echo "$bindir/cuobjdump"; return; fi
+  if command -v cuobjdump >/dev/null; then command -v cuobjdump; return; fi
+  python -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))"
+}
+elfs=$("$(find_cuobjdump)" --list-elf "$work"/cuda/x/mokernels/_C*.so | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')
 echo "cubins in the wheel: $elfs"
 [ "$elfs" = "sm_80 " ] || { echo "expected only sm_80 cubins"; exit 1; }
+ptx=$("$(find_cuobjdump)" --list-ptx "$work"/cuda/x/mokernels/_C*.so 2>/dev/null | grep -c 'ptx' || true)
+[ "$ptx" = "0" ] || { echo "expected no PTX without +PTX, found $ptx entries"; exit 1; }
 
 echo "== build without CUDA kernels (MOKERNELS_FORCE_CPU=1)"
 MOKERNELS_FORCE_CPU=1 MOKERNELS_BUILD_EMU=0 python -m pip wheel -q --no-build-isolation --no-deps -w "$work/cpu" .

@@ -11,10 +11,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-python -m pip install -q --disable-pip-version-check \
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }  # pip's notes on absent local indexes
+quiet python -m pip install -q --disable-pip-version-check \
   "torch==${MOKERNELS_TORCH_VERSION:-2.14.1}" "nvidia-cutlass==4.2.0.0" \
   numpy pytest hypothesis expecttest ninja pybind11 rich matplotlib setuptools wheel
 export MAX_JOBS=${MAX_JOBS:-2}
 echo "mokernels: building (MAX_JOBS=$MAX_JOBS, archs=${TORCH_CUDA_ARCH_LIST:-default})"
-python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+quiet python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 python -c "import mokernels; print('mokernels build_info:', mokernels.build_info())"

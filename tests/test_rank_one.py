@@ -11,6 +11,9 @@ from conftest import TOL, requires_cuda
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (leading shape, R): odd sizes, R not a multiple of any vector width, more rows than one block.
 SHAPES = [((1,), 1), ((7,), 3), ((33,), 8), ((5,), 17), ((130,), 64), ((2, 3), 100), ((300,), 12)]
+KERNEL_CASES = pytest.mark.parametrize(
+    "dtype,lead,R,offset", [(d, lead, R, o) for d in DTYPES for lead, R in SHAPES for o in (0, 1)]
+)
 
 
 def make(lead, R, dtype, device="cpu", offset=0):
@@ -39,9 +42,7 @@ def test_reference_matches_formula():
 
 
 @pytest.mark.emu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead,R", SHAPES)
-@pytest.mark.parametrize("offset", [0, 1])
+@KERNEL_CASES
 def test_emulated_forward(emu_ops, dtype, lead, R, offset):
     z, s, g = make(lead, R, dtype, offset=offset)
     out = emu_ops.rank_one_scale(z, s, g)
@@ -50,9 +51,7 @@ def test_emulated_forward(emu_ops, dtype, lead, R, offset):
 
 
 @pytest.mark.emu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead,R", SHAPES)
-@pytest.mark.parametrize("offset", [0, 1])
+@KERNEL_CASES
 def test_emulated_backward(emu_ops, dtype, lead, R, offset):
     z, s, g = make(lead, R, dtype, offset=offset)
     grad = torch.randn_like(z)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job: set up + build (scripts/setup_env.sh), then run the benchmark suite on the embedded
+# default workloads (--quick unless --full is given) and write tables, JSON and PNGs to results/.
+# On a machine without a GPU the tables are labelled as CPU reference / emulated runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+# shellcheck disable=SC1091
+. "${MOKERNELS_VENV:-.venv}/bin/activate"
+mode=--quick
+if [ "${1:-}" = "--full" ]; then mode=; shift; fi
+python -m benchmarks $mode --out "${MOKERNELS_RESULTS:-results}" "$@"
