@@ -440,5 +440,5 @@ def environment(device: torch.device) -> dict:
 def write_json(path: Path, env: dict, config: dict, ms: list[Measurement], errors: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {**env, "config": config, "measurements": [asdict(m) for m in ms], "errors": errors}
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(doc, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
     return path

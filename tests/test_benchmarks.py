@@ -51,3 +51,18 @@ def test_quick_rank_one_run_writes_json_and_png(tmp_path):
 
     png = tmp_path / "bench_rank_one.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hbm_peak_table_matches_device_names():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks._harness import hbm_peak_gbps
+    finally:
+        sys.path.remove(str(ROOT))
+    assert hbm_peak_gbps("NVIDIA H100 80GB HBM3") == 3350.0  # SXM
+    assert hbm_peak_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert hbm_peak_gbps("NVIDIA H200") == 4800.0
+    assert hbm_peak_gbps("NVIDIA A100-SXM4-80GB") == 2000.0
+    assert hbm_peak_gbps("NVIDIA A100-SXM4-40GB") == 1555.0
+    assert hbm_peak_gbps("NVIDIA GeForce RTX 4090") is None
+    assert hbm_peak_gbps("NVIDIA H100 NVL") is None  # not in the table: no % rather than a wrong one
