@@ -121,13 +121,15 @@ cxx_flags = ["-O3"]
 if with_cuda:
     arch_spec = os.environ.get("MOKERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
     gencode, targets = _parse_archs(arch_spec)
-    defs = ["-DMOKERNELS_WITH_CUDA=1", f"-DMOKERNELS_CUDA_ARCHS_TOKENS={','.join(targets)}"]
+    defs = ["-DMOKERNELS_WITH_CUDA=1"]
+    # Only bindings.cpp (g++) reads the arch list; nvcc would split a comma-separated -D value.
+    archs_def = f"-DMOKERNELS_CUDA_ARCHS_TOKENS={','.join(targets)}"
     ext_c = cx.CUDAExtension(
         "mokernels._C",
         sources=["csrc/bindings.cpp", "csrc/rank_one.cu", "csrc/tile_gemm.cu"],
         include_dirs=[csrc] + ([cutlass_inc] if cutlass_inc else []),
         extra_compile_args={
-            "cxx": cxx_flags + defs + isystem,
+            "cxx": cxx_flags + defs + [archs_def] + isystem,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *defs, *gencode, *isystem],
         },
     )
@@ -179,6 +181,8 @@ for name, module_src, shim_src, flags, link in (
     f"EMU = {build_emu!r}\n"
     f"EMU_ASAN = {build_emu_asan!r}\n"
     f"CUTLASS_VERSION = {cutlass_version!r}\n"
+    f"CUTLASS_INCLUDE = {cutlass_inc!r}\n"
+    f"CUDA_INCLUDE_DIRS = {emu_incs!r}\n"
 )
 
 major, minor = (int(x) for x in torch_mm.split("."))

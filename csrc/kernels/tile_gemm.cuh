@@ -46,10 +46,10 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(32)
     mma_m16n8k16<T>(acc[1], af, b1, acc[1]);
     block_sync();  // the next K step overwrites the tiles
   }
-  const int g = lane / 4, t = lane % 4;
   for (int nt = 0; nt < 2; ++nt)
     for (int i = 0; i < 4; ++i) {
-      const int r = m0 + g + 8 * (i / 2), col = n0 + nt * 8 + 2 * t + (i % 2);
+      const RowCol rc = mma_c_coord(lane, i);
+      const int r = m0 + rc.row, col = n0 + nt * 8 + rc.col;
       if (r < M && col < N) c[static_cast<int64_t>(r) * N + col] = acc[nt][i];
     }
 }

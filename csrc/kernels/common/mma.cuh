@@ -21,6 +21,26 @@
 
 namespace mk {
 
+// Forward maps of the fragment layouts above: which element lane `lane` holds in 16-bit half `half`
+// of register `reg`. The emulation is built on these, the tile GEMM's epilogue uses mma_c_coord,
+// and tests/test_mma_layout.py checks them against CuTe's SM80 MMA traits.
+struct RowCol { int row, col; };
+// A (16x16, row-major): (m, k)
+MK_HOST_DEVICE constexpr RowCol mma_a_coord(int lane, int reg, int half) {
+  return {lane / 4 + 8 * (reg % 2), 2 * (lane % 4) + half + 8 * (reg / 2)};
+}
+// B (16x8): (k, n)
+MK_HOST_DEVICE constexpr RowCol mma_b_coord(int lane, int reg, int half) {
+  return {2 * (lane % 4) + half + 8 * reg, lane / 4};
+}
+// C/D (16x8, fp32), element i of 4: (m, n)
+MK_HOST_DEVICE constexpr RowCol mma_c_coord(int lane, int i) { return {lane / 4 + 8 * (i / 2), 2 * (lane % 4) + i % 2}; }
+// ldmatrix: (row, col) inside matrix `reg` of the 16-bit element `half` that lane `lane` receives;
+// the row's address came from lane 8 * reg + row.
+MK_HOST_DEVICE constexpr RowCol ldmatrix_coord(int lane, int half, bool trans) {
+  return trans ? RowCol{2 * (lane % 4) + half, lane / 4} : RowCol{lane / 4, 2 * (lane % 4) + half};
+}
+
 #if defined(MOKERNELS_EMULATION)
 namespace emu_detail {
 template <class T> inline float half_of(uint32_t reg, int h) {
@@ -37,13 +57,12 @@ template <int NUM, bool TRANS> inline void ldmatrix_emu(uint32_t* r, const void*
   for (int j = 0; j < NUM; ++j) {
     uint16_t v[2];
     for (int h = 0; h < 2; ++h) {
-      // row-source lane and element offset (in 16-bit units) inside that row
-      const int src = TRANS ? j * 8 + 2 * (lane % 4) + h : j * 8 + lane / 4;
-      const int col = TRANS ? lane / 4 : 2 * (lane % 4) + h;
+      const RowCol rc = ldmatrix_coord(lane, h, TRANS);
+      const int src = j * 8 + rc.row;  // the lane that gave this row's address
       if (!e::lane_exists(src)) e::fail("ldmatrix row address from a lane that does not exist");
       const unsigned char* p;
       std::memcpy(&p, e::exchange_slot(src), sizeof(p));
-      std::memcpy(&v[h], p + 2 * col, 2);
+      std::memcpy(&v[h], p + 2 * rc.col, 2);
     }
     r[j] = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[1]) << 16);
   }
@@ -107,19 +126,27 @@ MK_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
   e::warp_sync();
   for (int l = 0; l < kWarpSize; ++l)
     if (!e::lane_exists(l)) e::fail("mma.sync in a warp with fewer than 32 threads");
-  auto frag = [&](int l) { Frag f; std::memcpy(&f, e::exchange_slot(l), sizeof(Frag)); return f; };
-  const int g = lane / 4, t = lane % 4;
+  // Scatter every lane's registers into the full tiles through the layout maps, then compute.
+  float A[16][16], B[16][8];
+  for (int l = 0; l < kWarpSize; ++l) {
+    Frag f;
+    std::memcpy(&f, e::exchange_slot(l), sizeof(Frag));
+    for (int h = 0; h < 2; ++h) {
+      for (int reg = 0; reg < 4; ++reg) {
+        const RowCol rc = mma_a_coord(l, reg, h);
+        A[rc.row][rc.col] = emu_detail::half_of<T>(f.a[reg], h);
+      }
+      for (int reg = 0; reg < 2; ++reg) {
+        const RowCol rc = mma_b_coord(l, reg, h);
+        B[rc.row][rc.col] = emu_detail::half_of<T>(f.b[reg], h);
+      }
+    }
+  }
   float out[4];
   for (int i = 0; i < 4; ++i) {
-    const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+    const RowCol rc = mma_c_coord(lane, i);
     float acc = c[i];
-    for (int k = 0; k < 16; ++k) {
-      const Frag fa = frag((row % 8) * 4 + (k % 8) / 2);
-      const Frag fb = frag(col * 4 + (k % 8) / 2);
-      const float av = emu_detail::half_of<T>(fa.a[(row / 8) + 2 * (k / 8)], k % 2);
-      const float bv = emu_detail::half_of<T>(fb.b[k / 8], k % 2);
-      acc += av * bv;
-    }
+    for (int k = 0; k < 16; ++k) acc += A[rc.row][k] * B[k][rc.col];
     out[i] = acc;
   }
   e::warp_sync();
