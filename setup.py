@@ -102,6 +102,9 @@ def _cutlass() -> tuple[str | None, str | None]:
         return None, None
 
 
+# One family = one csrc/<family>.cu wrapper; CMakeLists.txt globs the same files.
+CUDA_SOURCES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").glob("*.cu"))
+
 torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 with_cuda = CUDA_HOME is not None and torch.version.cuda is not None
 if _flag("MOKERNELS_REQUIRE_CUDA") and not with_cuda:
@@ -126,7 +129,7 @@ if with_cuda:
     archs_def = f"-DMOKERNELS_CUDA_ARCHS_TOKENS={','.join(targets)}"
     ext_c = cx.CUDAExtension(
         "mokernels._C",
-        sources=["csrc/bindings.cpp", "csrc/rank_one.cu", "csrc/tile_gemm.cu"],
+        sources=["csrc/bindings.cpp"] + CUDA_SOURCES,
         include_dirs=[csrc] + ([cutlass_inc] if cutlass_inc else []),
         extra_compile_args={
             "cxx": cxx_flags + defs + [archs_def] + isystem,

@@ -3,7 +3,7 @@
 Ops live in :mod:`mokernels.ops` (also re-exported here); :func:`build_info` tells what this
 installation was built with; :mod:`mokernels.emu` runs the kernel source on CPU (logic only).
 """
-from ._ext import build_info, config as _config
+from ._ext import build_info
 
 from . import ops  # noqa: E402
 from .ops import rank_one_scale  # noqa: E402
