@@ -3,7 +3,9 @@
 #  1. `pip wheel` with an arch list yields a wheel whose kernels are exactly those arches and whose
 #     version records the torch it was built against;
 #  2. a build without CUDA (as on a machine without nvcc) installs, warns once at import and runs
-#     ops through the reference path.
+#     ops through the reference path;
+#  3. CMakeLists.txt (the C++ developers' build) configures and lists every csrc/*.cu in
+#     compile_commands.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
@@ -50,4 +52,11 @@ torch.testing.assert_close(mokernels.rank_one_scale(z, s, g), z * (s + g))
 print("CPU-only build OK:", mokernels.__file__, info["version"])
 PY
 )
+echo "== CMake configure"
+cmake -S . -B "$work/cmake" -G Ninja -DCMAKE_CUDA_ARCHITECTURES=80-real > "$work/cmake.log" 2>&1 \
+  || { tail -40 "$work/cmake.log"; exit 1; }
+for f in csrc/*.cu csrc/bindings.cpp; do
+  grep -q "$f" "$work/cmake/compile_commands.json" || { echo "compile_commands.json lacks $f"; exit 1; }
+done
+echo "compile_commands.json covers $(ls csrc/*.cu | wc -l) CUDA sources + bindings.cpp"
 echo "packaging checks passed"
