@@ -47,7 +47,8 @@ def _resolve_cuda_home() -> str | None:
     return str(Path(nvcc).resolve().parent.parent)
 
 
-CUDA_HOME = None if _flag("MOKERNELS_FORCE_CPU") else _resolve_cuda_home()
+TOOLKIT = _resolve_cuda_home()  # its headers also serve the emulator, even when CUDA kernels are off
+CUDA_HOME = None if _flag("MOKERNELS_FORCE_CPU") else TOOLKIT
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # must precede the import of torch.utils.cpp_extension
 
@@ -149,13 +150,16 @@ else:
     print("mokernels setup: building WITHOUT CUDA kernels (no nvcc or CPU-only torch); ops use the "
           "pure-torch reference", file=sys.stderr)
 
-# The emulator needs the CUDA headers (cuda_bf16.h, vector types) but no nvcc.
-emu_incs = [str(Path(CUDA_HOME, "include"))] if CUDA_HOME else []
-emu_incs += [inc for inc in nvidia_incs if Path(inc, "cuda_bf16.h").exists()]
+# The emulator needs the CUDA host headers (cuda_bf16.h, vector types and the crt/ they include) but
+# no nvcc; the nvidia-* wheels' include dirs lack crt/, so only a toolkit's include dir qualifies.
+emu_incs = [str(Path(TOOLKIT, "include"))] if TOOLKIT else []
+emu_incs += nvidia_incs
+emu_incs = [inc for inc in emu_incs if all(Path(inc, h).exists() for h in ("cuda_bf16.h", "crt/host_defines.h"))]
 build_emu = _flag("MOKERNELS_BUILD_EMU", "1") and bool(emu_incs)
 build_emu_asan = build_emu and _flag("MOKERNELS_BUILD_EMU_ASAN")
 if _flag("MOKERNELS_BUILD_EMU", "1") and not emu_incs:
-    print("mokernels setup: CUDA headers not found; the emulation module is not built", file=sys.stderr)
+    print("mokernels setup: no CUDA toolkit headers (crt/host_defines.h) found; the emulation module is not "
+          "built", file=sys.stderr)
 
 ext_modules = [ext_c]
 sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]

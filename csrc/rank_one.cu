@@ -29,7 +29,8 @@ at::Tensor scale(const at::Tensor& z_in, const at::Tensor& sigma_in, const at::T
   const int64_t cols = z.size(-1), rows = z.numel() / cols;
   dispatch_float(kOp, z.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    check_launch(kOp, launch_fwd<T>(ptr<T>(z), ptr<T>(sigma), ptr<T>(g), ptr<T>(out), rows, cols, current_stream()));
+    check_launch(kOp, launch_fwd<T>(ptr<T>(z), ptr<T>(sigma), ptr<T>(g), ptr<T>(out), rows, cols, num_sms(),
+                                    current_stream()));
   });
   return out;
 }

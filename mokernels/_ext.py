@@ -20,27 +20,35 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
 
-def check_torch_abi(built: str, runtime: str, built_with_cuda: bool, runtime_cuda: str | None) -> None:
-    """Raises ImportError (with the fix) when an extension built against torch `built` cannot load
-    into torch `runtime`: C++ extensions are tied to the torch ABI (major.minor) they were built with."""
+def check_torch_abi(built: str, runtime: str, built_cuda: str | None, runtime_cuda: str | None) -> None:
+    """Raises ImportError (with the fix) when an extension built against torch `built` (CUDA
+    `built_cuda`, None for a CPU build) cannot load into torch `runtime` (CUDA `runtime_cuda`):
+    C++ extensions are tied to the torch ABI (major.minor) and CUDA major version they were built with."""
     if _major_minor(built) != _major_minor(runtime):
         raise ImportError(
             f"mokernels was built against torch {built} but torch {runtime} is installed; C++ extensions "
             "are tied to the torch ABI they were built with. Rebuild mokernels "
             "(pip install --no-build-isolation --no-deps -e .) or install a wheel built for this torch."
         )
-    if built_with_cuda and runtime_cuda is None:
+    if built_cuda is not None and runtime_cuda is None:
         raise ImportError(
             f"mokernels was built with CUDA kernels (torch {built}) but the installed torch {runtime} is a "
             "CPU-only build; rebuild mokernels against this torch."
         )
+    if built_cuda is not None and built_cuda.split(".")[0] != runtime_cuda.split(".")[0]:
+        raise ImportError(
+            f"mokernels was built with CUDA {built_cuda} but torch {runtime} uses CUDA {runtime_cuda}; "
+            "rebuild mokernels against this torch."
+        )
 
 
-check_torch_abi(config.TORCH_VERSION, torch.__version__, config.WITH_CUDA, torch.version.cuda)
+check_torch_abi(config.TORCH_VERSION, torch.__version__, config.CUDA_VERSION, torch.version.cuda)
 
 from . import _C  # noqa: E402  (registers the `mokernels` op schemas and CUDA kernels)
 
-if not config.WITH_CUDA:
+# What the compiled module says about itself is the truth (the Python record may be newer than it).
+_COMPILED = dict(_C.build_info())
+if not _COMPILED["with_cuda"]:
     warnings.warn(
         "mokernels was built without CUDA kernels (no nvcc or a CPU-only torch at build time): every op "
         "runs its pure-torch reference implementation.",
@@ -57,10 +65,10 @@ def emulation_built(sanitized: bool = False) -> bool:
 def build_info() -> dict:
     """What this installation contains: compiled CUDA arches, CUDA/torch versions it was built with,
     whether the emulation modules exist, and the GPU torch sees now (None without one)."""
-    info = dict(_C.build_info())
+    info = dict(_COMPILED)
     info.update(
         version=_version(),
-        cuda_archs=list(config.CUDA_ARCHS),
+        cuda_archs=[a for a in _COMPILED["cuda_archs"].split(",") if a],
         torch_built=config.TORCH_VERSION,
         torch_runtime=torch.__version__,
         cutlass_version=config.CUTLASS_VERSION,

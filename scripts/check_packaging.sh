@@ -2,14 +2,19 @@
 # Packaging checks (run by CI after the tests, inside the venv of scripts/setup_env.sh):
 #  1. `pip wheel` with an arch list yields a wheel whose kernels are exactly those arches and whose
 #     version records the torch it was built against;
-#  2. a build without CUDA (as on a machine without nvcc) installs, warns once at import and runs
-#     ops through the reference path;
+#  2. a build on a machine without a CUDA toolkit (nvcc hidden from PATH) installs, warns once at
+#     import and runs ops through the reference path;
 #  3. CMakeLists.txt (the C++ developers' build) configures and lists every csrc/*.cu in
 #     compile_commands.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# Build from a copy (tracked + untracked, not ignored files): setup.py writes mokernels/_build_config.py
+# and pip wheel builds in-tree, which must not touch this checkout's own build.
+mkdir "$work/src"
+git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$work/src"
+cd "$work/src"
 export MAX_JOBS=${MAX_JOBS:-2}
 
 echo "== wheel for TORCH_CUDA_ARCH_LIST=8.0 (no PTX)"
@@ -34,8 +39,11 @@ echo "cubins in the wheel: $elfs"
 ptx=$("$(find_cuobjdump)" --list-ptx "$work"/cuda/x/mokernels/_C*.so 2>/dev/null | grep -c 'ptx' || true)
 [ "$ptx" = "0" ] || { echo "expected no PTX without +PTX, found $ptx entries"; exit 1; }
 
-echo "== build without CUDA kernels (MOKERNELS_FORCE_CPU=1)"
-MOKERNELS_FORCE_CPU=1 MOKERNELS_BUILD_EMU=0 python -m pip wheel -q --no-build-isolation --no-deps -w "$work/cpu" .
+echo "== build without a CUDA toolkit (nvcc hidden from PATH, CUDA_HOME unset)"
+nocuda_path=$(echo "$PATH" | tr ':' '\n' | while read -r d; do [ -x "$d/nvcc" ] || echo "$d"; done | paste -sd:)
+rm -rf build mokernels/*.so
+env -u CUDA_HOME -u CUDA_PATH PATH="$nocuda_path" \
+  python -m pip wheel -q --no-build-isolation --no-deps -w "$work/cpu" .
 python -m pip install -q --no-deps --target "$work/site" "$work"/cpu/mokernels-*.whl
 (cd "$work" && PYTHONPATH="$work/site" python -W always - <<'PY'
 import warnings
@@ -47,6 +55,7 @@ msgs = [str(w.message) for w in caught if "without CUDA kernels" in str(w.messag
 assert len(msgs) == 1, msgs
 info = mokernels.build_info()
 assert not info["with_cuda"] and info["cuda_archs"] == [], info
+assert not info["emulation"], "no toolkit headers: the emulator cannot have been built"
 z, s, g = torch.randn(3, 4), torch.randn(4), torch.randn(3, 4)
 torch.testing.assert_close(mokernels.rank_one_scale(z, s, g), z * (s + g))
 print("CPU-only build OK:", mokernels.__file__, info["version"])

@@ -17,6 +17,8 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"} MAX_JOBS=${MAX_J
 { time pip install --no-build-isolation --no-deps -e . ; } > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 python -c "import mokernels, json; print(json.dumps(mokernels.build_info(), indent=1))" | tee "$OUT/build_info.json"
 python -m pytest tests -m cuda -q -rs > "$OUT/test_cuda.log" 2>&1; echo "cuda tests rc=$?"; tail -3 "$OUT/test_cuda.log"
-compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest tests -m cuda -q -x -k "not 4096" \
-  > "$OUT/test_cuda_memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -3 "$OUT/test_cuda_memcheck.log"
+for tool in memcheck racecheck synccheck; do
+  compute-sanitizer --tool $tool --error-exitcode 9 python -m pytest tests -m cuda -q -x -k "not 4096" \
+    > "$OUT/test_cuda_$tool.log" 2>&1; echo "$tool rc=$?"; tail -3 "$OUT/test_cuda_$tool.log"
+done
 python -m benchmarks ${BENCH_ARGS:-} --out "$OUT/bench" > "$OUT/bench.log" 2>&1; echo "bench rc=$?"; tail -60 "$OUT/bench.log"

@@ -11,6 +11,6 @@ bash scripts/setup_env.sh
 . "${MOKERNELS_VENV:-.venv}/bin/activate"
 export MOKERNELS_REQUIRE_EMU=1
 python -m pytest tests "$@"
-echo "mokernels: emulated kernels under AddressSanitizer + UBSan"
+echo "mokernels: emulated kernels under AddressSanitizer + UBSan (fibers scheduled forward-first)"
 LD_PRELOAD="$(python -m mokernels.emu --preload)" ASAN_OPTIONS=detect_leaks=0 MOKERNELS_EMU_ASAN=1 \
-  python -m pytest -m emu tests -q -p no:cacheprovider
+  MOKERNELS_EMU_SCHEDULE=forward python -m pytest -m emu tests -q -p no:cacheprovider

@@ -15,9 +15,10 @@ def test_build_info_reports_build():
     for key in ("with_cuda", "cuda_archs", "cuda_version", "torch_built", "torch_runtime", "emulation", "gpu"):
         assert key in info
     assert info["torch_built"].split("+")[0].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
-    if info["with_cuda"]:
-        # the C++ module and the Python record agree on the compiled targets
-        assert info["cuda_archs"] and ",".join(info["cuda_archs"]) == mokernels._ext._C.build_info()["cuda_archs"]
+    # the compiled module and the build record written next to it agree
+    cfg = mokernels._ext.config
+    assert info["with_cuda"] == cfg.WITH_CUDA and info["cuda_archs"] == cfg.CUDA_ARCHS
+    assert bool(info["cuda_archs"]) == info["with_cuda"]
 
 
 @pytest.mark.skipif(os.environ.get("MOKERNELS_REQUIRE_CUDA") != "1", reason="only where a CUDA build is required")
@@ -29,11 +30,14 @@ def test_required_cuda_build_has_the_claimed_arches():
 
 
 def test_abi_guard():
-    check_torch_abi("2.14.1+cu130", "2.14.0+cpu", False, None)  # same major.minor, CPU build: fine
+    check_torch_abi("2.14.1+cpu", "2.14.0+cu130", None, "13.0")  # same major.minor, CPU build: fine
+    check_torch_abi("2.14.1+cu130", "2.14.1+cu130", "13.0", "13.2")  # same CUDA major: fine
     with pytest.raises(ImportError, match="built against torch 2.13.0"):
-        check_torch_abi("2.13.0", "2.14.1", False, None)
+        check_torch_abi("2.13.0", "2.14.1", None, None)
     with pytest.raises(ImportError, match="CPU-only"):
-        check_torch_abi("2.14.1+cu130", "2.14.1+cpu", True, None)
+        check_torch_abi("2.14.1+cu130", "2.14.1+cpu", "13.0", None)
+    with pytest.raises(ImportError, match="CUDA 12.8"):
+        check_torch_abi("2.14.1+cu128", "2.14.1+cu130", "12.8", "13.0")
 
 
 def test_cuda_ops_registered():

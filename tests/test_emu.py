@@ -51,6 +51,28 @@ def test_shuffle_with_exited_lane_is_reported(emu_ops):
         emu_ops._selftest("exited_lane_shuffle", torch.zeros(64))
 
 
+@pytest.mark.parametrize("case,msg", [
+    ("mismatched_collectives", "different warp collectives"),
+    ("misaligned_ldmatrix", "16-byte aligned"),
+    ("throws", "thrown inside the kernel"),
+    ("too_much_shared_memory", "48 KiB"),
+])
+def test_misuse_is_reported(emu_ops, case, msg):
+    with pytest.raises(RuntimeError, match=msg):
+        emu_ops._selftest(case, torch.zeros(64))
+
+
+def test_missing_barrier_is_exposed(emu_ops):
+    """Unwritten shared memory reads as NaN and fibers run in one order (reverse by default, forward
+    in the ASan pass) until the first barrier, so a kernel reading its neighbours' slots without
+    __syncthreads gives a visibly wrong answer in either schedule."""
+    x = torch.arange(1.0, 65.0)
+    out = emu_ops._selftest("missing_barrier", x)
+    assert torch.isnan(out).any()
+    # the same kernel with every slot written first would give x[t-1] + x[t+1]
+    assert not torch.equal(out, x.roll(1) + x.roll(-1))
+
+
 def test_emulator_survives_a_failed_launch(emu_ops):
     with pytest.raises(RuntimeError):
         emu_ops._selftest("exited_lane_shuffle", torch.zeros(32))

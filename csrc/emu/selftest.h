@@ -3,11 +3,13 @@
 // reproduce, or one misuse that it must report instead of silently running.
 #pragma once
 
+#include <stdexcept>
 #include <string>
 
 #include <ATen/ops/zeros.h>
 
 #include "../torch_glue.h"
+#include "../kernels/common/mma.cuh"
 #include "../kernels/common/warp.cuh"
 
 namespace mk::selftest {
@@ -56,6 +58,40 @@ MK_GLOBAL void exited_lane_shuffle_kernel(float* out) {
   out[threadIdx.x] = warp_reduce(1.f, SumOp{});
 }
 
+// Misuse: lanes < 16 shuffle with xor while the rest broadcast with shfl_idx (on a GPU the two halves
+// would not exchange values with each other as the source suggests).
+MK_GLOBAL void mismatched_collectives_kernel(float* out) {
+  const float v = static_cast<float>(threadIdx.x);
+  out[threadIdx.x] = threadIdx.x % 32 < 16 ? shfl_xor(v, 1) : shfl_idx(v, 0);
+}
+
+// Misuse: no barrier between writing shared memory and reading the neighbours' slots.
+// out[t] = x[t - 1] + x[t + 1] (cyclic) is only right if both neighbours happened to run first.
+MK_GLOBAL void missing_barrier_kernel(const float* x, float* out) {
+  MK_DYNAMIC_SHARED(float, smem);
+  const int t = threadIdx.x, n = blockDim.x;
+  smem[t] = x[t];
+  // BUG (planted): block_sync() missing here
+  out[t] = smem[(t + n - 1) % n] + smem[(t + 1) % n];
+}
+
+// Misuse: ldmatrix from a row address that is not 16-byte aligned.
+MK_GLOBAL void misaligned_ldmatrix_kernel(float* out) {
+  MK_SHARED_ALIGNED(16) __half tile[8 * 16 + 8];
+  const int lane = lane_id();
+  for (int i = lane; i < 8 * 16 + 8; i += 32) tile[i] = __float2half(static_cast<float>(i));
+  block_sync();
+  uint32_t r[1];
+  ldmatrix<1>(r, &tile[1 + (lane % 8) * 16]);  // BUG (planted): +1 element = 2-byte alignment
+  out[lane] = static_cast<float>(r[0] & 0xffff);
+}
+
+// Misuse: a C++ exception escaping the kernel (emulation-only code, e.g. a throwing helper).
+MK_GLOBAL void throwing_kernel(float* out) {
+  if (threadIdx.x == 7) throw std::runtime_error("thrown inside the kernel");
+  out[threadIdx.x] = 1.f;
+}
+
 inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous().to(at::kFloat);
   const int64_t n = x.numel();
@@ -77,6 +113,21 @@ inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
   } else if (which == "exited_lane_shuffle") {
     auto k = exited_lane_shuffle_kernel;
     MK_LAUNCH(k, dim3(1), dim3(threads), 0, nullptr, ptr<float>(out));
+  } else if (which == "mismatched_collectives") {
+    auto k = mismatched_collectives_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), 0, nullptr, ptr<float>(out));
+  } else if (which == "missing_barrier") {
+    auto k = missing_barrier_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), n * sizeof(float), nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "misaligned_ldmatrix") {
+    auto k = misaligned_ldmatrix_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(32), 0, nullptr, ptr<float>(out));
+  } else if (which == "throws") {
+    auto k = throwing_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), 0, nullptr, ptr<float>(out));
+  } else if (which == "too_much_shared_memory") {
+    auto k = missing_barrier_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), 64 * 1024, nullptr, ptr<float>(x), ptr<float>(out));
   } else {
     TORCH_CHECK_VALUE(false, "_selftest: unknown case ", which);
   }

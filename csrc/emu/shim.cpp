@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define MK_EMU_ASAN 1
 #endif
@@ -35,6 +38,7 @@ struct ThreadState {
   int warp = 0;
   int lane = 0;
   State state = State::Done;
+  const char* collective = nullptr;  // the warp collective this fiber waits at
   ucontext_t ctx{};
   unsigned char* stack = nullptr;  // mmap'ed, lowest page is a guard page
 };
@@ -46,6 +50,8 @@ struct BlockState {
   std::vector<ThreadState> threads;
   std::vector<unsigned char> exchange;  // [warps][32][kExchangeBytes]
   void* smem = nullptr;
+  size_t smem_bytes = 0;
+  bool forward_first = false;  // scheduling order of the first pass (then alternating)
   const std::function<void()>* body = nullptr;
   ucontext_t sched{};
   std::string error;
@@ -62,6 +68,10 @@ BlockState& cur_block() {
   if (tls_block == nullptr || tls_thread == nullptr)
     throw std::runtime_error("mokernels emulator: a device intrinsic was called outside a launch");
   return *tls_block;
+}
+
+void set_error(BlockState& b, const std::string& what) {
+  if (b.error.empty()) b.error = what;
 }
 
 // Fiber -> scheduler. `dying` tells ASan that this fiber's fake stack can be released.
@@ -85,7 +95,13 @@ void fiber_main() {
 #if defined(MK_EMU_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &b->sched_stack_bottom, &b->sched_stack_size);
 #endif
-  (*b->body)();
+  try {
+    (*b->body)();
+  } catch (const std::exception& e) {
+    set_error(*b, std::string("C++ exception escaped the kernel: ") + e.what());
+  } catch (...) {
+    set_error(*b, "C++ exception escaped the kernel");
+  }
   tls_thread->state = State::Done;
   switch_to_scheduler(/*dying=*/true);
   std::abort();  // a finished fiber is never resumed
@@ -103,10 +119,6 @@ void run_fiber(BlockState& b, ThreadState& t) {
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
   tls_thread = nullptr;
-}
-
-void set_error(BlockState& b, const std::string& what) {
-  if (b.error.empty()) b.error = what;
 }
 
 // Releases the barrier that can be released; false means no live thread can make progress.
@@ -127,6 +139,13 @@ bool release_barriers(BlockState& b) {
       return false;
     }
     if (waiting > 0 && waiting == alive) {
+      const char* kind = b.threads[w * kWarpSize].collective;
+      for (int i = w * kWarpSize; i < end; ++i)
+        if (std::strcmp(b.threads[i].collective, kind) != 0) {
+          set_error(b, "lanes of warp " + std::to_string(w) + " meet at different warp collectives (" + kind +
+                           " and " + b.threads[i].collective + ")");
+          return false;
+        }
       for (int i = w * kWarpSize; i < end; ++i) b.threads[i].state = State::Ready;
       released = true;
     }
@@ -157,9 +176,13 @@ void run_block(BlockState& b) {
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, fiber_main, 0);
   }
-  for (;;) {
+  // Uninitialised shared memory reads as 0xFF bytes (NaN for floats), never as a previous block's data.
+  if (b.smem_bytes) std::memset(b.smem, 0xFF, b.smem_bytes);
+  const int n = b.nthreads;
+  for (bool forward = b.forward_first;; forward = !forward) {
     bool any_live = false;
-    for (auto& t : b.threads) {
+    for (int k = 0; k < n; ++k) {
+      ThreadState& t = b.threads[forward ? k : n - 1 - k];
       if (t.state == State::Ready) run_fiber(b, t);
       if (!b.error.empty()) return;
       any_live = any_live || t.state != State::Done;
@@ -186,9 +209,10 @@ void block_sync() {
   switch_to_scheduler(false);
 }
 
-void warp_sync() {
+void warp_sync(const char* kind) {
   cur_block();
   tls_thread->state = State::AtWarpBarrier;
+  tls_thread->collective = kind;
   switch_to_scheduler(false);
 }
 
@@ -214,13 +238,21 @@ void fail(const char* what) {
 void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
   static std::mutex mu;  // statics stand in for shared memory: one emulated launch at a time
   std::lock_guard<std::mutex> lock(mu);
+  // The limits a GPU enforces at launch (cudaErrorInvalidConfiguration there).
   const int64_t nthreads = static_cast<int64_t>(block.x) * block.y * block.z;
-  if (nthreads <= 0 || nthreads > 1024)
-    throw std::runtime_error("emulated launch: block must have 1..1024 threads, got " +
-                             std::to_string(nthreads));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+  if (nthreads <= 0 || nthreads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64)
+    throw std::runtime_error("emulated launch: invalid block (" + std::to_string(block.x) + "," +
+                             std::to_string(block.y) + "," + std::to_string(block.z) + ")");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     throw std::runtime_error("emulated launch: invalid grid dimensions");
-  if (smem_bytes > 227 * 1024) throw std::runtime_error("emulated launch: dynamic shared memory > 227 KiB");
+  // Above 48 KiB a kernel needs cudaFuncSetAttribute(MaxDynamicSharedMemorySize); no kernel opts in yet.
+  if (smem_bytes > 48 * 1024)
+    throw std::runtime_error("emulated launch: " + std::to_string(smem_bytes) +
+                             " bytes of dynamic shared memory exceed the 48 KiB default limit");
+  static const bool forward_first = [] {
+    const char* s = std::getenv("MOKERNELS_EMU_SCHEDULE");
+    return s != nullptr && std::string(s) == "forward";
+  }();
 
   BlockState b;
   b.grid = grid;
@@ -235,7 +267,13 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
     size_t page;
     ~Cleanup() {
       for (auto& t : b.threads)
-        if (t.stack) munmap(t.stack - page, kStackBytes + page);
+        if (t.stack) {
+#if defined(MK_EMU_ASAN)
+          // a fiber abandoned by a failed launch leaves poisoned frames behind; mmap may reuse the pages
+          ASAN_UNPOISON_MEMORY_REGION(t.stack, kStackBytes);
+#endif
+          munmap(t.stack - page, kStackBytes + page);
+        }
       ::operator delete(b.smem, std::align_val_t{16});
       tls_block = nullptr;
       tls_thread = nullptr;
@@ -245,7 +283,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
     void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mem == MAP_FAILED) throw std::runtime_error("emulated launch: cannot map fiber stacks");
-    mprotect(mem, page, PROT_NONE);  // guard page: a fiber stack overflow faults instead of corrupting
+    if (mprotect(mem, page, PROT_NONE) != 0)  // guard page: a stack overflow faults instead of corrupting
+      throw std::runtime_error("emulated launch: cannot protect a fiber stack guard page");
     ThreadState& t = b.threads[i];
     t.stack = static_cast<unsigned char*>(mem) + page;
     t.idx = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
@@ -255,6 +294,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   }
   // Exactly smem_bytes: an access one past the end is a heap-buffer-overflow under ASan.
   b.smem = ::operator new(smem_bytes, std::align_val_t{16});
+  b.smem_bytes = smem_bytes;
+  b.forward_first = forward_first;
   tls_block = &b;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)

@@ -11,8 +11,13 @@
 //  * __shared__ variables are function-local statics (blocks never overlap), dynamic shared memory is
 //    a heap buffer of exactly the requested size (so ASan sees one-past-the-end accesses);
 //  * misuse that is undefined behaviour on a GPU is an error here: a warp collective while a lane of
-//    that warp has exited or waits elsewhere, a barrier that not all live threads reach (deadlock).
+//    that warp has exited, waits at another kind of collective or does not exist; a barrier that not
+//    all live threads reach (deadlock); launch limits (block dims, 48 KiB dynamic shared memory);
+//    misaligned vector / ldmatrix addresses; a C++ exception escaping the kernel.
 //    Errors abort the launch and surface as std::runtime_error from launch().
+//  * to expose missing barriers, fibers run in alternating order between barriers, starting in
+//    reverse thread order (MOKERNELS_EMU_SCHEDULE=forward starts forward; the ASan CI pass uses it),
+//    and dynamic shared memory is filled with 0xFF bytes (NaN as floats) at the start of every block.
 // Emulation proves logic, not speed or the memory model.
 #pragma once
 
@@ -45,7 +50,8 @@ int lane_id();
 int64_t ceil_div_host(int64_t a, int64_t b);
 
 void block_sync();
-void warp_sync();
+// `kind` names the collective (a string literal); lanes meeting at different kinds are an error.
+void warp_sync(const char* kind);
 void* dynamic_shared();
 [[noreturn]] void fail(const char* what);
 
@@ -53,25 +59,30 @@ void* dynamic_shared();
 unsigned char* exchange_slot(int lane);
 bool lane_exists(int lane);
 
+// Fails the launch unless `p` is aligned to `bytes` (what the GPU instruction would require).
+inline void require_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail(what);
+}
+
 // Runs `body` as a kernel over grid x block threads with `smem_bytes` of dynamic shared memory.
 // Throws std::runtime_error when the emulated kernel misbehaves (see above).
 void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 
-// Warp collective: each lane contributes `v`; returns the value of lane `src_of(lane)`
+// Warp collective `kind`: each lane contributes `v`; returns the value of lane `src_of(lane)`
 // (own value when the source is outside [0, 32)).
 template <class T, class F>
-inline T warp_exchange(T v, F src_of) {
+inline T warp_exchange(const char* kind, T v, F src_of) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= kExchangeBytes, "exchange type");
   const int lane = lane_id();
   std::memcpy(exchange_slot(lane), &v, sizeof(T));
-  warp_sync();
+  warp_sync(kind);
   const int src = src_of(lane);
   T r = v;
   if (src >= 0 && src < kWarpSize) {
     if (!lane_exists(src)) fail("warp shuffle reads a lane that does not exist in this block");
     std::memcpy(&r, exchange_slot(src), sizeof(T));
   }
-  warp_sync();
+  warp_sync(kind);
   return r;
 }
 

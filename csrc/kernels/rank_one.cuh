@@ -112,10 +112,17 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
 
 // ---- launchers (raw pointers; rows * cols > 0; contiguous row-major [rows, cols]) ----
 
+// Row-blocks for about `blocks_per_sm` blocks per SM in all; threads then stride over the rest of the rows.
+inline int64_t row_blocks_for(const Plan& probe, int num_sms, int blocks_per_sm) {
+  return std::max<int64_t>(1, ceil_div(static_cast<int64_t>(blocks_per_sm) * num_sms, probe.grid.x));
+}
+
 template <class T>
-cudaError_t launch_fwd(const T* z, const T* sigma, const T* g, T* out, int64_t rows, int64_t cols,
+cudaError_t launch_fwd(const T* z, const T* sigma, const T* g, T* out, int64_t rows, int64_t cols, int num_sms,
                        cudaStream_t stream) {
-  const Plan p = make_plan(rows, cols, pick_vec<T>(cols, {z, sigma, g, out}), 65535);
+  const int vec = pick_vec<T>(cols, {z, sigma, g, out});
+  // 16 blocks of 256 threads per SM: two waves of full occupancy, then a grid-stride loop over rows.
+  const Plan p = make_plan(rows, cols, vec, row_blocks_for(make_plan(rows, cols, vec, 65535), num_sms, 16));
   dispatch_vec<T>(p.vec, [&](auto V) {
     auto kernel = scale_fwd_kernel<T, decltype(V)::value>;
     MK_LAUNCH(kernel, p.grid, p.block, 0, stream, z, sigma, g, out, rows, cols);
@@ -128,10 +135,8 @@ template <class T>
 Plan plan_bwd(const T* grad, const T* z, const T* sigma, const T* g, const T* dz, const T* dg, int64_t rows,
               int64_t cols, int num_sms) {
   const int vec = pick_vec<T>(cols, {grad, z, sigma, g, dz, dg});
-  const Plan probe = make_plan(rows, cols, vec, 65535);
-  // Enough row-blocks for ~4 blocks per SM, no more: the partial sums stay small.
-  const int64_t want_y = std::max<int64_t>(1, ceil_div(4 * static_cast<int64_t>(num_sms), probe.grid.x));
-  return make_plan(rows, cols, vec, want_y);
+  // ~4 blocks per SM, no more: the dσ partial sums (one row per row-block) stay small.
+  return make_plan(rows, cols, vec, row_blocks_for(make_plan(rows, cols, vec, 65535), num_sms, 4));
 }
 
 template <class T>

@@ -39,6 +39,12 @@ def check_args(z: Tensor, sigma: Tensor, g: Tensor) -> None:
     expect_dtype(_OP, "g", g, like=z)
 
 
+def _check_backward_args(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor) -> None:
+    check_args(z, sigma, g)
+    expect(grad.shape == z.shape, _OP, f"grad must have z's shape {list(z.shape)}, got {list(grad.shape)}")
+    expect_dtype(_OP, "grad", grad, like=z)
+
+
 def rank_one_scale_reference(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     """Pure-torch specification of :func:`rank_one_scale` (fp32 math, or fp64 for fp64)."""
     acc = acc_dtype(z.dtype)
@@ -63,8 +69,7 @@ def _fake(z, sigma, g):
 
 @torch.library.register_fake("mokernels::rank_one_scale_backward")
 def _fake_backward(grad, z, sigma, g):
-    check_args(z, sigma, g)
-    expect(grad.shape == z.shape, _OP, f"grad must have z's shape {list(z.shape)}, got {list(grad.shape)}")
+    _check_backward_args(grad, z, sigma, g)
     fmt = torch.contiguous_format
     return torch.empty_like(z, memory_format=fmt), torch.empty_like(sigma, memory_format=fmt), torch.empty_like(
         z, memory_format=fmt
@@ -79,9 +84,7 @@ def _cpu(z, sigma, g):
 
 @torch.library.register_kernel("mokernels::rank_one_scale_backward", "cpu")
 def _cpu_backward(grad, z, sigma, g):
-    check_args(z, sigma, g)
-    expect(grad.shape == z.shape, _OP, f"grad must have z's shape {list(z.shape)}, got {list(grad.shape)}")
-    expect_dtype(_OP, "grad", grad, like=z)
+    _check_backward_args(grad, z, sigma, g)
     return rank_one_scale_backward_reference(grad, z, sigma, g)
 
 

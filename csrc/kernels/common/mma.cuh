@@ -52,8 +52,9 @@ template <class T> inline float half_of(uint32_t reg, int h) {
 template <int NUM, bool TRANS> inline void ldmatrix_emu(uint32_t* r, const void* row_ptr) {
   namespace e = ::mk::emu;
   const int lane = e::lane_id();
+  e::require_aligned(row_ptr, 16, "ldmatrix row address is not 16-byte aligned");
   std::memcpy(e::exchange_slot(lane), &row_ptr, sizeof(row_ptr));
-  e::warp_sync();
+  e::warp_sync(TRANS ? "ldmatrix.trans" : "ldmatrix");
   for (int j = 0; j < NUM; ++j) {
     uint16_t v[2];
     for (int h = 0; h < 2; ++h) {
@@ -66,7 +67,7 @@ template <int NUM, bool TRANS> inline void ldmatrix_emu(uint32_t* r, const void*
     }
     r[j] = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[1]) << 16);
   }
-  e::warp_sync();
+  e::warp_sync(TRANS ? "ldmatrix.trans" : "ldmatrix");
 }
 }  // namespace emu_detail
 #else
@@ -123,7 +124,7 @@ MK_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
   const int lane = e::lane_id();
   const Frag mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
   std::memcpy(e::exchange_slot(lane), &mine, sizeof(Frag));
-  e::warp_sync();
+  e::warp_sync("mma.sync");
   for (int l = 0; l < kWarpSize; ++l)
     if (!e::lane_exists(l)) e::fail("mma.sync in a warp with fewer than 32 threads");
   // Scatter every lane's registers into the full tiles through the layout maps, then compute.
@@ -149,7 +150,7 @@ MK_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
     for (int k = 0; k < 16; ++k) acc += A[rc.row][k] * B[k][rc.col];
     out[i] = acc;
   }
-  e::warp_sync();
+  e::warp_sync("mma.sync");
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same_v<T, __nv_bfloat16>)

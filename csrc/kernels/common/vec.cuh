@@ -18,11 +18,17 @@ struct alignas(sizeof(T) * N) Vec {
 // Elements of T per 16-byte access.
 template <class T> constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
 
-// Caller guarantees `p` is aligned to sizeof(Vec<T, N>) (see is_aligned).
+// Caller guarantees `p` is aligned to sizeof(Vec<T, N>) (launchers: pick_vec); the emulator checks it.
 template <int N, class T> MK_DEVICE Vec<T, N> load_vec(const T* p) {
+#if defined(MOKERNELS_EMULATION)
+  ::mk::emu::require_aligned(p, sizeof(Vec<T, N>), "misaligned vector load");
+#endif
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 template <int N, class T> MK_DEVICE void store_vec(T* p, const Vec<T, N>& v) {
+#if defined(MOKERNELS_EMULATION)
+  ::mk::emu::require_aligned(p, sizeof(Vec<T, N>), "misaligned vector store");
+#endif
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 

@@ -23,7 +23,7 @@ MK_DEVICE int lane_id() {
 // Value of lane (lane ^ mask).
 template <class T> MK_DEVICE T shfl_xor(T v, int mask) {
 #if defined(MOKERNELS_EMULATION)
-  return ::mk::emu::warp_exchange(v, [mask](int lane) { return lane ^ mask; });
+  return ::mk::emu::warp_exchange("shfl_xor", v, [mask](int lane) { return lane ^ mask; });
 #else
   return __shfl_xor_sync(0xffffffffu, v, mask);
 #endif
@@ -32,7 +32,7 @@ template <class T> MK_DEVICE T shfl_xor(T v, int mask) {
 // Value of lane `src` (0..31).
 template <class T> MK_DEVICE T shfl_idx(T v, int src) {
 #if defined(MOKERNELS_EMULATION)
-  return ::mk::emu::warp_exchange(v, [src](int) { return src & (kWarpSize - 1); });
+  return ::mk::emu::warp_exchange("shfl_idx", v, [src](int) { return src & (kWarpSize - 1); });
 #else
   return __shfl_sync(0xffffffffu, v, src);
 #endif
@@ -41,7 +41,8 @@ template <class T> MK_DEVICE T shfl_idx(T v, int src) {
 // Value of lane (lane + delta); lanes whose source is past 31 keep their own value.
 template <class T> MK_DEVICE T shfl_down(T v, int delta) {
 #if defined(MOKERNELS_EMULATION)
-  return ::mk::emu::warp_exchange(v, [delta](int lane) { return lane + delta < kWarpSize ? lane + delta : lane; });
+  return ::mk::emu::warp_exchange("shfl_down", v,
+                                  [delta](int lane) { return lane + delta < kWarpSize ? lane + delta : lane; });
 #else
   return __shfl_down_sync(0xffffffffu, v, delta);
 #endif
@@ -52,11 +53,13 @@ MK_DEVICE uint32_t ballot(bool pred) {
 #if defined(MOKERNELS_EMULATION)
   namespace e = ::mk::emu;
   *e::exchange_slot(e::lane_id()) = pred ? 1 : 0;
-  e::warp_sync();
+  e::warp_sync("ballot");
   uint32_t m = 0;
-  for (int l = 0; l < kWarpSize; ++l)
-    if (e::lane_exists(l) && *e::exchange_slot(l)) m |= 1u << l;
-  e::warp_sync();
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!e::lane_exists(l)) e::fail("ballot with a full mask in a warp with fewer than 32 threads");
+    if (*e::exchange_slot(l)) m |= 1u << l;
+  }
+  e::warp_sync("ballot");
   return m;
 #else
   return __ballot_sync(0xffffffffu, pred);
