@@ -42,12 +42,16 @@ ptx=$("$(find_cuobjdump)" --list-ptx "$work"/cuda/x/mokernels/_C*.so 2>/dev/null
 echo "== build without a CUDA toolkit (nvcc hidden from PATH, CUDA_HOME unset)"
 nocuda_path=$(echo "$PATH" | tr ':' '\n' | while read -r d; do [ -x "$d/nvcc" ] || echo "$d"; done | paste -sd:)
 rm -rf build mokernels/*.so
-env -u CUDA_HOME -u CUDA_PATH PATH="$nocuda_path" \
+env -u CUDA_HOME -u CUDA_PATH -u MOKERNELS_REQUIRE_CUDA PATH="$nocuda_path" \
   python -m pip wheel -q --no-build-isolation --no-deps -w "$work/cpu" .
 python -m pip install -q --no-deps --target "$work/site" "$work"/cpu/mokernels-*.whl
-(cd "$work" && PYTHONPATH="$work/site" python -W always - <<'PY'
-import warnings
+# python -S: no site processing, so the editable install's import hook (a .pth file) cannot lend
+# this checkout's modules to the wheel under test; torch comes from the venv's site-packages.
+venv_site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+(cd "$work" && PYTHONPATH="$work/site:$venv_site" python -S -W always - <<'PY'
+import os, warnings
 import torch
+site = os.environ["PYTHONPATH"].split(":")[0]  # the wheel under test
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import mokernels
@@ -58,6 +62,8 @@ assert not info["with_cuda"] and info["cuda_archs"] == [], info
 assert not info["emulation"], "no toolkit headers: the emulator cannot have been built"
 z, s, g = torch.randn(3, 4), torch.randn(4), torch.randn(3, 4)
 torch.testing.assert_close(mokernels.rank_one_scale(z, s, g), z * (s + g))
+import mokernels._C
+assert all(m.__file__.startswith(site) for m in (mokernels, mokernels._C)), (mokernels.__file__, mokernels._C.__file__)
 print("CPU-only build OK:", mokernels.__file__, info["version"])
 PY
 )
