@@ -124,7 +124,7 @@ if with_cuda:
     defs = ["-DMOKERNELS_WITH_CUDA=1", f"-DMOKERNELS_CUDA_ARCHS_TOKENS={','.join(targets)}"]
     ext_c = cx.CUDAExtension(
         "mokernels._C",
-        sources=["csrc/bindings.cpp", "csrc/rank_one.cu", "csrc/tile_gemm.cu"],
+        sources=["csrc/bindings.cpp", "csrc/rank_one.cu", "csrc/tile_gemm.cu", "csrc/router.cu"],
         include_dirs=[csrc] + ([cutlass_inc] if cutlass_inc else []),
         extra_compile_args={
             "cxx": cxx_flags + defs + isystem,
