@@ -47,7 +47,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_fwd(const at::T
   dispatch_float(kFwd, logits.scalar_type(), [&](auto tag) {
     using T_ = typename decltype(tag)::type;
     using A = acc_t<T_>;
-    check_launch(kFwd, launch_fwd<T_>(ptr<T_>(logits), ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
+    check_launch(kFwd, launch_fwd<T_>(MemoryLogits<T_>{ptr<T_>(logits), static_cast<int>(N)}, ptr<int32_t>(ids),
+                                      ptr<T_>(weights), ptr<int32_t>(counts),
+                                      dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
+                                      static_cast<int>(kmax), static_cast<A>(temperature),
+                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, current_stream()));
+  });
+  return {ids, weights, counts, dense_out};
+}
+
+constexpr const char* kCos = "mokernels.route_cosine_fwd";
+
+// route_cosine_fwd(h [T,r], keys [N,r], temperature, eps, top_p, kmax, renorm, dense): route_fwd on
+// the logits cos(h_t, keys_i), formed inside the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cosine_fwd(const at::Tensor& h_in,
+                                                                            const at::Tensor& keys_in,
+                                                                            double temperature, double eps,
+                                                                            double top_p, int64_t kmax,
+                                                                            std::string_view renorm, bool dense) {
+  check_device(kCos, "h", h_in, h_in);
+  check_device(kCos, "keys", keys_in, h_in);
+  TORCH_CHECK_VALUE(h_in.dim() == 2, kCos, ": h must be [T, r], got ", h_in.sizes());
+  TORCH_CHECK_VALUE(keys_in.dim() == 2 && keys_in.size(1) == h_in.size(1), kCos, ": keys must be [N, r] with r = ",
+                    h_in.size(1), ", got ", keys_in.sizes());
+  TORCH_CHECK_VALUE(keys_in.size(0) >= 1 && keys_in.size(0) <= kMaxN, kCos, ": keys must have 1 <= N <= ", kMaxN,
+                    " rows, got N = ", keys_in.size(0));
+  check_dtype(kCos, "keys", keys_in, h_in.scalar_type());
+  TORCH_CHECK_VALUE(temperature > 0.0 && temperature < INFINITY, kCos, ": temperature must be > 0 and finite, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(eps > 0.0, kCos, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(kmax >= 1 && kmax <= INT32_MAX, kCos, ": kmax must be >= 1, got ", kmax);
+  TORCH_CHECK_VALUE(top_p >= 0.0, kCos, ": top_p must be >= 0, got ", top_p);
+  const int rn = parse_renorm(kCos, renorm);
+  DeviceGuard guard(h_in);
+  const at::Tensor h = h_in.contiguous(), keys = keys_in.contiguous();
+  const int64_t T = h.size(0), N = keys.size(0), r = h.size(1);
+  at::Tensor ids = at::empty({T, kmax}, h.options().dtype(at::kInt));
+  at::Tensor weights = at::empty({T, kmax}, h.options());
+  at::Tensor counts = at::empty({T}, h.options().dtype(at::kInt));
+  at::Tensor dense_out = dense ? at::empty({T, N}, h.options()) : at::empty({0}, h.options());
+  if (T == 0) return {ids, weights, counts, dense_out};
+  dispatch_float(kCos, h.scalar_type(), [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    using A = acc_t<T_>;
+    const CosineLogits<T_> src{ptr<T_>(h), ptr<T_>(keys), static_cast<int>(r), static_cast<A>(eps)};
+    check_launch(kCos, launch_fwd<T_>(src, ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
                                       dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
                                       static_cast<int>(kmax), static_cast<A>(temperature),
                                       static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, current_stream()));
@@ -100,4 +144,5 @@ at::Tensor route_bwd(const at::Tensor& grad_w_in, const std::optional<at::Tensor
 MK_REGISTER_IMPLS(m) {
   m.impl("route_fwd", &mk::router::route_fwd);
   m.impl("route_bwd", &mk::router::route_bwd);
+  m.impl("route_cosine_fwd", &mk::router::route_cosine_fwd);
 }

@@ -19,6 +19,9 @@ inline void define_schemas(torch::Library& m) {
   m.def("route_fwd(Tensor logits, float temperature, float top_p, int kmax, str renorm, bool dense) -> (Tensor, Tensor, Tensor, Tensor)");
   // Its backward, selection (ids) held fixed: dlogits [T,N] from grad_weights [T,kmax] and grad_dense [T,N].
   m.def("route_bwd(Tensor grad_weights, Tensor? grad_dense, Tensor logits, Tensor ids, float temperature, str renorm) -> Tensor");
+  // Cosine router (SAMoRA): route_fwd on logits cos(h [T,r], keys [N,r]) (norms clamped at eps), formed
+  // inside the kernel. Backward: route_bwd on the recomputed cosine logits, then through cos (Python).
+  m.def("route_cosine_fwd(Tensor h, Tensor keys, float temperature, float eps, float top_p, int kmax, str renorm, bool dense) -> (Tensor, Tensor, Tensor, Tensor)");
   // Test kernel for the mma.sync / ldmatrix wrappers: fp32 [M, N] = a [M, K] @ b, with b [N, K]
   // used transposed (b_kn=False) or b [K, N] (b_kn=True); a, b fp16 or bf16.
   m.def("_tile_gemm(Tensor a, Tensor b, bool b_kn=False) -> Tensor");

@@ -272,15 +272,35 @@ def test_opcheck():
 # Cosine router and per-sentence helper
 
 
+def _codes(T, N, r, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, r, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(N, r, generator=g, dtype=torch.float64).to(dtype))
+
+
 def test_route_cosine_matches_definition_and_grads():
-    g = torch.Generator().manual_seed(7)
-    h = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    h, k = _codes(5, 4, 8, torch.float64, 7)
+    h[3] = 0.0  # zero code: the eps clamp keeps cos = 0 (uniform routing), not NaN
     r = route_cosine(h, k, temperature=0.8, top_k=2)
-    cos = torch.nn.functional.cosine_similarity(h.detach()[:, None, :], k.detach()[None], dim=-1, eps=1e-8)
-    want = route_reference(cos, temperature=0.8, top_k=2)
-    _assert_same_routing(r, want, torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: route_cosine(a, b, temperature=0.8, top_p=0.7).weights, (h, k))
+    cos = torch.nn.functional.cosine_similarity(h[:, None, :], k[None], dim=-1, eps=1e-8)
+    _assert_same_routing(r, route_reference(cos, temperature=0.8, top_k=2), torch.float64)
+    h, k = _codes(5, 4, 8, torch.float64, 7)  # gradcheck away from the zero code (not differentiable there)
+    h.requires_grad_(True)
+    k.requires_grad_(True)
+    for renorm in R.RENORMS:
+        f = lambda a, b: tuple(t for t in route_cosine(a, b, temperature=0.8, top_p=0.7, renorm=renorm, dense=True)  # noqa: E731
+                               if t.is_floating_point())
+        assert torch.autograd.gradcheck(f, (h, k))
+    with pytest.raises(ValueError, match="h row 1"):
+        route_cosine(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), torch.eye(2))
+    with pytest.raises(ValueError, match="keys"):
+        route_cosine(torch.zeros(2, 3), torch.zeros(4, 2))
+
+
+def test_opcheck_cosine():
+    h, k = _codes(6, 5, 4, torch.float32, 12)
+    for args in ((h, k, 0.8, 1e-8, 0.7, 3, "sum", True), (h, k, 1.0, 1e-8, 1.0, 5, "softmax", False)):
+        torch.library.opcheck(torch.ops.mokernels.route_cosine_fwd, args)
 
 
 def test_route_segments_broadcasts_without_sync():
@@ -413,6 +433,28 @@ def test_emu_properties(o, dtype):
     _assert_same_routing(got, route_reference(z, dense=True, **kw), dtype)
 
 
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,N,r,kw", [(9, 3, 8, dict(top_k=2)), (20, 8, 16, dict(top_p=0.6, temperature=0.8)),
+                                      (5, 70, 32, dict(top_p=0.5, max_k=5, temperature=0.2, renorm="softmax"))],
+                         ids=["N3", "N8", "N70"])
+def test_emu_cosine_matches_reference(T, N, r, kw, dtype):
+    h, k = _codes(T, N, r, dtype, seed=N)
+    h[0] = 0.0  # zero code: cos = 0 for every expert (eps clamp), ties -> lowest indices
+    temperature = kw.get("temperature", 1.0)
+    top_p = 1.0 if kw.get("top_p") is None else kw["top_p"]
+    kmax = _kmax(N, kw.get("top_k"), kw.get("max_k"))
+    if top_p < 1.0:
+        z = R.cosine_logits_reference(h, k)
+        assert _top_p_margin(z[1:], temperature, top_p) > 1e-5  # row 0 is uniform: capped by kmax
+    args = (h, k, temperature, 1e-8, top_p, kmax, kw.get("renorm", "sum"), True)
+    got = Routing(*emu.ops().route_cosine_fwd(*args))
+    want = Routing(*R.route_cosine_fwd_reference(*args))
+    _assert_same_routing(got, want, dtype)
+    assert got.ids[0, 0] == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # On a GPU: the CUDA kernel against the reference
 
@@ -437,3 +479,23 @@ def test_cuda_matches_reference(N, dtype):
         (gz,) = torch.autograd.grad((out.weights * gw).sum(), zz)
         want_g = R.route_bwd_reference(gw.cpu(), None, z.cpu(), out.ids.cpu(), 1.0, kw.get("renorm", "sum"))
         torch.testing.assert_close(gz.cpu().double(), want_g.double(), rtol=GTOL[dtype], atol=GTOL[dtype])
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_cosine_matches_reference(dtype):
+    h, k = _codes(4099, 26, 16, dtype, seed=3)
+    h, k = h.cuda().requires_grad_(True), k.cuda().requires_grad_(True)
+    got = route_cosine(h, k, temperature=0.8, top_p=0.6, dense=True)
+    want = Routing(*R.route_cosine_fwd_reference(h.detach().cpu(), k.detach().cpu(), 0.8, 1e-8, 0.6, 26, "sum", True))
+    assert (got.ids.cpu() == want.ids).all(-1).float().mean() > 0.999
+    gw = torch.randn_like(got.weights)
+    hc, kc = h.detach().cpu().double().requires_grad_(True), k.detach().cpu().double().requires_grad_(True)
+    ref = route_reference(R.cosine_logits_reference(hc, kc), temperature=0.8, top_p=0.6)
+    keep = (ref.ids == got.ids.cpu()).all(-1)
+    assert keep.float().mean() > 0.999
+    rh, rk = torch.autograd.grad((ref.weights * gw.cpu().double() * keep[:, None]).sum(), (hc, kc))
+    (dh2, dk2) = torch.autograd.grad((got.weights * gw * keep.cuda()[:, None]).sum(), (h, k))
+    torch.testing.assert_close(dh2.cpu().double(), rh, rtol=GTOL[dtype], atol=GTOL[dtype])
+    torch.testing.assert_close(dk2.cpu().double(), rk, rtol=GTOL[dtype] * 10, atol=GTOL[dtype] * 10)

@@ -41,6 +41,38 @@ enum Renorm : int { kSum = 0, kSoftmax = 1, kNone = 2 };
 constexpr int kThreads = 128;
 constexpr int kMaxN = 1024;
 
+// Logit sources for RowStats::load / the forward kernel.
+template <class T> struct MemoryLogits {  // logits [rows, n] in memory
+  const T* __restrict__ z;
+  int n;
+  MK_DEVICE acc_t<T> operator()(int64_t row, int i) const { return to_acc(z[row * n + i]); }
+};
+
+// Cosine logits cos(h_row, k_i) = <h, k_i> / (max(|h|, eps) max(|k_i|, eps)) from codes h [rows, r]
+// and keys k [n, r], formed in registers: no [rows, n] logits and no [rows, n, r] intermediate.
+// Each lane computes its own experts' dots; h's row is re-read per expert (same addresses across the
+// group: broadcast loads from L1), so r should be small (routers: r <= 64).
+template <class T> struct CosineLogits {
+  const T* __restrict__ h;
+  const T* __restrict__ k;
+  int r;
+  acc_t<T> eps;
+  MK_DEVICE acc_t<T> operator()(int64_t row, int i) const {
+    using A = acc_t<T>;
+    const T* hr = h + row * r;
+    const T* kr = k + static_cast<int64_t>(i) * r;
+    A hk = A(0), hh = A(0), kk = A(0);
+    for (int j = 0; j < r; ++j) {
+      const A a = to_acc(hr[j]), b = to_acc(kr[j]);
+      hk += a * b;
+      hh += a * a;
+      kk += b * b;
+    }
+    const A nh = sqrt_acc(hh), nk = sqrt_acc(kk);
+    return hk / ((nh > eps ? nh : eps) * (nk > eps ? nk : eps));
+  }
+};
+
 // Loads the row into registers and computes the softmax statistics. Every lane of the warp calls it.
 // z/τ is formed first and then the max (of z/τ) subtracted, exactly as softmax(z / τ) does.
 template <class T, int GROUP, int VPL>
@@ -52,7 +84,9 @@ struct RowStats {
   A inv_sum = A(0);
   bool valid = false;  // active row with no NaN/+inf and at least one finite logit
 
-  MK_DEVICE void load(const T* __restrict__ logits, int64_t row, bool active, int n, A temperature, int glane) {
+  // `src(row, i)` gives logit i of the row (fp32/fp64): read from memory or computed (cosine).
+  template <class Src>
+  MK_DEVICE void load(const Src& src, int64_t row, bool active, int n, A temperature, int glane) {
     A x[VPL];
     bool bad = false;
     A m = -infinity<A>();
@@ -61,7 +95,7 @@ struct RowStats {
       const int i = v * GROUP + glane;
       x[v] = -infinity<A>();
       if (active && i < n) {
-        x[v] = to_acc(logits[row * n + i]) / temperature;
+        x[v] = src(row, i) / temperature;
         if (x[v] != x[v] || x[v] == infinity<A>()) bad = true;
         else if (x[v] > m) m = x[v];
       }
@@ -87,9 +121,9 @@ struct RowStats {
   }
 };
 
-template <class T, int GROUP, int VPL>
+template <class T, int GROUP, int VPL, class Src>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
-    route_fwd_kernel(const T* __restrict__ logits, int32_t* __restrict__ ids, T* __restrict__ weights,
+    route_fwd_kernel(Src src, int32_t* __restrict__ ids, T* __restrict__ weights,
                      int32_t* __restrict__ counts, T* __restrict__ dense, int64_t rows, int n, int kmax,
                      acc_t<T> temperature, acc_t<T> top_p, int renorm) {
   using A = acc_t<T>;
@@ -98,7 +132,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   const bool active = row < rows;
 
   RowStats<T, GROUP, VPL> st;
-  st.load(logits, row, active, n, temperature, glane);
+  st.load(src, row, active, n, temperature, glane);
 
   // ---- selection: repeated group arg-max ----
   uint32_t taken = 0;
@@ -184,7 +218,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   const bool active = row < rows;
 
   RowStats<T, GROUP, VPL> st;
-  st.load(logits, row, active, n, temperature, glane);
+  st.load(MemoryLogits<T>{logits, n}, row, active, n, temperature, glane);
   const int64_t cbase = row * kmax;
 
   // Pass A: S = Σ p_sel, pmax = max p_sel.
@@ -264,7 +298,8 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
           id = -1;
         }
       }
-      for (int r = 0; r < GROUP; ++r) {
+      const int lim = kmax - j0 < GROUP ? kmax - j0 : GROUP;  // warp-uniform
+      for (int r = 0; r < lim; ++r) {
         const int bid = shfl_idx(id, gbase + r);
         const A bg = shfl_idx(g, gbase + r);
         if (bid >= 0 && (bid & (GROUP - 1)) == glane) {
@@ -309,13 +344,14 @@ template <int GROUP> inline dim3 grid_for(int64_t rows) {
   return dim3(static_cast<unsigned>(ceil_div(rows, kThreads / GROUP)));
 }
 
-template <class T>
-cudaError_t launch_fwd(const T* logits, int32_t* ids, T* weights, int32_t* counts, T* dense, int64_t rows, int n,
-                       int kmax, acc_t<T> temperature, acc_t<T> top_p, int renorm, cudaStream_t stream) {
+// Src: MemoryLogits<T> or CosineLogits<T>.
+template <class T, class Src>
+cudaError_t launch_fwd(Src src, int32_t* ids, T* weights, int32_t* counts, T* dense, int64_t rows, int n, int kmax,
+                       acc_t<T> temperature, acc_t<T> top_p, int renorm, cudaStream_t stream) {
   dispatch_shape(n, [&](auto G, auto V) {
-    auto kernel = route_fwd_kernel<T, decltype(G)::value, decltype(V)::value>;
-    MK_LAUNCH(kernel, grid_for<decltype(G)::value>(rows), dim3(kThreads), 0, stream, logits, ids, weights, counts,
-              dense, rows, n, kmax, temperature, top_p, renorm);
+    auto kernel = route_fwd_kernel<T, decltype(G)::value, decltype(V)::value, Src>;
+    MK_LAUNCH(kernel, grid_for<decltype(G)::value>(rows), dim3(kThreads), 0, stream, src, ids, weights, counts, dense,
+              rows, n, kmax, temperature, top_p, renorm);
   });
   return last_launch_error();
 }

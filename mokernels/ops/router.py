@@ -125,7 +125,7 @@ def route(
         dense [..., N] or None)`` with ``kmax = top_k or max_k or N``; ids in descending-probability
         order, -1 pads. The compact form feeds the multi-adapter GEMM's mixture form directly.
     Differentiable in ``logits`` (selection held fixed). CUDA tensors run the fused kernel
-    (N <= 1024); CPU tensors run :func:`route_reference`.
+    (N <= 1024; larger N runs the reference composition); CPU tensors run :func:`route_reference`.
     """
     expect(isinstance(logits, Tensor) and logits.dim() >= 1, _OP, "logits must be a [..., N] tensor")
     expect_dtype(_OP, "logits", logits)
@@ -137,7 +137,10 @@ def route(
     z = logits.reshape(-1, N)
     if validate and _is_eager():
         validate_rows(z, float(temperature))
-    ids, w, counts, d = torch.ops.mokernels.route_fwd(z, float(temperature), p, kmax, renorm, bool(dense))
+    if N > MAX_EXPERTS_KERNEL and z.device.type != "cpu":  # beyond the kernel: the reference (autograd)
+        ids, w, counts, d = route_fwd_reference(z, float(temperature), p, kmax, renorm, bool(dense))
+    else:
+        ids, w, counts, d = torch.ops.mokernels.route_fwd(z, float(temperature), p, kmax, renorm, bool(dense))
     return Routing(
         ids.reshape(*lead, kmax),
         w.reshape(*lead, kmax),
@@ -161,22 +164,43 @@ def route_cosine(
 ) -> Routing:
     """Cosine router (SAMoRA): ``p = softmax(cos(h, keys_i) / τ)``, τ applied once, then as :func:`route`.
 
+    ``cos(h, k) = <h, k> / (max(‖h‖, eps) · max(‖k‖, eps))``.
+
     Args:
-        h: ``[..., r]`` codes; keys: ``[N, r]`` expert keys (same dtype); ``cos`` clamps each norm at ``eps``.
-    Returns the :class:`Routing` of :func:`route`, weights in ``h``'s dtype. Differentiable in ``h`` and
-    ``keys``. The cosine logits are one ``[T, N]`` GEMM of the normalised codes and keys (fp32) — no
-    ``[T, N, r]`` intermediate; this is a composition, not yet fused into the routing kernel.
+        h: ``[..., r]`` codes (fp16, bf16, fp32 or fp64); keys: ``[N, r]`` expert keys, same dtype.
+        Other arguments as :func:`route`.
+    Returns:
+        The :class:`Routing` of :func:`route` (weights in ``h``'s dtype). Differentiable in ``h`` and
+        ``keys`` (selection held fixed). On CUDA the cosine logits are formed inside the routing kernel
+        (no ``[T, N]`` logits, no ``[T, N, r]`` intermediate); the backward recomputes them with one
+        ``[T, N]`` GEMM in fp32 and goes through ``route_bwd``.
     """
-    expect(h.dim() >= 1 and keys.dim() == 2, _OP, f"h must be [..., r] and keys [N, r], got {list(h.shape)}, {list(keys.shape)}")
-    expect(keys.shape[1] == h.shape[-1], _OP, f"keys must be [N, r] with r = {h.shape[-1]}, got {list(keys.shape)}")
+    expect(isinstance(h, Tensor) and h.dim() >= 1 and isinstance(keys, Tensor) and keys.dim() == 2, _OP,
+           f"h must be [..., r] and keys [N, r], got {list(h.shape)} and {list(keys.shape)}")
+    r = h.shape[-1]
+    expect(keys.shape[1] == r and keys.shape[0] >= 1, _OP, f"keys must be [N, r] with N >= 1 and r = {r}, got {list(keys.shape)}")
     expect_dtype(_OP, "h", h)
     expect_dtype(_OP, "keys", keys, like=h)
-    acc = acc_dtype(h.dtype)
-    hn = F.normalize(h.to(acc), dim=-1, eps=eps)
-    kn = F.normalize(keys.to(acc), dim=-1, eps=eps)
-    r = route(hn @ kn.T, temperature=temperature, top_k=top_k, top_p=top_p, max_k=max_k, renorm=renorm,
-              dense=dense, validate=validate)
-    return Routing(r.ids, r.weights.to(h.dtype), r.counts, None if r.dense is None else r.dense.to(h.dtype))
+    expect(isinstance(eps, (int, float)) and eps > 0, _OP, f"eps must be > 0, got {eps!r}")
+    N = keys.shape[0]
+    p = _check_options(temperature, top_p, renorm)
+    kmax = kmax_for(N, top_k, max_k)
+    lead = h.shape[:-1]
+    hh = h.reshape(-1, r)
+    if validate and _is_eager() and hh.numel():
+        bad = ~torch.isfinite(hh).all(-1)
+        if bool(bad.any()):
+            raise ValueError(f"mokernels.{_OP}: h row {int(bad.nonzero()[0, 0])} (flattened) has a NaN or inf")
+        expect(bool(torch.isfinite(keys).all()), _OP, "keys have a NaN or inf")
+    if N > MAX_EXPERTS_KERNEL and hh.device.type != "cpu":  # beyond the kernel: the composition
+        z = cosine_logits_reference(hh, keys, float(eps))
+        ids, w, counts, d = route_fwd_reference(z, float(temperature), p, kmax, renorm, bool(dense))
+        w, d = w.to(h.dtype), d.to(h.dtype)
+    else:
+        ids, w, counts, d = torch.ops.mokernels.route_cosine_fwd(hh, keys, float(temperature), float(eps), p, kmax,
+                                                                 renorm, bool(dense))
+    return Routing(ids.reshape(*lead, kmax), w.reshape(*lead, kmax), counts.reshape(lead),
+                   d.reshape(*lead, N) if dense else None)
 
 
 def route_segments(logits: Tensor, offsets: Tensor, num_tokens: int, *, validate: bool = True, **options) -> Routing:
@@ -229,6 +253,20 @@ def route_reference(
     ids, w, counts, d = route_fwd_reference(logits.reshape(-1, N), float(temperature), p, kmax, renorm, dense)
     return Routing(ids.reshape(*lead, kmax), w.reshape(*lead, kmax), counts.reshape(lead),
                    d.reshape(*lead, N) if dense else None)
+
+
+def cosine_logits_reference(h: Tensor, keys: Tensor, eps: float = 1e-8) -> Tensor:
+    """``cos(h_t, keys_i)`` ``[T, N]`` in fp32 (fp64 for fp64), each norm clamped at ``eps``."""
+    acc = acc_dtype(h.dtype)
+    return F.normalize(h.to(acc), dim=-1, eps=eps) @ F.normalize(keys.to(acc), dim=-1, eps=eps).T
+
+
+def route_cosine_fwd_reference(h: Tensor, keys: Tensor, temperature: float, eps: float, top_p: float, kmax: int,
+                               renorm: str, dense: bool):
+    """The op ``route_cosine_fwd``: :func:`route_fwd_reference` on the cosine logits, outputs in h's dtype."""
+    ids, w, counts, d = route_fwd_reference(cosine_logits_reference(h, keys, eps), temperature, top_p, kmax, renorm,
+                                            dense)
+    return ids, w.to(h.dtype), counts, d.to(h.dtype)
 
 
 def _row_stats(z: Tensor, temperature: float):
@@ -372,6 +410,56 @@ def _cpu_bwd(grad_w, grad_dense, logits, ids, temperature, renorm):
     _check_bwd(grad_w, grad_dense, logits, ids, temperature, renorm)
     with torch.no_grad():
         return route_bwd_reference(grad_w, grad_dense, logits, ids, temperature, renorm)
+
+
+def _check_cosine(h, keys, temperature, eps, top_p, kmax, renorm):
+    expect(h.dim() == 2 and keys.dim() == 2 and keys.shape[1] == h.shape[1] and keys.shape[0] >= 1, _OP,
+           f"h must be [T, r] and keys [N, r], got {list(h.shape)} and {list(keys.shape)}")
+    expect_dtype(_OP, "h", h)
+    expect_dtype(_OP, "keys", keys, like=h)
+    expect(eps > 0, _OP, f"eps must be > 0, got {eps}")
+    _check_fwd(h.new_empty((0, 1)), temperature, top_p, kmax, renorm)
+
+
+@torch.library.register_fake("mokernels::route_cosine_fwd")
+def _fake_cosine(h, keys, temperature, eps, top_p, kmax, renorm, dense):
+    _check_cosine(h, keys, temperature, eps, top_p, kmax, renorm)
+    T, N = h.shape[0], keys.shape[0]
+    return (
+        h.new_empty((T, kmax), dtype=torch.int32),
+        h.new_empty((T, kmax)),
+        h.new_empty((T,), dtype=torch.int32),
+        h.new_empty((T, N) if dense else (0,)),
+    )
+
+
+@torch.library.register_kernel("mokernels::route_cosine_fwd", "cpu")
+def _cpu_cosine(h, keys, temperature, eps, top_p, kmax, renorm, dense):
+    _check_cosine(h, keys, temperature, eps, top_p, kmax, renorm)
+    with torch.no_grad():
+        return route_cosine_fwd_reference(h, keys, temperature, eps, top_p, kmax, renorm, dense)
+
+
+def _setup_context_cosine(ctx, inputs, output):
+    h, keys, temperature, eps, _top_p, _kmax, renorm, dense = inputs
+    ctx.save_for_backward(h, keys, output[0])
+    ctx.temperature, ctx.eps, ctx.renorm, ctx.dense = temperature, eps, renorm, dense
+
+
+def _backward_cosine(ctx, _g_ids, g_w, _g_counts, g_dense):
+    h, keys, ids = ctx.saved_tensors
+    with torch.enable_grad():
+        hh, kk = h.detach().requires_grad_(True), keys.detach().requires_grad_(True)
+        z = cosine_logits_reference(hh, kk, ctx.eps)  # [T, N] fp32: one GEMM, recomputed
+        gw = torch.zeros(ids.shape, dtype=z.dtype, device=z.device) if g_w is None else g_w.to(z.dtype)
+        gd = g_dense.to(z.dtype).contiguous() if (ctx.dense and g_dense is not None) else None
+        dz = torch.ops.mokernels.route_bwd(gw.contiguous(), gd, z.detach(), ids, ctx.temperature, ctx.renorm)
+        dh, dk = torch.autograd.grad(z, (hh, kk), dz)
+    need = ctx.needs_input_grad
+    return (dh if need[0] else None, dk if need[1] else None) + (None,) * 6
+
+
+torch.library.register_autograd("mokernels::route_cosine_fwd", _backward_cosine, setup_context=_setup_context_cosine)
 
 
 def _setup_context(ctx, inputs, output):

@@ -53,4 +53,19 @@ MK_DEVICE double exp_acc(double x) {
 #endif
 }
 
+MK_DEVICE float sqrt_acc(float x) {
+#if defined(MOKERNELS_EMULATION)
+  return std::sqrt(x);
+#else
+  return sqrtf(x);
+#endif
+}
+MK_DEVICE double sqrt_acc(double x) {
+#if defined(MOKERNELS_EMULATION)
+  return std::sqrt(x);
+#else
+  return ::sqrt(x);
+#endif
+}
+
 }  // namespace mk
