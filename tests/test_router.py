@@ -258,6 +258,18 @@ def test_gradcheck_route(renorm):
         assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
 
 
+def test_compiles_without_graph_breaks():
+    def f(z):
+        r = route(z, top_p=0.7, max_k=3, dense=True)
+        return r.weights.sum() + r.dense.square().sum()
+
+    z = _logits(6, 9, torch.float32, 15).requires_grad_(True)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # no host sync, no graph break
+    (g1,) = torch.autograd.grad(compiled(z), z)
+    (g2,) = torch.autograd.grad(f(z), z)
+    torch.testing.assert_close(g1, g2)
+
+
 def test_opcheck():
     z = _logits(5, 7, torch.float32, 6)
     for args in ((z, 1.0, 0.8, 3, "sum", True), (z, 0.5, 1.0, 7, "softmax", False), (z, 2.0, 0.3, 9, "none", True)):
@@ -375,6 +387,19 @@ def test_emu_edge_cases(dtype):
         assert torch.isfinite(got.weights).all() and torch.isfinite(got.dense).all()
     assert _emu_route(z, top_k=2).ids[0].tolist() == [1, 2]
     assert _emu_route(z, top_p=0.0).counts[:2].tolist() == [1, 1]
+
+
+@needs_emu
+@pytest.mark.emu
+def test_emu_noncontiguous_and_out_of_range_ids():
+    z = _logits(10, 6, torch.float32, 13).T  # [6, 10] non-contiguous view
+    _assert_same_routing(_emu_route(z, top_p=0.7, dense=True), route_reference(z, top_p=0.7, dense=True), torch.float32)
+    # backward with ids the forward never makes (>= N, < -1): "no expert", never an out-of-bounds read
+    ids = torch.tensor([[3, 10, -1], [-7, 0, 1000]] * 3, dtype=torch.int32)
+    zz = _logits(6, 10, torch.float32, 14)
+    gw = torch.randn(6, 3)
+    got = emu.ops().route_bwd(gw, None, zz, ids, 1.0, "sum")
+    torch.testing.assert_close(got, R.route_bwd_reference(gw, None, zz, ids, 1.0, "sum"))
 
 
 @needs_emu

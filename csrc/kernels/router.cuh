@@ -19,6 +19,9 @@
 //    is kept (p -> 1 with N >= 256). That crossover was not measured (no GPU was available while
 //    this was written) — see benchmarks/bench_router.py before changing it.
 //    p >= 1 ("keep all") never accumulates the mass, as the spec requires.
+//  * The logits come from a source functor: MemoryLogits (a [T,N] tensor) or CosineLogits (SAMoRA:
+//    cos(h_t, k_i) formed in registers from codes h [T,r] and keys k [N,r] — the [T,N] logits are never
+//    written and no [T,N,r] intermediate exists).
 //  * Experts whose logit is -inf are masked: never selected (so counts may be < top_k).
 //  * A row with a NaN, a +inf, or only -inf logits is *invalid*: the kernel writes count 0, ids -1,
 //    weights 0 (and a dense row of 0) — never garbage; its gradient is 0. (The Python op rejects such
@@ -88,21 +91,19 @@ struct RowStats {
   template <class Src>
   MK_DEVICE void load(const Src& src, int64_t row, bool active, int n, A temperature, int glane) {
     A x[VPL];
-    bool bad = false;
-    A m = -infinity<A>();
+    A m = -infinity<A>();  // a NaN or +inf anywhere makes the row's max +inf: one reduction finds both
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
       const int i = v * GROUP + glane;
       x[v] = -infinity<A>();
       if (active && i < n) {
         x[v] = src(row, i) / temperature;
-        if (x[v] != x[v] || x[v] == infinity<A>()) bad = true;
+        if (x[v] != x[v]) m = infinity<A>();
         else if (x[v] > m) m = x[v];
       }
     }
     m = group_reduce<GROUP>(m, MaxOp{});
-    const int any_bad = group_reduce<GROUP>(bad ? 1 : 0, MaxOp{});
-    valid = active && any_bad == 0 && m > -infinity<A>();
+    valid = active && m > -infinity<A>() && m < infinity<A>();
     mx = m;
     A sum = A(0);
 #pragma unroll
