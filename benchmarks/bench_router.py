@@ -6,7 +6,8 @@ Impls: ``mokernels.ops.route`` (ours: the fused kernel on CUDA; on CPU its pure-
     write without this op), and
   * ``softmax+topk`` (top-k workloads only): ``softmax`` then ``topk`` then renorm.
 Workloads: T ∈ {4096, 65536} × N ∈ {8, 26, 64, 256}, bf16 logits, SLoRA-style top-p 0.6 capped at
-8 experts and top-k 2 forward, plus forward+backward for top-p; fp32 logits for T=65536, N=64.
+8 experts and top-k 2 forward, plus forward+backward for top-p; fp32 logits for T=65536, N=64;
+SAMoRA's cosine router (dense gates from rank-8 codes, N=8) vs normalise + GEMM + softmax.
 ``validate=False`` in the timed calls: eager validation is one host sync, not kernel time.
 On CPU in quick mode a tiny workload adds the real kernel source run by the emulator
 (``mokernels.emu``) -- logic only, its time says nothing about the GPU.
@@ -153,6 +154,47 @@ def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.devic
     )
 
 
+def torch_cosine_gates(h: torch.Tensor, keys: torch.Tensor, temperature: float):
+    """SAMoRA's dense gates as a method would write them: normalise, GEMM, softmax."""
+    z = torch.nn.functional.normalize(h.float(), dim=-1, eps=1e-8) @ torch.nn.functional.normalize(
+        keys.float(), dim=-1, eps=1e-8).T
+    return torch.softmax(z / temperature, dim=-1).to(h.dtype)
+
+
+def _cosine_workload(T: int, N: int, r: int, dtype: torch.dtype, device: torch.device) -> Workload:
+    """SAMoRA: dense softmax(cos(h, k)/τ) gates over N experts from rank-r codes (ours also writes the
+    compact form). Ideal traffic: read h and keys, write dense weights (+ compact ids/weights/counts)."""
+    state: dict = {}
+
+    def inputs():
+        if not state:
+            gen = torch.Generator(device=device).manual_seed(0)
+            state["h"] = torch.randn(T, r, generator=gen, device=device, dtype=torch.float32).to(dtype)
+            state["k"] = torch.randn(N, r, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        return state["h"], state["k"]
+
+    from mokernels.ops import route_cosine
+
+    def ours():
+        h, k = inputs()
+        return route_cosine(h, k, temperature=0.8, dense=True, validate=False)
+
+    def peer():
+        h, k = inputs()
+        return torch_cosine_gates(h, k, 0.8)
+
+    elt = torch.empty((), dtype=dtype).element_size()
+    return Workload(
+        family=FAMILY,
+        name=f"fwd cosine dense T={T} N={N} r={r} {_DTYPE_NAMES[dtype]}",
+        impls={OURS: ours, TORCH: peer},
+        ours=OURS,
+        bytes_moved=(T * r + N * r) * elt + T * N * elt,
+        params={"pass": "fwd", "select": "cosine-dense", "T": T, "N": N, "r": r, "dtype": _DTYPE_NAMES[dtype],
+                "elt_size": elt},
+    )
+
+
 def workloads(device: torch.device, quick: bool) -> list[Workload]:
     bf16 = torch.bfloat16
     ws: list[Workload] = []
@@ -163,6 +205,7 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
             ws.append(_workload(T, N, "top-p", bf16, device, backward=True))
     if not quick:
         ws.append(_workload(65536, 64, "top-p", torch.float32, device))
+    ws.append(_cosine_workload(QUICK_T[0] if quick else 65536, 8, 8, bf16, device))
     if quick and device.type == "cpu":
         import mokernels.emu as emu
 

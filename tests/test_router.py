@@ -480,6 +480,22 @@ def test_emu_cosine_matches_reference(T, N, r, kw, dtype):
     assert got.ids[0, 0] == 0
 
 
+@needs_emu
+@pytest.mark.emu
+@FAST
+@given(options, st.booleans())
+def test_emu_backward_properties(o, with_dense):
+    """The emulated backward equals autograd of the reference (fp64), for any options."""
+    z = _logits(o["T"], o["N"], torch.float64, o["seed"])
+    kw = _opts(o)
+    r = route_reference(z, dense=True, **kw)
+    g = torch.Generator().manual_seed(o["seed"] + 1)
+    gw = torch.randn(r.weights.shape, generator=g, dtype=torch.float64)
+    gd = torch.randn(z.shape, generator=g, dtype=torch.float64) if with_dense else None
+    got = emu.ops().route_bwd(gw, gd, z, r.ids, kw["temperature"], kw["renorm"])
+    torch.testing.assert_close(got, _ref_grad(z, gw, gd, kw))
+
+
 # ------------------------------------------------------------------------------------------------
 # On a GPU: the CUDA kernel against the reference
 
