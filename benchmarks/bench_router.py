@@ -7,7 +7,9 @@ Impls: ``mokernels.ops.route`` (ours: the fused kernel on CUDA; on CPU its pure-
   * ``softmax+topk`` (top-k workloads only): ``softmax`` then ``topk`` then renorm.
 Workloads: T ∈ {4096, 65536} × N ∈ {8, 26, 64, 256}, bf16 logits, SLoRA-style top-p 0.6 capped at
 8 experts and top-k 2 forward, plus forward+backward for top-p; fp32 logits for T=65536, N=64;
-SAMoRA's cosine router (dense gates from rank-8 codes, N=8) vs normalise + GEMM + softmax.
+top-p 0.95 uncapped at N = 64, 256 (large kept sets: the selection loop's worst case, to decide
+whether a threshold search pays off); SAMoRA's cosine router (dense gates from rank-8 codes, N=8)
+vs normalise + GEMM + softmax.
 ``validate=False`` in the timed calls: eager validation is one host sync, not kernel time.
 On CPU in quick mode a tiny workload adds the real kernel source run by the emulator
 (``mokernels.emu``) -- logic only, its time says nothing about the GPU.
@@ -49,6 +51,7 @@ FULL_N = (8, 26, 64, 256)
 QUICK_T = (4096,)
 QUICK_N = (8, 64)
 TOP_P, MAX_K, TOP_K = 0.6, 8, 2
+WIDE_P = 0.95  # a large kept set with no cap: the selection loop's worst case (one round per kept expert)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -94,6 +97,8 @@ def _ours(kind: str):
 
     if kind == "top-p":
         return lambda z: route(z, top_p=TOP_P, max_k=MAX_K, validate=False)
+    if kind == "top-p-wide":
+        return lambda z: route(z, top_p=WIDE_P, validate=False)
     return lambda z: route(z, top_k=TOP_K, validate=False)
 
 
@@ -121,12 +126,12 @@ def _bytes(T: int, N: int, kmax: int, elt: int, backward: bool) -> int:
 
 def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.device, backward: bool = False,
               emulated: bool = False) -> Workload:
-    kmax = MAX_K if kind == "top-p" else TOP_K
+    kmax = {"top-p": MAX_K, "top-k": TOP_K, "top-p-wide": N}[kind]
     inp = _Inputs(T, N, kmax, dtype, device, grad=backward)
     wrap = _fwd_bwd if backward else _fwd
     impls = {OURS: wrap(_ours(kind), inp)}
-    if kind == "top-p":
-        impls[TORCH] = wrap(lambda z: torch_top_p(z, TOP_P, kmax), inp)
+    if kind in ("top-p", "top-p-wide"):
+        impls[TORCH] = wrap(lambda z: torch_top_p(z, TOP_P if kind == "top-p" else WIDE_P, kmax), inp)
     else:
         impls[TORCH] = wrap(lambda z: torch_top_p(z, 1.0, TOP_K), inp)  # the generic composition, k-capped
         impls[TOPK] = wrap(lambda z: torch_top_k(z, TOP_K), inp)
@@ -142,7 +147,7 @@ def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.devic
 
         impls[EMU] = run_emu
     elt = torch.empty((), dtype=dtype).element_size()
-    what = f"top-p {TOP_P} max_k {MAX_K}" if kind == "top-p" else f"top-k {TOP_K}"
+    what = {"top-p": f"top-p {TOP_P} max_k {MAX_K}", "top-k": f"top-k {TOP_K}", "top-p-wide": f"top-p {WIDE_P}"}[kind]
     return Workload(
         family=FAMILY,
         name=f"{'fwd+bwd' if backward else 'fwd'} {what} T={T} N={N} {_DTYPE_NAMES[dtype]}",
@@ -205,6 +210,8 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
             ws.append(_workload(T, N, "top-p", bf16, device, backward=True))
     if not quick:
         ws.append(_workload(65536, 64, "top-p", torch.float32, device))
+        for N in (64, 256):  # where a threshold search / bitonic sort could beat per-expert rounds
+            ws.append(_workload(65536, N, "top-p-wide", bf16, device))
     ws.append(_cosine_workload(QUICK_T[0] if quick else 65536, 8, 8, bf16, device))
     if quick and device.type == "cpu":
         import mokernels.emu as emu
