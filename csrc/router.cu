@@ -1,4 +1,5 @@
 // at::Tensor wrappers of the fused router kernels (kernels/router.cuh).
+#include <cstdlib>
 #include <string_view>
 
 #include "torch_glue.h"
@@ -16,6 +17,15 @@ int parse_renorm(const char* op, std::string_view renorm) {
   if (renorm == "none") return kNone;
   TORCH_CHECK_VALUE(false, op, ": renorm must be \"sum\", \"softmax\" or \"none\", got \"", renorm, "\"");
   return kSum;
+}
+
+// MOKERNELS_ROUTER_RANK_AFTER: arg-max rounds before a row switches to selection by rank (unset: the
+// kernel's default, max(8, N/8)). Read per call, so tests and benchmarks can switch it at run time.
+int rank_after_rounds() {
+  const char* s = std::getenv("MOKERNELS_ROUTER_RANK_AFTER");
+  if (s == nullptr || *s == '\0') return -1;
+  const long v = std::strtol(s, nullptr, 10);
+  return v < 0 ? -1 : (v > INT32_MAX ? INT32_MAX : static_cast<int>(v));
 }
 
 void check_logits(const char* op, const at::Tensor& logits, double temperature) {
@@ -51,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_fwd(const at::T
                                       ptr<T_>(weights), ptr<int32_t>(counts),
                                       dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
                                       static_cast<int>(kmax), static_cast<A>(temperature),
-                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, current_stream()));
+                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, rank_after_rounds(),
+                                      current_stream()));
   });
   return {ids, weights, counts, dense_out};
 }
@@ -94,7 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cosine_fwd(cons
     check_launch(kCos, launch_fwd<T_>(src, ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
                                       dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
                                       static_cast<int>(kmax), static_cast<A>(temperature),
-                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, current_stream()));
+                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, rank_after_rounds(),
+                                      current_stream()));
   });
   return {ids, weights, counts, dense_out};
 }

@@ -366,10 +366,11 @@ def test_emu_large_n(kw):
     _assert_same_routing(_emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw), torch.float32)
 
 
-@needs_emu
-@pytest.mark.emu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_emu_edge_cases(dtype):
+EDGE_OPTIONS = (dict(top_k=2), dict(top_p=0.5), dict(top_p=0.0), dict(top_p=1.0), dict(top_k=9),
+                dict(top_p=0.99, max_k=2, renorm="softmax"), dict(temperature=0.5, top_p=0.9, renorm="none"))
+
+
+def _edge_logits(dtype):
     z = _logits(12, 6, torch.float32, 10)
     z[0] = torch.tensor([1.0, 3.0, 3.0, 3.0, 0.0, 3.0])  # ties at the boundary
     z[1] = torch.tensor([NINF, 0.0, NINF, -1.0, NINF, NINF])  # masked experts
@@ -378,15 +379,41 @@ def test_emu_edge_cases(dtype):
     z[4, 1] = float("inf")  # +inf: invalid -> fallback
     z[5] = torch.tensor([65504.0, 65000.0, -65504.0, 65504.0, 0.0, 1.0])  # fp16 range
     z[6] = 0.0  # uniform
-    z = z.to(dtype)
-    for kw in (dict(top_k=2), dict(top_p=0.5), dict(top_p=0.0), dict(top_p=1.0), dict(top_k=9),
-               dict(top_p=0.99, max_k=2, renorm="softmax"), dict(temperature=0.5, top_p=0.9, renorm="none")):
+    return z.to(dtype)
+
+
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_emu_edge_cases(dtype):
+    z = _edge_logits(dtype)
+    for kw in EDGE_OPTIONS:
         got, want = _emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw)
         _assert_same_routing(got, want, dtype)
         assert (got.counts[2:5] == 0).all() and (got.ids[2:5] == -1).all() and (got.dense[2:5] == 0).all()
         assert torch.isfinite(got.weights).all() and torch.isfinite(got.dense).all()
     assert _emu_route(z, top_k=2).ids[0].tolist() == [1, 2]
     assert _emu_route(z, top_p=0.0).counts[:2].tolist() == [1, 1]
+
+
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("rank_after", ["0", "1", "1000000"], ids=["rank", "mixed", "rounds"])
+def test_emu_selection_paths(rank_after, monkeypatch):
+    """Both selection paths of the kernel (arg-max rounds, rank) and their mix within a warp agree
+    with the reference: MOKERNELS_ROUTER_RANK_AFTER sets the rounds before a row switches to rank."""
+    monkeypatch.setenv("MOKERNELS_ROUTER_RANK_AFTER", rank_after)
+    for T, N, kw in EMU_CASES[:-2]:
+        z = _logits(T, N, torch.float32, seed=T * 1000 + N)
+        _assert_same_routing(_emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw), torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        z = _edge_logits(dtype)
+        for kw in EDGE_OPTIONS:
+            _assert_same_routing(_emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw), dtype)
+    h, k = _codes(20, 8, 16, torch.float32, seed=8)
+    args = (h, k, 0.8, 1e-8, 0.6, 8, "softmax", True)
+    _assert_same_routing(Routing(*emu.ops().route_cosine_fwd(*args)), Routing(*R.route_cosine_fwd_reference(*args)),
+                         torch.float32)
 
 
 @needs_emu

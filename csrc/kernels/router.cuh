@@ -19,6 +19,9 @@
 //    is kept (p -> 1 with N >= 256). That crossover was not measured (no GPU was available while
 //    this was written) — see benchmarks/bench_router.py before changing it.
 //    p >= 1 ("keep all") never accumulates the mass, as the spec requires.
+//    Rows still selecting after rank_after rounds (large kept sets) finish by rank instead: every
+//    expert counts the experts ahead of it and their mass (N broadcasts, no sort) — see the kernel.
+//    Both paths run in every emulated test run (MOKERNELS_ROUTER_RANK_AFTER=0 forces the rank path).
 //  * The logits come from a source functor: MemoryLogits (a [T,N] tensor) or CosineLogits (SAMoRA:
 //    cos(h_t, k_i) formed in registers from codes h [T,r] and keys k [N,r] — the [T,N] logits are never
 //    written and no [T,N,r] intermediate exists).
@@ -126,7 +129,7 @@ template <class T, int GROUP, int VPL, class Src>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     route_fwd_kernel(Src src, int32_t* __restrict__ ids, T* __restrict__ weights,
                      int32_t* __restrict__ counts, T* __restrict__ dense, int64_t rows, int n, int kmax,
-                     acc_t<T> temperature, acc_t<T> top_p, int renorm) {
+                     acc_t<T> temperature, acc_t<T> top_p, int renorm, int rank_after) {
   using A = acc_t<T>;
   const int glane = lane_id() & (GROUP - 1);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / GROUP) + threadIdx.x / GROUP;
@@ -144,8 +147,9 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   A cum = A(0), s_sel = A(0), z_soft = A(0), p_first = A(0);
   const bool use_p = top_p < A(1);  // p >= 1 keeps everything: no cumulative sum at all
   bool done = !st.valid || kmax <= 0;
-  while (ballot(!done) != 0u) {  // warp-uniform: every lane runs every round's shuffles
-    A bk = A(-1);                // masked / taken / out-of-row slots never beat -1
+  // `rounds` is warp-uniform, so the short-circuit never splits the warp at the ballot.
+  for (int rounds = 0; rounds < rank_after && ballot(!done) != 0u; ++rounds) {
+    A bk = A(-1);  // masked / taken / out-of-row slots never beat -1
     int bi = INT_MAX;
 #pragma unroll
     for (int v = 0; v < VPL; ++v)
@@ -175,6 +179,62 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
         if (use_p) cum += pk;
         if (count >= kmax || (use_p && cum >= top_p)) done = true;
       }
+    }
+  }
+
+  // ---- large kept sets: selection by rank, for the rows still selecting after rank_after rounds ----
+  // rank_i = #live experts ahead of i in the order (key desc, index asc), ahead_i = their mass. Expert i
+  // is kept iff rank_i < kmax and (no top-p or ahead_i < top_p): the same prefix as the rounds above
+  // (up to the summation order of the mass). Costs N broadcasts + N·VPL compares per lane, whatever
+  // is kept, instead of ~2·log2(GROUP)+1 shuffles per kept expert. Deterministic per row: whether a
+  // row takes this path depends only on its own kept count.
+  if (ballot(!done) != 0u) {  // warp-uniform
+    int rk[VPL];
+    A ahead[VPL];
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+      rk[v] = 0;
+      ahead[v] = A(0);
+    }
+    const int gbase = lane_id() & ~(GROUP - 1);
+    for (int src = 0; src < GROUP; ++src) {
+#pragma unroll
+      for (int v2 = 0; v2 < VPL; ++v2) {
+        const A ko = shfl_idx(st.live[v2] ? st.e[v2] : A(-1), gbase + src);
+        const int io = v2 * GROUP + src;
+#pragma unroll
+        for (int v = 0; v < VPL; ++v)
+          if (ko > st.e[v] || (ko == st.e[v] && io < v * GROUP + glane)) {
+            ++rk[v];
+            ahead[v] += ko;
+          }
+      }
+    }
+    int kept = 0;
+#pragma unroll
+    for (int v = 0; v < VPL; ++v)
+      if (st.live[v] && rk[v] < kmax && (!use_p || ahead[v] * st.inv_sum < top_p)) ++kept;
+    kept = group_reduce<GROUP>(kept, SumOp{});
+    A s_loc = A(0), z_loc = A(0);
+    if (!done) {
+      count = kept > 0 ? kept : 1;  // top_p = 0 still keeps the top expert
+      p_first = st.inv_sum;         // the top expert's e is exp(0) = 1
+      taken = 0;
+#pragma unroll
+      for (int v = 0; v < VPL; ++v)
+        if (st.live[v] && rk[v] < count) {
+          taken |= 1u << v;
+          rank[v] = rk[v];
+          s_loc += st.e[v];
+          z_loc += exp_acc(st.e[v] * st.inv_sum - p_first);
+        }
+    }
+    s_loc = group_reduce<GROUP>(s_loc, SumOp{});
+    z_loc = group_reduce<GROUP>(z_loc, SumOp{});
+    if (!done) {
+      s_sel = s_loc;
+      z_soft = z_loc;
+      done = true;
     }
   }
   if (!active) return;  // no collective below
@@ -345,14 +405,22 @@ template <int GROUP> inline dim3 grid_for(int64_t rows) {
   return dim3(static_cast<unsigned>(ceil_div(rows, kThreads / GROUP)));
 }
 
-// Src: MemoryLogits<T> or CosineLogits<T>.
+// Default number of arg-max rounds before a row switches to selection by rank: max(8, N/8). Not
+// measured (no GPU yet): the rounds cost ~11 shuffles per kept expert (GROUP = 32), the rank pass
+// ~N broadcasts plus N·VPL compares, so rounds win for the few experts routers usually keep and rank
+// wins for large kept sets. Override with MOKERNELS_ROUTER_RANK_AFTER (0: always by rank; a large
+// value: never) and measure with benchmarks/bench_router.py.
+inline int default_rank_after(int n) { return n / 8 > 8 ? n / 8 : 8; }
+
+// Src: MemoryLogits<T> or CosineLogits<T>. rank_after < 0: default_rank_after(n).
 template <class T, class Src>
 cudaError_t launch_fwd(Src src, int32_t* ids, T* weights, int32_t* counts, T* dense, int64_t rows, int n, int kmax,
-                       acc_t<T> temperature, acc_t<T> top_p, int renorm, cudaStream_t stream) {
+                       acc_t<T> temperature, acc_t<T> top_p, int renorm, int rank_after, cudaStream_t stream) {
+  if (rank_after < 0) rank_after = default_rank_after(n);
   dispatch_shape(n, [&](auto G, auto V) {
     auto kernel = route_fwd_kernel<T, decltype(G)::value, decltype(V)::value, Src>;
     MK_LAUNCH(kernel, grid_for<decltype(G)::value>(rows), dim3(kThreads), 0, stream, src, ids, weights, counts, dense,
-              rows, n, kmax, temperature, top_p, renorm);
+              rows, n, kmax, temperature, top_p, renorm, rank_after);
   });
   return last_launch_error();
 }
