@@ -269,6 +269,15 @@ def test_compiles_without_graph_breaks():
     (g2,) = torch.autograd.grad(f(z), z)
     torch.testing.assert_close(g1, g2)
 
+    def g(zs, offsets, h, k):  # per-sentence routing and the cosine router, same requirement
+        r = route_segments(zs, offsets, 7, top_k=2)
+        c = route_cosine(h, k, temperature=0.8, top_p=0.6)
+        return r.weights.sum() + c.weights.sum()
+
+    h, k = _codes(5, 4, 8, torch.float32, 16)
+    args = (_logits(3, 5, torch.float32, 17), torch.tensor([0, 2, 2, 7]), h.requires_grad_(True), k)
+    torch.testing.assert_close(torch.compile(g, backend="aot_eager", fullgraph=True)(*args), g(*args))
+
 
 def test_opcheck():
     z = _logits(5, 7, torch.float32, 6)
