@@ -532,6 +532,21 @@ def test_emu_backward_properties(o, with_dense):
     torch.testing.assert_close(got, _ref_grad(z, gw, gd, kw))
 
 
+@needs_emu
+@pytest.mark.emu
+@FAST
+@given(st.integers(1, 5), st.integers(1, 70), st.integers(1, 9), st.sampled_from(R.RENORMS), st.integers(0, 2**31 - 1))
+def test_emu_backward_arbitrary_ids(T, N, kmax, renorm, seed):
+    """route_bwd with any ids (duplicates, out of range, -1 anywhere) equals the reference and never
+    reads out of bounds (the ASan run checks the latter)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(T, N, generator=g)
+    ids = torch.randint(-3, N + 3, (T, kmax), generator=g, dtype=torch.int32)
+    gw, gd = torch.randn(T, kmax, generator=g), torch.randn(T, N, generator=g)
+    got = emu.ops().route_bwd(gw, gd, z, ids, 0.9, renorm)
+    torch.testing.assert_close(got, R.route_bwd_reference(gw, gd, z, ids, 0.9, renorm), rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # On a GPU: the CUDA kernel against the reference
 
