@@ -9,19 +9,23 @@
 //    holds experts i = v*GROUP + g, v < VPL, in registers (VPL = ceil(N/GROUP) rounded up to a power
 //    of two; N <= 32*32 = 1024). Loads are coalesced across the group. Max / sum are butterfly
 //    reductions that stop at GROUP (common/reduce.cuh); all in fp32 (fp64 for fp64).
-//  * Selection = repeated group arg-max (key = exp(z/τ - max/τ), ties -> lower index), each round
-//    marking its winner taken and adding its probability to the running mass; stop when the mass
-//    reaches top_p, after kmax experts, or when no candidate is left. It is exact and
-//    deterministic, needs no sort and no shared memory, and costs (#kept) rounds of
-//    (VPL compares + 2·log2(GROUP) shuffles). Routers keep few experts (top-k with k <= 8,
-//    top-p with ~2 kept), where it is a handful of rounds. A bitonic sort or a threshold search is
-//    O(N log N) / O(32 · N/GROUP) whatever is kept; it only pays off when nearly all of a large N
-//    is kept (p -> 1 with N >= 256). That crossover was not measured (no GPU was available while
-//    this was written) — see benchmarks/bench_router.py before changing it.
-//    p >= 1 ("keep all") never accumulates the mass, as the spec requires.
-//    Rows still selecting after rank_after rounds (large kept sets) finish by rank instead: every
-//    expert counts the experts ahead of it and their mass (N broadcasts, no sort) — see the kernel.
-//    Both paths run in every emulated test run (MOKERNELS_ROUTER_RANK_AFTER=0 forces the rank path).
+//  * Selection: two paths, both exact and deterministic (order: key = exp(z/τ - max/τ) descending,
+//    ties -> lower index), no sort, no shared memory:
+//    (a) repeated group arg-max rounds: each marks its winner taken and adds its probability to the
+//        running mass; stop when the mass reaches top_p, after kmax experts, or when no candidate is
+//        left. ~VPL compares + 2·log2(GROUP)+1 shuffles per *kept* expert: cheapest for the few
+//        experts routers keep (top-k with k <= 8, top-p with ~2 kept). top_k is this path with no
+//        mass at all (the top-k fast path); p >= 1 ("keep all") never accumulates the mass either.
+//    (b) rows still selecting after rank_after rounds (default max(8, N/8)) finish by rank: every
+//        expert counts the experts ahead of it and their mass (N broadcasts + N·VPL compares,
+//        whatever is kept), kept iff rank < kmax and mass ahead < top_p. This bounds the worst
+//        case (keep-all at N = 1024: ~1K broadcasts instead of ~11K shuffles).
+//    Not chosen: a register bitonic sort (O(N log² N) exchanges for every row, also when two experts
+//    are kept) and a bisection threshold search over p (~32 group reductions per row, and the kept
+//    set still needs ordering for the compact output). The rank_after crossover is a shuffle-count
+//    estimate, not a measurement (no GPU was available): MOKERNELS_ROUTER_RANK_AFTER (0: always
+//    rank, large: always rounds) and the top-p 0.95 workloads of benchmarks/bench_router.py are there
+//    to measure it. Both paths and their mix in one warp run in every emulated test run.
 //  * The logits come from a source functor: MemoryLogits (a [T,N] tensor) or CosineLogits (SAMoRA:
 //    cos(h_t, k_i) formed in registers from codes h [T,r] and keys k [N,r] — the [T,N] logits are never
 //    written and no [T,N,r] intermediate exists).

@@ -25,6 +25,11 @@ Semantics (the reference :func:`route_reference` is the executable spec):
   dense 0, and a zero gradient.
 * Backward: gradient to the logits through the kept, renormalised weights (and the dense weights),
   the selection held fixed.
+
+Public functions: :func:`route` (logits), :func:`route_cosine` (SAMoRA: codes ``h`` and keys, the
+cosine logits formed inside the kernel), :func:`route_segments` (one row per sentence, broadcast to
+its tokens by offsets, no host sync). CUDA kernel: ``csrc/kernels/router.cuh`` (N <= 1024 experts;
+larger N runs the reference composition on the GPU). CPU tensors run the reference.
 """
 from __future__ import annotations
 
