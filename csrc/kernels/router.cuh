@@ -89,7 +89,7 @@ template <class T, int GROUP, int VPL>
 struct RowStats {
   using A = acc_t<T>;
   A e[VPL];        // exp(z/τ - max/τ), 0 for masked (-inf) and out-of-row slots
-  bool live[VPL];  // a real expert of a valid row whose logit is not -inf: selectable
+  uint32_t live = 0;  // bit v: a real expert of a valid row whose logit is not -inf (selectable)
   A mx = A(0);     // max of z/τ
   A inv_sum = A(0);
   bool valid = false;  // active row with no NaN/+inf and at least one finite logit
@@ -115,8 +115,9 @@ struct RowStats {
     A sum = A(0);
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
-      live[v] = valid && x[v] > -infinity<A>();
-      e[v] = live[v] ? exp_acc(x[v] - m) : A(0);
+      const bool lv = valid && x[v] > -infinity<A>();
+      live |= static_cast<uint32_t>(lv) << v;
+      e[v] = lv ? exp_acc(x[v] - m) : A(0);
       sum += e[v];
     }
     sum = group_reduce<GROUP>(sum, SumOp{});
@@ -157,7 +158,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     int bi = INT_MAX;
 #pragma unroll
     for (int v = 0; v < VPL; ++v)
-      if (st.live[v] && !((taken >> v) & 1u) && st.e[v] > bk) {  // ascending v: ties keep the lower index
+      if ((((st.live & ~taken) >> v) & 1u) && st.e[v] > bk) {  // ascending v: ties keep the lower index
         bk = st.e[v];
         bi = v * GROUP + glane;
       }
@@ -193,31 +194,33 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   // is kept, instead of ~2·log2(GROUP)+1 shuffles per kept expert. Deterministic per row: whether a
   // row takes this path depends only on its own kept count.
   if (ballot(!done) != 0u) {  // warp-uniform
-    int rk[VPL];
+    // rank[] is reused for the rank of each expert (rows already done keep their rounds' ranks).
     A ahead[VPL];
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
-      rk[v] = 0;
+      if (!done) rank[v] = 0;
       ahead[v] = A(0);
     }
     const int gbase = lane_id() & ~(GROUP - 1);
     for (int src = 0; src < GROUP; ++src) {
 #pragma unroll
       for (int v2 = 0; v2 < VPL; ++v2) {
-        const A ko = shfl_idx(st.live[v2] ? st.e[v2] : A(-1), gbase + src);
+        const A ko = shfl_idx(((st.live >> v2) & 1u) ? st.e[v2] : A(-1), gbase + src);
         const int io = v2 * GROUP + src;
+        if (!done) {
 #pragma unroll
-        for (int v = 0; v < VPL; ++v)
-          if (ko > st.e[v] || (ko == st.e[v] && io < v * GROUP + glane)) {
-            ++rk[v];
-            ahead[v] += ko;
-          }
+          for (int v = 0; v < VPL; ++v)
+            if (ko > st.e[v] || (ko == st.e[v] && io < v * GROUP + glane)) {
+              ++rank[v];
+              ahead[v] += ko;
+            }
+        }
       }
     }
     int kept = 0;
 #pragma unroll
     for (int v = 0; v < VPL; ++v)
-      if (st.live[v] && rk[v] < kmax && (!use_p || ahead[v] * st.inv_sum < top_p)) ++kept;
+      if (((st.live >> v) & 1u) && rank[v] < kmax && (!use_p || ahead[v] * st.inv_sum < top_p)) ++kept;
     kept = group_reduce<GROUP>(kept, SumOp{});
     A s_loc = A(0), z_loc = A(0);
     if (!done) {
@@ -226,9 +229,8 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
       taken = 0;
 #pragma unroll
       for (int v = 0; v < VPL; ++v)
-        if (st.live[v] && rk[v] < count) {
+        if (((st.live >> v) & 1u) && rank[v] < count) {
           taken |= 1u << v;
-          rank[v] = rk[v];
           s_loc += st.e[v];
           z_loc += exp_acc(st.e[v] * st.inv_sum - p_first);
         }
