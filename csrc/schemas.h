@@ -12,6 +12,16 @@ inline void define_schemas(torch::Library& m) {
   m.def("rank_one_scale(Tensor z, Tensor sigma, Tensor g) -> Tensor");
   // Its backward: (dz, dsigma, dg) = (grad * (sigma + g), sum over rows of grad * z, grad * z).
   m.def("rank_one_scale_backward(Tensor grad, Tensor z, Tensor sigma, Tensor g) -> (Tensor, Tensor, Tensor)");
+  // Fused router (METHODS.md §2): p = softmax(logits [T,N] / temperature); keep the shortest prefix of
+  // the descending order (ties: lower index) with mass >= top_p (top_p >= 1: all), at most kmax;
+  // renorm "sum" | "softmax" | "none". Returns (ids [T,kmax] int32 -1-padded, weights [T,kmax],
+  // counts [T] int32, dense [T,N] if dense else an empty [0] tensor).
+  m.def("route_fwd(Tensor logits, float temperature, float top_p, int kmax, str renorm, bool dense) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Its backward, selection (ids) held fixed: dlogits [T,N] from grad_weights [T,kmax] and grad_dense [T,N].
+  m.def("route_bwd(Tensor grad_weights, Tensor? grad_dense, Tensor logits, Tensor ids, float temperature, str renorm) -> Tensor");
+  // Cosine router (SAMoRA): route_fwd on logits cos(h [T,r], keys [N,r]) (norms clamped at eps), formed
+  // inside the kernel. Backward: route_bwd on the recomputed cosine logits, then through cos (Python).
+  m.def("route_cosine_fwd(Tensor h, Tensor keys, float temperature, float eps, float top_p, int kmax, str renorm, bool dense) -> (Tensor, Tensor, Tensor, Tensor)");
   // Test kernel for the mma.sync / ldmatrix wrappers: fp32 [M, N] = a [M, K] @ b, with b [N, K]
   // used transposed (b_kn=False) or b [K, N] (b_kn=True); a, b fp16 or bf16.
   m.def("_tile_gemm(Tensor a, Tensor b, bool b_kn=False) -> Tensor");

@@ -6,6 +6,7 @@
 #include "../schemas.h"
 #include "../rank_one.cu"
 #include "../tile_gemm.cu"
+#include "../router.cu"
 
 #include "planted.h"
 #include "selftest.h"

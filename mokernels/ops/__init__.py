@@ -3,6 +3,9 @@ formula and every shape), the pure-torch reference ``<op>_reference`` (the CPU k
 oracle), the fake kernel and the autograd formula of its `torch.ops.mokernels` ops."""
 from .rank_one import rank_one_scale, rank_one_scale_backward_reference, rank_one_scale_reference
 
+from .router import Routing, route, route_cosine, route_reference, route_segments
+
 __all__ = ["rank_one_scale", "rank_one_scale_reference", "rank_one_scale_backward_reference"]
+__all__ += ["Routing", "route", "route_cosine", "route_reference", "route_segments"]
 
 from . import tile_gemm  # noqa: E402,F401  (registers the test op's CPU/fake kernels)

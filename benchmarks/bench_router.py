@@ -1,0 +1,221 @@
+"""Fused router (METHODS.md §2): softmax + top-p / top-k + renormalisation -> compact (ids, weights,
+counts), logits ``[T, N]``.
+
+Impls: ``mokernels.ops.route`` (ours: the fused kernel on CUDA; on CPU its pure-torch reference) vs
+  * ``torch composition``: softmax, sort, cumsum, mask, renorm, slice to kmax (what a method would
+    write without this op), and
+  * ``softmax+topk`` (top-k workloads only): ``softmax`` then ``topk`` then renorm.
+Workloads: T ∈ {4096, 65536} × N ∈ {8, 26, 64, 256}, bf16 logits, SLoRA-style top-p 0.6 capped at
+8 experts and top-k 2 forward, plus forward+backward for top-p; fp32 logits for T=65536, N=64;
+top-p 0.95 uncapped at N = 64, 256 (large kept sets: the selection loop's worst case, to decide
+whether a threshold search pays off); SAMoRA's cosine router (dense gates from rank-8 codes, N=8)
+vs normalise + GEMM + softmax.
+``validate=False`` in the timed calls: eager validation is one host sync, not kernel time.
+On CPU in quick mode a tiny workload adds the real kernel source run by the emulator
+(``mokernels.emu``) -- logic only, its time says nothing about the GPU.
+
+bytes_moved is what an ideal fused kernel must move: read the logits ``T·N·elt``, write ids
+``T·kmax·4``, weights ``T·kmax·elt`` and counts ``T·4`` (backward: read logits, ids, grad weights,
+write dlogits). Target on H100: ≤ 2× that roofline (e.g. T=65536, N=64 bf16 top-p: ≤ 25 µs).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+try:
+    from ._harness import Workload
+except ImportError:  # the runner (benchmarks/_harness.py) lands separately; keep this importable
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Workload:  # type: ignore[no-redef]  # same fields as benchmarks._harness.Workload
+        family: str
+        name: str
+        impls: dict
+        ours: str
+        bytes_moved: int | None = None
+        flops: int | None = None
+        params: dict = field(default_factory=dict)
+
+
+FAMILY = "router"
+OURS = "mokernels"
+TORCH = "torch composition"
+TOPK = "softmax+topk"
+EMU = "emulated kernel (logic only)"
+
+FULL_T = (4096, 65536)
+FULL_N = (8, 26, 64, 256)
+QUICK_T = (4096,)
+QUICK_N = (8, 64)
+TOP_P, MAX_K, TOP_K = 0.6, 8, 2
+WIDE_P = 0.95  # a large kept set with no cap: the selection loop's worst case (one round per kept expert)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class _Inputs:
+    """Tensors built on first use (inside the untimed warm-up)."""
+
+    def __init__(self, T: int, N: int, kmax: int, dtype: torch.dtype, device: torch.device, grad: bool):
+        self.args = (T, N, kmax, dtype, device, grad)
+        self._t: tuple[torch.Tensor, ...] | None = None
+
+    def __call__(self) -> tuple[torch.Tensor, ...]:
+        if self._t is None:
+            T, N, kmax, dtype, device, grad = self.args
+            gen = torch.Generator(device=device).manual_seed(0)
+            z = (torch.randn(T, N, generator=gen, device=device, dtype=torch.float32) * 2).to(dtype)
+            if grad:
+                dw = torch.randn(T, kmax, generator=gen, device=device, dtype=torch.float32).to(dtype)
+                self._t = (z.requires_grad_(), dw)
+            else:
+                self._t = (z,)
+        return self._t
+
+
+def torch_top_p(z: torch.Tensor, top_p: float, kmax: int):
+    """The unfused composition: softmax, sort, cumsum, mask, renormalise, slice to kmax."""
+    probs = torch.softmax(z.float(), dim=-1)
+    sp, si = torch.sort(probs, dim=-1, descending=True)
+    keep = (sp.cumsum(-1) - sp) < top_p  # mass before this expert < p: shortest prefix reaching p
+    sp, si, keep = sp[:, :kmax], si[:, :kmax], keep[:, :kmax]
+    sp = sp * keep
+    w = sp / sp.sum(-1, keepdim=True)
+    return torch.where(keep, si, -1).to(torch.int32), w.to(z.dtype), keep.sum(-1, dtype=torch.int32)
+
+
+def torch_top_k(z: torch.Tensor, k: int):
+    """softmax + topk + renormalise."""
+    v, i = torch.softmax(z.float(), dim=-1).topk(k, dim=-1)
+    return i.to(torch.int32), (v / v.sum(-1, keepdim=True)).to(z.dtype)
+
+
+def _ours(kind: str):
+    from mokernels.ops import route
+
+    if kind == "top-p":
+        return lambda z: route(z, top_p=TOP_P, max_k=MAX_K, validate=False)
+    if kind == "top-p-wide":
+        return lambda z: route(z, top_p=WIDE_P, validate=False)
+    return lambda z: route(z, top_k=TOP_K, validate=False)
+
+
+def _fwd(op: Callable, inp: _Inputs) -> Callable[[], object]:
+    def run():
+        return op(inp()[0])
+
+    return run
+
+
+def _fwd_bwd(op: Callable, inp: _Inputs) -> Callable[[], object]:
+    def run():
+        z, dw = inp()
+        out = op(z)
+        return torch.autograd.grad(out[1], z, dw)
+
+    return run
+
+
+def _bytes(T: int, N: int, kmax: int, elt: int, backward: bool) -> int:
+    fwd = T * N * elt + T * kmax * (4 + elt) + T * 4
+    bwd = T * N * elt + T * kmax * (4 + elt) + T * N * elt
+    return fwd + (bwd if backward else 0)
+
+
+def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.device, backward: bool = False,
+              emulated: bool = False) -> Workload:
+    kmax = {"top-p": MAX_K, "top-k": TOP_K, "top-p-wide": N}[kind]
+    inp = _Inputs(T, N, kmax, dtype, device, grad=backward)
+    wrap = _fwd_bwd if backward else _fwd
+    impls = {OURS: wrap(_ours(kind), inp)}
+    if kind in ("top-p", "top-p-wide"):
+        impls[TORCH] = wrap(lambda z: torch_top_p(z, TOP_P if kind == "top-p" else WIDE_P, kmax), inp)
+    else:
+        impls[TORCH] = wrap(lambda z: torch_top_p(z, 1.0, TOP_K), inp)  # the generic composition, k-capped
+        impls[TOPK] = wrap(lambda z: torch_top_k(z, TOP_K), inp)
+    if emulated:
+        import mokernels.emu as emu
+
+        ops = emu.ops()
+        p = TOP_P if kind == "top-p" else 1.0
+
+        def run_emu():
+            (z,) = inp()
+            return ops.route_fwd(z, 1.0, p, kmax, "sum", False)
+
+        impls[EMU] = run_emu
+    elt = torch.empty((), dtype=dtype).element_size()
+    what = {"top-p": f"top-p {TOP_P} max_k {MAX_K}", "top-k": f"top-k {TOP_K}", "top-p-wide": f"top-p {WIDE_P}"}[kind]
+    return Workload(
+        family=FAMILY,
+        name=f"{'fwd+bwd' if backward else 'fwd'} {what} T={T} N={N} {_DTYPE_NAMES[dtype]}",
+        impls=impls,
+        ours=OURS,
+        bytes_moved=_bytes(T, N, kmax, elt, backward),
+        params={"pass": "fwd+bwd" if backward else "fwd", "select": kind, "T": T, "N": N, "kmax": kmax,
+                "dtype": _DTYPE_NAMES[dtype], "elt_size": elt},
+    )
+
+
+def torch_cosine_gates(h: torch.Tensor, keys: torch.Tensor, temperature: float):
+    """SAMoRA's dense gates as a method would write them: normalise, GEMM, softmax."""
+    z = torch.nn.functional.normalize(h.float(), dim=-1, eps=1e-8) @ torch.nn.functional.normalize(
+        keys.float(), dim=-1, eps=1e-8).T
+    return torch.softmax(z / temperature, dim=-1).to(h.dtype)
+
+
+def _cosine_workload(T: int, N: int, r: int, dtype: torch.dtype, device: torch.device) -> Workload:
+    """SAMoRA: dense softmax(cos(h, k)/τ) gates over N experts from rank-r codes (ours also writes the
+    compact form). Ideal traffic: read h and keys, write dense weights (+ compact ids/weights/counts)."""
+    state: dict = {}
+
+    def inputs():
+        if not state:
+            gen = torch.Generator(device=device).manual_seed(0)
+            state["h"] = torch.randn(T, r, generator=gen, device=device, dtype=torch.float32).to(dtype)
+            state["k"] = torch.randn(N, r, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        return state["h"], state["k"]
+
+    from mokernels.ops import route_cosine
+
+    def ours():
+        h, k = inputs()
+        return route_cosine(h, k, temperature=0.8, dense=True, validate=False)
+
+    def peer():
+        h, k = inputs()
+        return torch_cosine_gates(h, k, 0.8)
+
+    elt = torch.empty((), dtype=dtype).element_size()
+    return Workload(
+        family=FAMILY,
+        name=f"fwd cosine dense T={T} N={N} r={r} {_DTYPE_NAMES[dtype]}",
+        impls={OURS: ours, TORCH: peer},
+        ours=OURS,
+        bytes_moved=(T * r + N * r) * elt + T * N * elt,
+        params={"pass": "fwd", "select": "cosine-dense", "T": T, "N": N, "r": r, "dtype": _DTYPE_NAMES[dtype],
+                "elt_size": elt},
+    )
+
+
+def workloads(device: torch.device, quick: bool) -> list[Workload]:
+    bf16 = torch.bfloat16
+    ws: list[Workload] = []
+    for T in QUICK_T if quick else FULL_T:
+        for N in QUICK_N if quick else FULL_N:
+            ws.append(_workload(T, N, "top-p", bf16, device))
+            ws.append(_workload(T, N, "top-k", bf16, device))
+            ws.append(_workload(T, N, "top-p", bf16, device, backward=True))
+    if not quick:
+        ws.append(_workload(65536, 64, "top-p", torch.float32, device))
+        for N in (64, 256):  # where a threshold search / bitonic sort could beat per-expert rounds
+            ws.append(_workload(65536, N, "top-p-wide", bf16, device))
+    ws.append(_cosine_workload(QUICK_T[0] if quick else 65536, 8, 8, bf16, device))
+    if quick and device.type == "cpu":
+        import mokernels.emu as emu
+
+        if emu.available():
+            ws.append(_workload(64, 26, "top-p", bf16, device, emulated=True))
+    return ws

@@ -1,0 +1,160 @@
+// at::Tensor wrappers of the fused router kernels (kernels/router.cuh).
+#include <cstdlib>
+#include <string_view>
+
+#include "torch_glue.h"
+#include "kernels/router.cuh"
+
+namespace mk::router {
+namespace {
+
+constexpr const char* kFwd = "mokernels.route_fwd";
+constexpr const char* kBwd = "mokernels.route_bwd";
+
+int parse_renorm(const char* op, std::string_view renorm) {
+  if (renorm == "sum") return kSum;
+  if (renorm == "softmax") return kSoftmax;
+  if (renorm == "none") return kNone;
+  TORCH_CHECK_VALUE(false, op, ": renorm must be \"sum\", \"softmax\" or \"none\", got \"", renorm, "\"");
+  return kSum;
+}
+
+// MOKERNELS_ROUTER_RANK_AFTER: arg-max rounds before a row switches to selection by rank (unset: the
+// kernel's default, max(8, N/8)). Read per call, so tests and benchmarks can switch it at run time.
+int rank_after_rounds() {
+  const char* s = std::getenv("MOKERNELS_ROUTER_RANK_AFTER");
+  if (s == nullptr || *s == '\0') return -1;
+  const long v = std::strtol(s, nullptr, 10);
+  return v < 0 ? -1 : (v > INT32_MAX ? INT32_MAX : static_cast<int>(v));
+}
+
+void check_logits(const char* op, const at::Tensor& logits, double temperature) {
+  check_device(op, "logits", logits, logits);
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be [T, N], got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxN, op, ": logits must have 1 <= N <= ", kMaxN,
+                    " experts, got N = ", logits.size(1));
+  TORCH_CHECK_VALUE(temperature > 0.0 && temperature < INFINITY, op, ": temperature must be > 0 and finite, got ",
+                    temperature);
+}
+
+// route_fwd(logits [T,N], temperature, top_p (>= 1: keep all), kmax, renorm, dense)
+//   -> (ids [T,kmax] int32, weights [T,kmax], counts [T] int32, dense [T,N] or [0])
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_fwd(const at::Tensor& logits_in, double temperature,
+                                                                     double top_p, int64_t kmax,
+                                                                     std::string_view renorm, bool dense) {
+  check_logits(kFwd, logits_in, temperature);
+  TORCH_CHECK_VALUE(kmax >= 1 && kmax <= INT32_MAX, kFwd, ": kmax must be >= 1, got ", kmax);
+  TORCH_CHECK_VALUE(top_p >= 0.0, kFwd, ": top_p must be >= 0, got ", top_p);
+  const int rn = parse_renorm(kFwd, renorm);
+  DeviceGuard guard(logits_in);
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), N = logits.size(1);
+  at::Tensor ids = at::empty({T, kmax}, logits.options().dtype(at::kInt));
+  at::Tensor weights = at::empty({T, kmax}, logits.options());
+  at::Tensor counts = at::empty({T}, logits.options().dtype(at::kInt));
+  at::Tensor dense_out = dense ? at::empty({T, N}, logits.options()) : at::empty({0}, logits.options());
+  if (T == 0) return {ids, weights, counts, dense_out};
+  dispatch_float(kFwd, logits.scalar_type(), [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    using A = acc_t<T_>;
+    check_launch(kFwd, launch_fwd<T_>(MemoryLogits<T_>{ptr<T_>(logits), static_cast<int>(N)}, ptr<int32_t>(ids),
+                                      ptr<T_>(weights), ptr<int32_t>(counts),
+                                      dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
+                                      static_cast<int>(kmax), static_cast<A>(temperature),
+                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, rank_after_rounds(),
+                                      current_stream()));
+  });
+  return {ids, weights, counts, dense_out};
+}
+
+constexpr const char* kCos = "mokernels.route_cosine_fwd";
+
+// route_cosine_fwd(h [T,r], keys [N,r], temperature, eps, top_p, kmax, renorm, dense): route_fwd on
+// the logits cos(h_t, keys_i), formed inside the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cosine_fwd(const at::Tensor& h_in,
+                                                                            const at::Tensor& keys_in,
+                                                                            double temperature, double eps,
+                                                                            double top_p, int64_t kmax,
+                                                                            std::string_view renorm, bool dense) {
+  check_device(kCos, "h", h_in, h_in);
+  check_device(kCos, "keys", keys_in, h_in);
+  TORCH_CHECK_VALUE(h_in.dim() == 2, kCos, ": h must be [T, r], got ", h_in.sizes());
+  TORCH_CHECK_VALUE(keys_in.dim() == 2 && keys_in.size(1) == h_in.size(1), kCos, ": keys must be [N, r] with r = ",
+                    h_in.size(1), ", got ", keys_in.sizes());
+  TORCH_CHECK_VALUE(keys_in.size(0) >= 1 && keys_in.size(0) <= kMaxN, kCos, ": keys must have 1 <= N <= ", kMaxN,
+                    " rows, got N = ", keys_in.size(0));
+  check_dtype(kCos, "keys", keys_in, h_in.scalar_type());
+  TORCH_CHECK_VALUE(temperature > 0.0 && temperature < INFINITY, kCos, ": temperature must be > 0 and finite, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(eps > 0.0, kCos, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(kmax >= 1 && kmax <= INT32_MAX, kCos, ": kmax must be >= 1, got ", kmax);
+  TORCH_CHECK_VALUE(top_p >= 0.0, kCos, ": top_p must be >= 0, got ", top_p);
+  const int rn = parse_renorm(kCos, renorm);
+  DeviceGuard guard(h_in);
+  const at::Tensor h = h_in.contiguous(), keys = keys_in.contiguous();
+  const int64_t T = h.size(0), N = keys.size(0), r = h.size(1);
+  at::Tensor ids = at::empty({T, kmax}, h.options().dtype(at::kInt));
+  at::Tensor weights = at::empty({T, kmax}, h.options());
+  at::Tensor counts = at::empty({T}, h.options().dtype(at::kInt));
+  at::Tensor dense_out = dense ? at::empty({T, N}, h.options()) : at::empty({0}, h.options());
+  if (T == 0) return {ids, weights, counts, dense_out};
+  dispatch_float(kCos, h.scalar_type(), [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    using A = acc_t<T_>;
+    const CosineLogits<T_> src{ptr<T_>(h), ptr<T_>(keys), static_cast<int>(r), static_cast<A>(eps)};
+    check_launch(kCos, launch_fwd<T_>(src, ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
+                                      dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
+                                      static_cast<int>(kmax), static_cast<A>(temperature),
+                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, rank_after_rounds(),
+                                      current_stream()));
+  });
+  return {ids, weights, counts, dense_out};
+}
+
+// route_bwd(grad_weights [T,kmax], grad_dense [T,N]?, logits [T,N], ids [T,kmax], temperature, renorm)
+//   -> dlogits [T,N]
+at::Tensor route_bwd(const at::Tensor& grad_w_in, const std::optional<at::Tensor>& grad_dense_in,
+                     const at::Tensor& logits_in, const at::Tensor& ids_in, double temperature,
+                     std::string_view renorm) {
+  check_logits(kBwd, logits_in, temperature);
+  const int rn = parse_renorm(kBwd, renorm);
+  const int64_t T = logits_in.size(0), N = logits_in.size(1);
+  check_device(kBwd, "ids", ids_in, logits_in);
+  check_device(kBwd, "grad_weights", grad_w_in, logits_in);
+  TORCH_CHECK_VALUE(ids_in.dim() == 2 && ids_in.size(0) == T && ids_in.size(1) >= 1, kBwd, ": ids must be [T, kmax] with T = ",
+                    T, ", got ", ids_in.sizes());
+  check_dtype(kBwd, "ids", ids_in, at::kInt);
+  const int64_t kmax = ids_in.size(1);
+  TORCH_CHECK_VALUE(grad_w_in.sizes() == ids_in.sizes(), kBwd, ": grad_weights must be [T, kmax] = ", ids_in.sizes(),
+                    ", got ", grad_w_in.sizes());
+  check_dtype(kBwd, "grad_weights", grad_w_in, logits_in.scalar_type());
+  const bool has_dense = grad_dense_in.has_value() && grad_dense_in->defined();
+  if (has_dense) {
+    check_device(kBwd, "grad_dense", *grad_dense_in, logits_in);
+    TORCH_CHECK_VALUE(grad_dense_in->sizes() == logits_in.sizes(), kBwd, ": grad_dense must be [T, N] = ",
+                      logits_in.sizes(), ", got ", grad_dense_in->sizes());
+    check_dtype(kBwd, "grad_dense", *grad_dense_in, logits_in.scalar_type());
+  }
+  DeviceGuard guard(logits_in);
+  const at::Tensor logits = logits_in.contiguous(), ids = ids_in.contiguous(), grad_w = grad_w_in.contiguous();
+  const at::Tensor grad_dense = has_dense ? grad_dense_in->contiguous() : at::Tensor();
+  at::Tensor dlogits = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (T == 0) return dlogits;
+  dispatch_float(kBwd, logits.scalar_type(), [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    check_launch(kBwd, launch_bwd<T_>(ptr<T_>(grad_w), has_dense ? ptr<T_>(grad_dense) : nullptr, ptr<T_>(logits),
+                                      ptr<int32_t>(ids), ptr<T_>(dlogits), T, static_cast<int>(N),
+                                      static_cast<int>(kmax), static_cast<acc_t<T_>>(temperature), rn,
+                                      current_stream()));
+  });
+  return dlogits;
+}
+
+}  // namespace
+}  // namespace mk::router
+
+MK_REGISTER_IMPLS(m) {
+  m.impl("route_fwd", &mk::router::route_fwd);
+  m.impl("route_bwd", &mk::router::route_bwd);
+  m.impl("route_cosine_fwd", &mk::router::route_cosine_fwd);
+}

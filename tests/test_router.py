@@ -1,0 +1,593 @@
+"""Fused router (METHODS.md §2): the reference spec, the emulated kernel (the real CUDA source run on
+CPU by mokernels._emu) against it, edge cases, hypothesis properties, gradcheck and opcheck."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import mokernels
+from mokernels import emu
+from mokernels.ops import router as R
+from mokernels.ops.router import Routing, route, route_cosine, route_reference, route_segments
+
+NINF = float("-inf")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+WTOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GTOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+needs_emu = pytest.mark.skipif(not emu.available(), reason="mokernels._emu not built (MOKERNELS_BUILD_EMU=1)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _kmax(n, top_k=None, max_k=None):
+    return R.kmax_for(n, top_k, max_k)
+
+
+def _emu_route(z, *, temperature=1.0, top_k=None, top_p=None, max_k=None, renorm="sum", dense=False) -> Routing:
+    """The emulated kernel on a [T, N] tensor, with route()'s option handling."""
+    p = 1.0 if top_p is None else min(float(top_p), 1.0)
+    ids, w, c, d = emu.ops().route_fwd(z, float(temperature), p, _kmax(z.shape[-1], top_k, max_k), renorm, dense)
+    return Routing(ids, w, c, d if dense else None)
+
+
+def _assert_same_routing(got: Routing, want: Routing, dtype):
+    assert got.ids.dtype == torch.int32 and got.counts.dtype == torch.int32
+    assert got.weights.dtype == want.weights.dtype
+    torch.testing.assert_close(got.counts, want.counts, rtol=0, atol=0)
+    torch.testing.assert_close(got.ids, want.ids, rtol=0, atol=0)
+    tol = WTOL[dtype]
+    torch.testing.assert_close(got.weights.double(), want.weights.double(), rtol=tol, atol=tol)
+    if want.dense is not None:
+        torch.testing.assert_close(got.dense.double(), want.dense.double(), rtol=tol, atol=tol)
+
+
+def _top_p_margin(z, temperature, top_p) -> float:
+    """Distance of top_p from the nearest cumulative mass of the sorted probabilities (rows of z):
+    kernel and reference sum in different orders, so selections are only compared away from ties."""
+    p = torch.softmax(z.double() / temperature, -1)
+    cs = torch.sort(p, -1, descending=True).values.cumsum(-1)
+    return float((cs - top_p).abs().min()) if z.numel() else 1.0
+
+
+def _logits(T, N, dtype, seed, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, N, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference: hand-checked cases and every edge case of the issue
+
+
+def test_reference_hand_example():
+    z = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
+    r = route(z, top_p=0.7)
+    assert r.ids.tolist() == [[0, 1, -1]] and r.counts.tolist() == [2]
+    torch.testing.assert_close(r.weights, torch.tensor([[0.5 / 0.8, 0.3 / 0.8, 0.0]]))
+    r = route(z, top_p=0.7, renorm="none")
+    torch.testing.assert_close(r.weights, torch.tensor([[0.5, 0.3, 0.0]]))
+    r = route(z, top_p=0.7, renorm="softmax")
+    e = torch.tensor([0.5, 0.3]).softmax(0)
+    torch.testing.assert_close(r.weights, torch.tensor([[e[0], e[1], 0.0]]))
+    r = route(z, top_k=1, dense=True)
+    assert r.ids.tolist() == [[0]] and r.weights.tolist() == [[1.0]]
+    assert r.dense.tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_p_at_least_one_keeps_all():
+    z = _logits(5, 7, torch.float32, 0)
+    for p in (1.0, 1.5):
+        r = route(z, top_p=p)
+        assert (r.counts == 7).all() and (r.ids >= 0).all()
+    # no cumulative sum: rounding cannot drop the last expert even when the tail mass underflows
+    z = torch.tensor([[0.0, -200.0, -300.0]])
+    assert route(z, top_p=1.0).counts.tolist() == [3]
+
+
+def test_tiny_p_keeps_exactly_one():
+    z = _logits(6, 9, torch.float32, 1)
+    for p in (0.0, 1e-9):
+        r = route(z, top_p=p)
+        assert (r.counts == 1).all()
+        assert (r.ids[:, 0].long() == z.argmax(-1)).all()
+        torch.testing.assert_close(r.weights[:, 0], torch.ones(6))
+
+
+def test_top_k_at_least_n_pads():
+    z = _logits(3, 4, torch.float32, 2)
+    r = route(z, top_k=6)
+    assert r.ids.shape == (3, 6) and (r.counts == 4).all()
+    assert (r.ids[:, 4:] == -1).all() and (r.weights[:, 4:] == 0).all()
+    assert sorted(r.ids[0, :4].tolist()) == [0, 1, 2, 3]
+
+
+def test_ties_at_boundary_lower_index_first():
+    z = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])
+    assert route(z, top_k=2).ids.tolist() == [[1, 2]]
+    assert route(z, top_k=4).ids.tolist() == [[1, 2, 3, 0]]
+    # top-p: each of the three tied experts has ~0.3; p = 0.5 needs two of them -> the lower two
+    r = route(z, top_p=0.5)
+    assert r.ids.tolist()[0][:2] == [1, 2] and r.counts.tolist() == [2]
+
+
+def test_masked_experts_never_selected():
+    z = torch.tensor([[NINF, 0.0, NINF, -1.0], [2.0, NINF, NINF, NINF]])
+    r = route(z, top_k=3, dense=True)
+    assert r.counts.tolist() == [2, 1]
+    assert r.ids.tolist() == [[1, 3, -1], [0, -1, -1]]
+    assert r.dense[0, [0, 2]].eq(0).all() and r.dense[1].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", ["nan", "allninf", "pinf"])
+def test_invalid_row_raises_and_fallback(bad):
+    z = _logits(4, 5, torch.float32, 3)
+    z[2] = {"nan": z[2].masked_fill(torch.arange(5) == 1, float("nan")), "allninf": torch.full((5,), NINF),
+            "pinf": z[2].masked_fill(torch.arange(5) == 4, float("inf"))}[bad]
+    with pytest.raises(ValueError, match="row 2"):
+        route(z, top_p=0.9)
+    r = route(z, top_p=0.9, dense=True, validate=False)
+    assert r.counts[2] == 0 and (r.ids[2] == -1).all() and (r.weights[2] == 0).all() and (r.dense[2] == 0).all()
+    assert torch.isfinite(r.weights).all() and (r.counts[[0, 1, 3]] >= 1).all()
+
+
+def test_n_equals_one_and_t_zero():
+    r = route(torch.randn(5, 1), top_p=0.3, dense=True)
+    assert r.ids.tolist() == [[0]] * 5 and (r.weights == 1).all() and (r.dense == 1).all()
+    r = route(torch.empty(0, 6), top_k=2, dense=True)
+    assert r.ids.shape == (0, 2) and r.weights.shape == (0, 2) and r.counts.shape == (0,) and r.dense.shape == (0, 6)
+
+
+def test_fp16_near_overflow():
+    z = torch.tensor([[65504.0, 65000.0, -65504.0, 65504.0], [60000.0, 60001.0, 59999.0, 0.0]], dtype=torch.float16)
+    r = route(z, top_p=0.9, temperature=0.5, dense=True)
+    assert torch.isfinite(r.weights).all() and r.weights.dtype == torch.float16
+    assert r.ids[0].tolist()[:2] == [0, 3] and r.counts[0] == 2  # the two equal maxima, lower index first
+    torch.testing.assert_close(r.weights.float().sum(-1), torch.ones(2), atol=1e-3, rtol=0)
+
+
+def test_nd_logits_and_option_errors():
+    z = torch.randn(2, 3, 8)
+    r = route(z, top_k=2, dense=True)
+    assert r.ids.shape == (2, 3, 2) and r.counts.shape == (2, 3) and r.dense.shape == (2, 3, 8)
+    with pytest.raises(ValueError, match="top_k or max_k"):
+        route(z, top_k=2, max_k=3)
+    with pytest.raises(ValueError, match="temperature"):
+        route(z, temperature=0.0)
+    with pytest.raises(ValueError, match="renorm"):
+        route(z, renorm="l1")
+    with pytest.raises(ValueError, match="top_k"):
+        route(z, top_k=0)
+    with pytest.raises(ValueError, match="dtype"):
+        route(torch.zeros(2, 3, dtype=torch.int32))
+
+
+def test_max_k_caps_top_p():
+    z = torch.zeros(1, 10)  # uniform: top-p 0.95 needs 10 experts
+    r = route(z, top_p=0.95, max_k=3)
+    assert r.ids.shape == (1, 3) and r.counts.tolist() == [3]
+    assert route(z, top_p=0.95).counts.tolist() == [10]
+
+
+# ------------------------------------------------------------------------------------------------
+# Hypothesis properties (reference; the emulated kernel below shares them)
+
+
+def _check_properties(z, r: Routing, temperature, top_p, kmax, renorm, sum_tol=1e-5):
+    p = torch.softmax(z.double() / temperature, -1)
+    order = torch.sort(p, dim=-1, descending=True, stable=True).indices
+    for t in range(z.shape[0]):
+        c = int(r.counts[t])
+        assert 1 <= c <= kmax
+        assert r.ids[t, :c].tolist() == order[t, :c].tolist()  # a prefix of the sorted order
+        assert (r.ids[t, c:] == -1).all() and (r.weights[t, c:] == 0).all()
+        mass = float(p[t, order[t, :c]].sum())
+        if top_p is not None and c < kmax and c < z.shape[1]:
+            assert mass >= min(top_p, 1.0) - 1e-5  # reaches p unless the cap stopped it
+            if c > 1:  # and is the shortest such prefix
+                assert float(p[t, order[t, : c - 1]].sum()) < min(top_p, 1.0) + 1e-5
+        if renorm in ("sum", "softmax"):
+            assert abs(float(r.weights[t].double().sum()) - 1.0) <= c * sum_tol  # each weight rounded once
+
+
+options = st.fixed_dictionaries(
+    {
+        "T": st.integers(1, 6),
+        "N": st.integers(1, 40),
+        "temperature": st.sampled_from([1.0, 0.5, 2.0]),
+        "top_p": st.one_of(st.none(), st.floats(0.0, 1.2)),
+        "cap": st.one_of(st.none(), st.integers(1, 8)),
+        "cap_is_top_k": st.booleans(),
+        "renorm": st.sampled_from(R.RENORMS),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+def _opts(o):
+    kw = dict(temperature=o["temperature"], top_p=o["top_p"], renorm=o["renorm"])
+    if o["cap"] is not None:
+        kw["top_k" if o["cap_is_top_k"] else "max_k"] = o["cap"]
+    return kw
+
+
+@FAST
+@given(options)
+def test_reference_properties(o):
+    z = _logits(o["T"], o["N"], torch.float32, o["seed"])
+    kw = _opts(o)
+    if kw["top_p"] is not None:
+        assume(_top_p_margin(z, kw["temperature"], kw["top_p"]) > 1e-5)
+    r = route(z, **kw)
+    _check_properties(z, r, kw["temperature"], kw["top_p"], _kmax(o["N"], kw.get("top_k"), kw.get("max_k")), kw["renorm"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients: the backward op vs autograd of the reference, gradcheck, opcheck
+
+
+def _ref_grad(z, gw, gd, kw):
+    z = z.detach().clone().requires_grad_(True)
+    r = route_reference(z, dense=gd is not None, **kw)
+    loss = (r.weights * gw).sum() + ((r.dense * gd).sum() if gd is not None else 0)
+    (g,) = torch.autograd.grad(loss, z)
+    return g
+
+
+@pytest.mark.parametrize("renorm", R.RENORMS)
+@pytest.mark.parametrize("with_dense", [False, True])
+def test_backward_reference_matches_autograd(renorm, with_dense):
+    z = _logits(6, 9, torch.float64, 4)
+    z[1, 3] = NINF
+    kw = dict(temperature=0.7, top_p=0.8, max_k=4, renorm=renorm)
+    r = route_reference(z, dense=with_dense, **kw)
+    gw = torch.randn_like(r.weights)
+    gd = torch.randn_like(z) if with_dense else None
+    got = R.route_bwd_reference(gw, gd, z, r.ids, 0.7, renorm)
+    torch.testing.assert_close(got, _ref_grad(z, gw, gd, kw))
+
+
+@pytest.mark.parametrize("renorm", R.RENORMS)
+def test_gradcheck_route(renorm):
+    z = _logits(4, 6, torch.float64, 5).requires_grad_(True)
+    for kw in (dict(top_p=0.7), dict(top_k=3), dict()):
+        f = lambda x: tuple(t for t in route(x, renorm=renorm, dense=True, temperature=1.3, **kw) if t.is_floating_point())  # noqa: E731
+        assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
+
+
+def test_compiles_without_graph_breaks():
+    def f(z):
+        r = route(z, top_p=0.7, max_k=3, dense=True)
+        return r.weights.sum() + r.dense.square().sum()
+
+    z = _logits(6, 9, torch.float32, 15).requires_grad_(True)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # no host sync, no graph break
+    (g1,) = torch.autograd.grad(compiled(z), z)
+    (g2,) = torch.autograd.grad(f(z), z)
+    torch.testing.assert_close(g1, g2)
+
+    def g(zs, offsets, h, k):  # per-sentence routing and the cosine router, same requirement
+        r = route_segments(zs, offsets, 7, top_k=2)
+        c = route_cosine(h, k, temperature=0.8, top_p=0.6)
+        return r.weights.sum() + c.weights.sum()
+
+    h, k = _codes(5, 4, 8, torch.float32, 16)
+    args = (_logits(3, 5, torch.float32, 17), torch.tensor([0, 2, 2, 7]), h.requires_grad_(True), k)
+    torch.testing.assert_close(torch.compile(g, backend="aot_eager", fullgraph=True)(*args), g(*args))
+
+
+def test_opcheck():
+    z = _logits(5, 7, torch.float32, 6)
+    for args in ((z, 1.0, 0.8, 3, "sum", True), (z, 0.5, 1.0, 7, "softmax", False), (z, 2.0, 0.3, 9, "none", True)):
+        torch.library.opcheck(torch.ops.mokernels.route_fwd, args)
+    ids = route(z, top_k=3).ids
+    gw = torch.randn(5, 3)
+    for gd in (None, torch.randn(5, 7)):
+        torch.library.opcheck(torch.ops.mokernels.route_bwd, (gw, gd, z, ids, 1.0, "softmax"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Cosine router and per-sentence helper
+
+
+def _codes(T, N, r, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, r, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(N, r, generator=g, dtype=torch.float64).to(dtype))
+
+
+def test_route_cosine_matches_definition_and_grads():
+    h, k = _codes(5, 4, 8, torch.float64, 7)
+    h[3] = 0.0  # zero code: the eps clamp keeps cos = 0 (uniform routing), not NaN
+    r = route_cosine(h, k, temperature=0.8, top_k=2)
+    cos = torch.nn.functional.cosine_similarity(h[:, None, :], k[None], dim=-1, eps=1e-8)
+    _assert_same_routing(r, route_reference(cos, temperature=0.8, top_k=2), torch.float64)
+    h, k = _codes(5, 4, 8, torch.float64, 7)  # gradcheck away from the zero code (not differentiable there)
+    h.requires_grad_(True)
+    k.requires_grad_(True)
+    for renorm in R.RENORMS:
+        f = lambda a, b: tuple(t for t in route_cosine(a, b, temperature=0.8, top_p=0.7, renorm=renorm, dense=True)  # noqa: E731
+                               if t.is_floating_point())
+        assert torch.autograd.gradcheck(f, (h, k))
+    with pytest.raises(ValueError, match="h row 1"):
+        route_cosine(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), torch.eye(2))
+    with pytest.raises(ValueError, match="keys"):
+        route_cosine(torch.zeros(2, 3), torch.zeros(4, 2))
+
+
+def test_opcheck_cosine():
+    h, k = _codes(6, 5, 4, torch.float32, 12)
+    for args in ((h, k, 0.8, 1e-8, 0.7, 3, "sum", True), (h, k, 1.0, 1e-8, 1.0, 5, "softmax", False)):
+        torch.library.opcheck(torch.ops.mokernels.route_cosine_fwd, args)
+
+
+def test_route_segments_broadcasts_without_sync():
+    z = _logits(3, 5, torch.float32, 8)
+    offsets = torch.tensor([0, 2, 2, 7])  # an empty sentence in the middle
+    r = route_segments(z, offsets, 7, top_k=2)
+    s = route(z, top_k=2)
+    seg = [0, 0, 2, 2, 2, 2, 2]
+    assert r.ids.tolist() == s.ids[seg].tolist() and torch.equal(r.weights, s.weights[seg])
+    with pytest.raises(ValueError, match="offsets"):
+        route_segments(z, torch.tensor([0, 3, 2, 7]), 7, top_k=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The emulated kernel (the CUDA source compiled as host C++) against the reference
+
+
+EMU_CASES = [  # (T, N, options)
+    (7, 1, dict(top_p=0.5)),
+    (9, 3, dict(top_k=2)),
+    (33, 8, dict(top_p=0.6)),
+    (20, 8, dict(top_k=2, renorm="softmax")),
+    (17, 26, dict(top_p=0.9, temperature=0.8, renorm="softmax")),
+    (12, 26, dict()),
+    (10, 31, dict(top_p=0.7, max_k=4, renorm="none")),
+    (9, 64, dict(top_k=8)),
+    (6, 64, dict(top_p=0.95, temperature=2.0)),
+    (5, 100, dict(top_p=0.5, top_k=3)),
+    (4, 256, dict(top_p=0.3)),
+    (3, 200, dict(top_k=300)),
+]
+
+
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,N,kw", EMU_CASES, ids=[f"T{t}-N{n}-{'-'.join(map(str, k.values())) or 'all'}" for t, n, k in EMU_CASES])
+def test_emu_forward_matches_reference(T, N, kw, dtype):
+    z = _logits(T, N, dtype, seed=T * 1000 + N)
+    if kw.get("top_p") is not None:
+        assert _top_p_margin(z.float(), kw.get("temperature", 1.0), kw["top_p"]) > 1e-5  # seed chosen so
+    _assert_same_routing(_emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw), dtype)
+
+
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("kw", [dict(top_p=0.98), dict(top_k=5), dict(top_p=1.0, renorm="softmax")], ids=str)
+def test_emu_large_n(kw):
+    z = _logits(2, 1024, torch.float32, 9, scale=1.0)
+    z[1, ::3] = NINF
+    _assert_same_routing(_emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw), torch.float32)
+
+
+EDGE_OPTIONS = (dict(top_k=2), dict(top_p=0.5), dict(top_p=0.0), dict(top_p=1.0), dict(top_k=9),
+                dict(top_p=0.99, max_k=2, renorm="softmax"), dict(temperature=0.5, top_p=0.9, renorm="none"))
+
+
+def _edge_logits(dtype):
+    z = _logits(12, 6, torch.float32, 10)
+    z[0] = torch.tensor([1.0, 3.0, 3.0, 3.0, 0.0, 3.0])  # ties at the boundary
+    z[1] = torch.tensor([NINF, 0.0, NINF, -1.0, NINF, NINF])  # masked experts
+    z[2] = NINF  # all masked: invalid -> fallback
+    z[3, 4] = float("nan")  # NaN: invalid -> fallback
+    z[4, 1] = float("inf")  # +inf: invalid -> fallback
+    z[5] = torch.tensor([65504.0, 65000.0, -65504.0, 65504.0, 0.0, 1.0])  # fp16 range
+    z[6] = 0.0  # uniform
+    return z.to(dtype)
+
+
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_emu_edge_cases(dtype):
+    z = _edge_logits(dtype)
+    for kw in EDGE_OPTIONS:
+        got, want = _emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw)
+        _assert_same_routing(got, want, dtype)
+        assert (got.counts[2:5] == 0).all() and (got.ids[2:5] == -1).all() and (got.dense[2:5] == 0).all()
+        assert torch.isfinite(got.weights).all() and torch.isfinite(got.dense).all()
+    assert _emu_route(z, top_k=2).ids[0].tolist() == [1, 2]
+    assert _emu_route(z, top_p=0.0).counts[:2].tolist() == [1, 1]
+
+
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("rank_after", ["0", "1", "1000000"], ids=["rank", "mixed", "rounds"])
+def test_emu_selection_paths(rank_after, monkeypatch):
+    """Both selection paths of the kernel (arg-max rounds, rank) and their mix within a warp agree
+    with the reference: MOKERNELS_ROUTER_RANK_AFTER sets the rounds before a row switches to rank."""
+    monkeypatch.setenv("MOKERNELS_ROUTER_RANK_AFTER", rank_after)
+    for T, N, kw in EMU_CASES[:-2]:
+        z = _logits(T, N, torch.float32, seed=T * 1000 + N)
+        _assert_same_routing(_emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw), torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        z = _edge_logits(dtype)
+        for kw in EDGE_OPTIONS:
+            _assert_same_routing(_emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw), dtype)
+    h, k = _codes(20, 8, 16, torch.float32, seed=8)
+    args = (h, k, 0.8, 1e-8, 0.6, 8, "softmax", True)
+    _assert_same_routing(Routing(*emu.ops().route_cosine_fwd(*args)), Routing(*R.route_cosine_fwd_reference(*args)),
+                         torch.float32)
+
+
+@needs_emu
+@pytest.mark.emu
+def test_emu_noncontiguous_and_out_of_range_ids():
+    z = _logits(10, 6, torch.float32, 13).T  # [6, 10] non-contiguous view
+    _assert_same_routing(_emu_route(z, top_p=0.7, dense=True), route_reference(z, top_p=0.7, dense=True), torch.float32)
+    # backward with ids the forward never makes (>= N, < -1): "no expert", never an out-of-bounds read
+    ids = torch.tensor([[3, 10, -1], [-7, 0, 1000]] * 3, dtype=torch.int32)
+    zz = _logits(6, 10, torch.float32, 14)
+    gw = torch.randn(6, 3)
+    got = emu.ops().route_bwd(gw, None, zz, ids, 1.0, "sum")
+    torch.testing.assert_close(got, R.route_bwd_reference(gw, None, zz, ids, 1.0, "sum"))
+
+
+@needs_emu
+@pytest.mark.emu
+def test_emu_t_zero_and_bad_args():
+    r = _emu_route(torch.empty(0, 5), top_k=2, dense=True)
+    assert r.ids.shape == (0, 2) and r.dense.shape == (0, 5)
+    with pytest.raises(ValueError, match="renorm"):
+        emu.ops().route_fwd(torch.zeros(2, 3), 1.0, 1.0, 3, "l2", False)
+    with pytest.raises(ValueError, match="N <= 1024"):
+        emu.ops().route_fwd(torch.zeros(1, 1025), 1.0, 1.0, 3, "sum", False)
+    with pytest.raises(ValueError, match="ids"):
+        emu.ops().route_bwd(torch.zeros(2, 3), None, torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.int64), 1.0, "sum")
+
+
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("renorm", R.RENORMS)
+@pytest.mark.parametrize("T,N,kw", [(9, 5, dict(top_p=0.7)), (6, 40, dict(top_k=4, temperature=0.6)), (3, 300, dict(top_p=0.9, max_k=6))],
+                         ids=["N5", "N40", "N300"])
+def test_emu_backward_matches_reference(T, N, kw, renorm, dtype):
+    z = _logits(T, N, dtype, seed=N + 11)
+    z[0, 1] = NINF
+    if T > 2:
+        z[2] = NINF  # invalid row: zero gradient
+    r = route_reference(z, renorm=renorm, dense=True, **kw)
+    g = torch.Generator().manual_seed(N)
+    gw = torch.randn(r.weights.shape, generator=g, dtype=torch.float64).to(dtype)
+    gd = torch.randn(z.shape, generator=g, dtype=torch.float64).to(dtype)
+    temperature = kw.get("temperature", 1.0)
+    for dense_grad in (None, gd):
+        got = emu.ops().route_bwd(gw, dense_grad, z, r.ids, temperature, renorm)
+        want = R.route_bwd_reference(gw, dense_grad, z, r.ids, temperature, renorm)
+        tol = GTOL[dtype]
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+        if T > 2:
+            assert (got[2] == 0).all()
+    if dtype == torch.float64:  # and against autograd of the reference itself
+        got = emu.ops().route_bwd(gw, gd, z, r.ids, temperature, renorm)
+        torch.testing.assert_close(got, _ref_grad(z, gw, gd, dict(renorm=renorm, **kw)))
+
+
+@needs_emu
+@pytest.mark.emu
+@FAST
+@given(options, st.sampled_from([torch.float32, torch.bfloat16]))
+def test_emu_properties(o, dtype):
+    z = _logits(o["T"], o["N"], dtype, o["seed"])
+    kw = _opts(o)
+    if kw["top_p"] is not None:
+        assume(_top_p_margin(z.float(), kw["temperature"], kw["top_p"]) > 1e-5)
+    got = _emu_route(z, dense=True, **kw)
+    _check_properties(z.float(), got, kw["temperature"], kw["top_p"], _kmax(o["N"], kw.get("top_k"), kw.get("max_k")),
+                      kw["renorm"], sum_tol=WTOL[dtype])
+    _assert_same_routing(got, route_reference(z, dense=True, **kw), dtype)
+
+
+@needs_emu
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,N,r,kw", [(9, 3, 8, dict(top_k=2)), (20, 8, 16, dict(top_p=0.6, temperature=0.8)),
+                                      (5, 70, 32, dict(top_p=0.5, max_k=5, temperature=0.2, renorm="softmax"))],
+                         ids=["N3", "N8", "N70"])
+def test_emu_cosine_matches_reference(T, N, r, kw, dtype):
+    h, k = _codes(T, N, r, dtype, seed=N)
+    h[0] = 0.0  # zero code: cos = 0 for every expert (eps clamp), ties -> lowest indices
+    temperature = kw.get("temperature", 1.0)
+    top_p = 1.0 if kw.get("top_p") is None else kw["top_p"]
+    kmax = _kmax(N, kw.get("top_k"), kw.get("max_k"))
+    if top_p < 1.0:
+        z = R.cosine_logits_reference(h, k)
+        assert _top_p_margin(z[1:], temperature, top_p) > 1e-5  # row 0 is uniform: capped by kmax
+    args = (h, k, temperature, 1e-8, top_p, kmax, kw.get("renorm", "sum"), True)
+    got = Routing(*emu.ops().route_cosine_fwd(*args))
+    want = Routing(*R.route_cosine_fwd_reference(*args))
+    _assert_same_routing(got, want, dtype)
+    assert got.ids[0, 0] == 0
+
+
+@needs_emu
+@pytest.mark.emu
+@FAST
+@given(options, st.booleans())
+def test_emu_backward_properties(o, with_dense):
+    """The emulated backward equals autograd of the reference (fp64), for any options."""
+    z = _logits(o["T"], o["N"], torch.float64, o["seed"])
+    kw = _opts(o)
+    r = route_reference(z, dense=True, **kw)
+    g = torch.Generator().manual_seed(o["seed"] + 1)
+    gw = torch.randn(r.weights.shape, generator=g, dtype=torch.float64)
+    gd = torch.randn(z.shape, generator=g, dtype=torch.float64) if with_dense else None
+    got = emu.ops().route_bwd(gw, gd, z, r.ids, kw["temperature"], kw["renorm"])
+    torch.testing.assert_close(got, _ref_grad(z, gw, gd, kw))
+
+
+@needs_emu
+@pytest.mark.emu
+@FAST
+@given(st.integers(1, 5), st.integers(1, 70), st.integers(1, 9), st.sampled_from(R.RENORMS), st.integers(0, 2**31 - 1))
+def test_emu_backward_arbitrary_ids(T, N, kmax, renorm, seed):
+    """route_bwd with any ids (duplicates, out of range, -1 anywhere) equals the reference and never
+    reads out of bounds (the ASan run checks the latter)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(T, N, generator=g)
+    ids = torch.randint(-3, N + 3, (T, kmax), generator=g, dtype=torch.int32)
+    gw, gd = torch.randn(T, kmax, generator=g), torch.randn(T, N, generator=g)
+    got = emu.ops().route_bwd(gw, gd, z, ids, 0.9, renorm)
+    torch.testing.assert_close(got, R.route_bwd_reference(gw, gd, z, ids, 0.9, renorm), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU: the CUDA kernel against the reference
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", [1, 8, 26, 64, 256, 1000])
+def test_cuda_matches_reference(N, dtype):
+    z = _logits(4099, N, dtype, seed=N).cuda()
+    for kw in (dict(top_p=0.6), dict(top_k=2, renorm="softmax"), dict(top_p=0.9, max_k=8, renorm="none"), dict()):
+        got = route(z, dense=True, **kw)
+        want = route_reference(z.cpu(), dense=True, **kw)
+        same_ids = (got.ids.cpu() == want.ids).all(-1)
+        assert same_ids.float().mean() > 0.999  # near-ties of the mass may flip a handful of rows
+        keep = same_ids
+        tol = WTOL[dtype]
+        torch.testing.assert_close(got.weights.cpu()[keep].double(), want.weights[keep].double(), rtol=tol, atol=tol)
+        zz = z.detach().clone().requires_grad_(True)
+        out = route(zz, dense=True, **kw)
+        gw = torch.randn_like(out.weights)
+        (gz,) = torch.autograd.grad((out.weights * gw).sum(), zz)
+        want_g = R.route_bwd_reference(gw.cpu(), None, z.cpu(), out.ids.cpu(), 1.0, kw.get("renorm", "sum"))
+        torch.testing.assert_close(gz.cpu().double(), want_g.double(), rtol=GTOL[dtype], atol=GTOL[dtype])
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_cosine_matches_reference(dtype):
+    h, k = _codes(4099, 26, 16, dtype, seed=3)
+    h, k = h.cuda().requires_grad_(True), k.cuda().requires_grad_(True)
+    got = route_cosine(h, k, temperature=0.8, top_p=0.6, dense=True)
+    want = Routing(*R.route_cosine_fwd_reference(h.detach().cpu(), k.detach().cpu(), 0.8, 1e-8, 0.6, 26, "sum", True))
+    assert (got.ids.cpu() == want.ids).all(-1).float().mean() > 0.999
+    gw = torch.randn_like(got.weights)
+    hc, kc = h.detach().cpu().double().requires_grad_(True), k.detach().cpu().double().requires_grad_(True)
+    ref = route_reference(R.cosine_logits_reference(hc, kc), temperature=0.8, top_p=0.6)
+    keep = (ref.ids == got.ids.cpu()).all(-1)
+    assert keep.float().mean() > 0.999
+    rh, rk = torch.autograd.grad((ref.weights * gw.cpu().double() * keep[:, None]).sum(), (hc, kc))
+    (dh2, dk2) = torch.autograd.grad((got.weights * gw * keep.cuda()[:, None]).sum(), (h, k))
+    torch.testing.assert_close(dh2.cpu().double(), rh, rtol=GTOL[dtype], atol=GTOL[dtype])
+    torch.testing.assert_close(dk2.cpu().double(), rk, rtol=GTOL[dtype] * 10, atol=GTOL[dtype] * 10)
