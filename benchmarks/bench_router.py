@@ -24,21 +24,7 @@ from typing import Callable
 
 import torch
 
-try:
-    from ._harness import Workload
-except ImportError:  # the runner (benchmarks/_harness.py) lands separately; keep this importable
-    from dataclasses import dataclass, field
-
-    @dataclass
-    class Workload:  # type: ignore[no-redef]  # same fields as benchmarks._harness.Workload
-        family: str
-        name: str
-        impls: dict
-        ours: str
-        bytes_moved: int | None = None
-        flops: int | None = None
-        params: dict = field(default_factory=dict)
-
+from ._harness import Workload
 
 FAMILY = "router"
 OURS = "mokernels"
