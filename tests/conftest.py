@@ -21,17 +21,23 @@ settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
 
 
-@pytest.fixture(scope="session")
-def emu_ops():
-    """`torch.ops.mokernels_emu` (the emulated kernels)."""
-    if not emu.available():
+def pytest_runtest_setup(item):
+    """One rule for the markers: `cuda` tests skip without a GPU; `emu` tests skip without the
+    emulation module, or fail where it is required (MOKERNELS_REQUIRE_EMU=1, set by CI)."""
+    if item.get_closest_marker("cuda") and not CUDA:
+        pytest.skip("no CUDA GPU on this machine")
+    if item.get_closest_marker("emu") and not emu.available():
         msg = "emulation module not built (MOKERNELS_BUILD_EMU=1 when building)"
         if os.environ.get("MOKERNELS_REQUIRE_EMU") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def emu_ops():
+    """`torch.ops.mokernels_emu` (the emulated kernels); use it from tests marked `emu`."""
     return emu.ops()
 
 

@@ -6,7 +6,7 @@ import torch
 
 from mokernels.ops import rank_one_scale, rank_one_scale_backward_reference, rank_one_scale_reference
 
-from conftest import TOL, requires_cuda
+from conftest import TOL
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (leading shape, R): odd sizes, R not a multiple of any vector width, more rows than one block.
@@ -165,7 +165,6 @@ def test_torch_compile_fullgraph_cpu():
     assert m.sigma.grad is not None
 
 
-@requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,R", SHAPES + [((4096,), 4096), ((1000,), 1000)])
@@ -181,7 +180,6 @@ def test_cuda_matches_reference(dtype, lead, R, offset):
         torch.testing.assert_close(a, b, **tol, msg=name)
 
 
-@requires_cuda
 @pytest.mark.cuda
 def test_cuda_backward_is_deterministic():
     """dσ uses per-block partial sums and a fixed-order second pass (no atomics): bitwise repeatable
@@ -193,7 +191,6 @@ def test_cuda_backward_is_deterministic():
     assert torch.equal(a, b)
 
 
-@requires_cuda
 @pytest.mark.cuda
 def test_cuda_gradcheck_and_errors():
     z, s, g = (t.requires_grad_() for t in make((6,), 5, torch.float64, device="cuda"))

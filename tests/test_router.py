@@ -19,8 +19,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 WTOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 GTOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
-needs_emu = pytest.mark.skipif(not emu.available(), reason="mokernels._emu not built (MOKERNELS_BUILD_EMU=1)")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -355,7 +353,6 @@ EMU_CASES = [  # (T, N, options)
 ]
 
 
-@needs_emu
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,N,kw", EMU_CASES, ids=[f"T{t}-N{n}-{'-'.join(map(str, k.values())) or 'all'}" for t, n, k in EMU_CASES])
@@ -366,7 +363,6 @@ def test_emu_forward_matches_reference(T, N, kw, dtype):
     _assert_same_routing(_emu_route(z, dense=True, **kw), route_reference(z, dense=True, **kw), dtype)
 
 
-@needs_emu
 @pytest.mark.emu
 @pytest.mark.parametrize("kw", [dict(top_p=0.98), dict(top_k=5), dict(top_p=1.0, renorm="softmax")], ids=str)
 def test_emu_large_n(kw):
@@ -391,7 +387,6 @@ def _edge_logits(dtype):
     return z.to(dtype)
 
 
-@needs_emu
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_emu_edge_cases(dtype):
@@ -405,7 +400,6 @@ def test_emu_edge_cases(dtype):
     assert _emu_route(z, top_p=0.0).counts[:2].tolist() == [1, 1]
 
 
-@needs_emu
 @pytest.mark.emu
 @pytest.mark.parametrize("rank_after", ["0", "1", "1000000"], ids=["rank", "mixed", "rounds"])
 def test_emu_selection_paths(rank_after, monkeypatch):
@@ -425,7 +419,6 @@ def test_emu_selection_paths(rank_after, monkeypatch):
                          torch.float32)
 
 
-@needs_emu
 @pytest.mark.emu
 def test_emu_noncontiguous_and_out_of_range_ids():
     z = _logits(10, 6, torch.float32, 13).T  # [6, 10] non-contiguous view
@@ -438,7 +431,6 @@ def test_emu_noncontiguous_and_out_of_range_ids():
     torch.testing.assert_close(got, R.route_bwd_reference(gw, None, zz, ids, 1.0, "sum"))
 
 
-@needs_emu
 @pytest.mark.emu
 def test_emu_t_zero_and_bad_args():
     r = _emu_route(torch.empty(0, 5), top_k=2, dense=True)
@@ -451,7 +443,6 @@ def test_emu_t_zero_and_bad_args():
         emu.ops().route_bwd(torch.zeros(2, 3), None, torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.int64), 1.0, "sum")
 
 
-@needs_emu
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("renorm", R.RENORMS)
@@ -479,7 +470,6 @@ def test_emu_backward_matches_reference(T, N, kw, renorm, dtype):
         torch.testing.assert_close(got, _ref_grad(z, gw, gd, dict(renorm=renorm, **kw)))
 
 
-@needs_emu
 @pytest.mark.emu
 @FAST
 @given(options, st.sampled_from([torch.float32, torch.bfloat16]))
@@ -494,7 +484,6 @@ def test_emu_properties(o, dtype):
     _assert_same_routing(got, route_reference(z, dense=True, **kw), dtype)
 
 
-@needs_emu
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,N,r,kw", [(9, 3, 8, dict(top_k=2)), (20, 8, 16, dict(top_p=0.6, temperature=0.8)),
@@ -516,7 +505,6 @@ def test_emu_cosine_matches_reference(T, N, r, kw, dtype):
     assert got.ids[0, 0] == 0
 
 
-@needs_emu
 @pytest.mark.emu
 @FAST
 @given(options, st.booleans())
@@ -532,7 +520,6 @@ def test_emu_backward_properties(o, with_dense):
     torch.testing.assert_close(got, _ref_grad(z, gw, gd, kw))
 
 
-@needs_emu
 @pytest.mark.emu
 @FAST
 @given(st.integers(1, 5), st.integers(1, 70), st.integers(1, 9), st.sampled_from(R.RENORMS), st.integers(0, 2**31 - 1))
@@ -551,7 +538,6 @@ def test_emu_backward_arbitrary_ids(T, N, kmax, renorm, seed):
 # On a GPU: the CUDA kernel against the reference
 
 
-@needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N", [1, 8, 26, 64, 256, 1000])
@@ -573,7 +559,6 @@ def test_cuda_matches_reference(N, dtype):
         torch.testing.assert_close(gz.cpu().double(), want_g.double(), rtol=GTOL[dtype], atol=GTOL[dtype])
 
 
-@needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_cosine_matches_reference(dtype):

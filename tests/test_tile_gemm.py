@@ -7,7 +7,6 @@ import torch
 
 from mokernels.ops.tile_gemm import tile_gemm, tile_gemm_reference
 
-from conftest import requires_cuda
 
 SIZES = [(16, 8, 16), (16, 16, 16), (1, 1, 1), (45, 29, 37), (64, 48, 80), (17, 33, 5)]
 
@@ -48,7 +47,6 @@ def test_reference_and_errors():
     torch.library.opcheck(torch.ops.mokernels._tile_gemm.default, (a, b, False))
 
 
-@requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b_kn", [False, True])
