@@ -1,4 +1,5 @@
 // at::Tensor wrappers of the fused router kernels (kernels/router.cuh).
+#include <cmath>
 #include <cstdlib>
 #include <string_view>
 
@@ -17,6 +18,14 @@ int parse_renorm(const char* op, std::string_view renorm) {
   if (renorm == "none") return kNone;
   TORCH_CHECK_VALUE(false, op, ": renorm must be \"sum\", \"softmax\" or \"none\", got \"", renorm, "\"");
   return kSum;
+}
+
+// top_p as the kernel's accumulation type: >= 1 keeps all (1 exactly); below 1 it must stay below 1
+// after rounding (1 - 1e-9 would round to 1.0f and silently switch to keep-all).
+template <class A> A threshold(double top_p) {
+  if (top_p >= 1.0) return A(1);
+  const A t = static_cast<A>(top_p);
+  return t < A(1) ? t : std::nextafter(A(1), A(0));
 }
 
 // MOKERNELS_ROUTER_RANK_AFTER: arg-max rounds before a row switches to selection by rank (unset: the
@@ -61,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_fwd(const at::T
                                       ptr<T_>(weights), ptr<int32_t>(counts),
                                       dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
                                       static_cast<int>(kmax), static_cast<A>(temperature),
-                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, rank_after_rounds(),
+                                      threshold<A>(top_p), rn, rank_after_rounds(),
                                       current_stream()));
   });
   return {ids, weights, counts, dense_out};
@@ -105,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cosine_fwd(cons
     check_launch(kCos, launch_fwd<T_>(src, ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
                                       dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
                                       static_cast<int>(kmax), static_cast<A>(temperature),
-                                      static_cast<A>(top_p >= 1.0 ? 1.0 : top_p), rn, rank_after_rounds(),
+                                      threshold<A>(top_p), rn, rank_after_rounds(),
                                       current_stream()));
   });
   return {ids, weights, counts, dense_out};

@@ -420,6 +420,42 @@ def test_emu_selection_paths(rank_after, monkeypatch):
 
 
 @pytest.mark.emu
+@pytest.mark.parametrize("rank_after", ["0", "1", "1000000"], ids=["rank", "mixed", "rounds"])
+@pytest.mark.parametrize("N,top_p,kept", [(25, 0.24, 6), (12, 2 / 3, 8), (10, 0.3, 3), (40, 0.1, 4)])
+def test_emu_top_p_exact_boundary(rank_after, N, top_p, kept, monkeypatch):
+    """Uniform rows whose prefix mass lands exactly on top_p (k/N): the shortest prefix with mass >= p
+    has k experts on both selection paths (summing rounded probabilities kept k + 1)."""
+    monkeypatch.setenv("MOKERNELS_ROUTER_RANK_AFTER", rank_after)
+    z = torch.zeros(3, N)
+    got = _emu_route(z, top_p=top_p)
+    assert got.counts.tolist() == [kept] * 3
+    assert route_reference(z, top_p=top_p).counts.tolist() == [kept] * 3
+
+
+@pytest.mark.emu
+def test_emu_top_p_just_below_one_is_not_keep_all():
+    """1 - 1e-9 rounds to 1.0f; the kernel must still treat it as a mass threshold (< 1), not keep-all."""
+    z = torch.tensor([[0.0, -20.0, -30.0]])
+    got = _emu_route(z, top_p=1 - 1e-9)
+    want = route_reference(z, top_p=1 - 1e-9)
+    assert got.counts.tolist() == want.counts.tolist() == [1]
+
+
+def test_cosine_overflowing_norms_are_rejected():
+    h = torch.tensor([[1.0, 2.0, 3.0, 4.0]]) * 1e20  # finite, but |h|² overflows fp32
+    keys = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="squared norm"):
+        route_cosine(h, keys, top_k=1)
+    with pytest.raises(ValueError, match="squared norm"):
+        route_cosine(torch.randn(1, 4), keys * 1e20, top_k=1)
+
+
+def test_temperature_below_fp32_range_is_rejected():
+    with pytest.raises(ValueError, match="temperature"):
+        route(torch.randn(2, 4), temperature=1e-40, top_k=1)
+
+
+@pytest.mark.emu
 def test_emu_noncontiguous_and_out_of_range_ids():
     z = _logits(10, 6, torch.float32, 13).T  # [6, 10] non-contiguous view
     _assert_same_routing(_emu_route(z, top_p=0.7, dense=True), route_reference(z, top_p=0.7, dense=True), torch.float32)

@@ -9,7 +9,8 @@
 //    holds experts i = v*GROUP + g, v < VPL, in registers (VPL = ceil(N/GROUP) rounded up to a power
 //    of two; N <= 32*32 = 1024). Loads are coalesced across the group. Max / sum are butterfly
 //    reductions that stop at GROUP (common/reduce.cuh); all in fp32 (fp64 for fp64).
-//  * Selection: two paths, both exact and deterministic (order: key = exp(z/τ - max/τ) descending,
+//  * Selection: two paths, both deterministic and cutting the same prefix (they sum the unnormalised
+//    mass and scale it once; only the summation order differs) (order: key = exp(z/τ - max/τ) descending,
 //    ties -> lower index), no sort, no shared memory:
 //    (a) repeated group arg-max rounds: each marks its winner taken and adds its probability to the
 //        running mass; stop when the mass reaches top_p, after kmax experts, or when no candidate is
@@ -181,8 +182,11 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
         s_sel += bk;
         z_soft += exp_acc(pk - p_first);
         ++count;
-        if (use_p) cum += pk;
-        if (count >= kmax || (use_p && cum >= top_p)) done = true;
+        // The mass is summed unnormalised and scaled once, exactly as the rank pass below does, so
+        // both paths cut a prefix whose mass lands on top_p (e.g. uniform rows, p = k/N) at the same
+        // expert; summing rounded probabilities could fall one ulp short and keep one expert too many.
+        if (use_p) cum += bk;
+        if (count >= kmax || (use_p && cum * st.inv_sum >= top_p)) done = true;
       }
     }
   }

@@ -69,9 +69,11 @@ def kmax_for(num_experts: int, top_k: int | None = None, max_k: int | None = Non
 
 def _check_options(temperature: float, top_p: float | None, renorm: str) -> float:
     expect(
-        isinstance(temperature, (int, float)) and 0.0 < float(temperature) < float("inf"),
+        isinstance(temperature, (int, float))
+        and torch.finfo(torch.float32).tiny <= float(temperature) < float("inf"),
         _OP,
-        f"temperature must be a finite number > 0, got {temperature!r}",
+        f"temperature must be a finite number >= {torch.finfo(torch.float32).tiny} (the kernels divide in fp32), "
+        f"got {temperature!r}",
     )
     expect(renorm in RENORMS, _OP, f"renorm must be one of {RENORMS}, got {renorm!r}")
     if top_p is None:
@@ -193,10 +195,14 @@ def route_cosine(
     lead = h.shape[:-1]
     hh = h.reshape(-1, r)
     if validate and _is_eager() and hh.numel():
-        bad = ~torch.isfinite(hh).all(-1)
+        # the kernel accumulates |h|², |k|² and <h, k> in fp32 (fp64 for fp64): they must stay finite
+        acc = acc_dtype(h.dtype)
+        bad = ~torch.isfinite(hh.to(acc).square().sum(-1))
         if bool(bad.any()):
-            raise ValueError(f"mokernels.{_OP}: h row {int(bad.nonzero()[0, 0])} (flattened) has a NaN or inf")
-        expect(bool(torch.isfinite(keys).all()), _OP, "keys have a NaN or inf")
+            raise ValueError(f"mokernels.{_OP}: h row {int(bad.nonzero()[0, 0])} (flattened) has a NaN or inf, "
+                             f"or a squared norm that overflows {acc}")
+        expect(bool(torch.isfinite(keys.to(acc).square().sum(-1)).all()), _OP,
+               f"keys have a NaN or inf, or a squared norm that overflows {acc}")
     if N > MAX_EXPERTS_KERNEL and hh.device.type != "cpu":  # beyond the kernel: the composition
         z = cosine_logits_reference(hh, keys, float(eps))
         ids, w, counts, d = route_fwd_reference(z, float(temperature), p, kmax, renorm, bool(dense))
