@@ -583,7 +583,13 @@ def test_cuda_matches_reference(N, dtype):
         got = route(z, dense=True, **kw)
         want = route_reference(z.cpu(), dense=True, **kw)
         same_ids = (got.ids.cpu() == want.ids).all(-1)
-        assert same_ids.float().mean() > 0.999  # near-ties of the mass may flip a handful of rows
+        if "top_p" in kw:  # rows whose prefix mass is within rounding of top_p may cut one expert apart
+            cs = torch.sort(torch.softmax(z.cpu().double(), -1), -1, descending=True).values.cumsum(-1)
+            near = (cs - kw["top_p"]).abs().min(-1).values < 1e-5
+            assert (same_ids | near).all()
+        else:  # top-k and keep-all involve no mass: ids and counts must match exactly
+            assert same_ids.all()
+        assert torch.equal(got.counts.cpu()[same_ids], want.counts[same_ids])
         keep = same_ids
         tol = WTOL[dtype]
         torch.testing.assert_close(got.weights.cpu()[keep].double(), want.weights[keep].double(), rtol=tol, atol=tol)
