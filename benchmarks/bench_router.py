@@ -125,7 +125,7 @@ def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.devic
         import mokernels.emu as emu
 
         ops = emu.ops()
-        p = TOP_P if kind == "top-p" else 1.0
+        p = {"top-p": TOP_P, "top-p-wide": WIDE_P}.get(kind, 1.0)  # top-k: no mass threshold
 
         def run_emu():
             (z,) = inp()
@@ -180,7 +180,8 @@ def _cosine_workload(T: int, N: int, r: int, dtype: torch.dtype, device: torch.d
         name=f"fwd cosine dense T={T} N={N} r={r} {_DTYPE_NAMES[dtype]}",
         impls={OURS: ours, TORCH: peer},
         ours=OURS,
-        bytes_moved=(T * r + N * r) * elt + T * N * elt,
+        # read h, keys; write dense [T,N] and the compact form (kmax = N: ids, weights) + counts
+        bytes_moved=(T * r + N * r) * elt + T * N * elt + T * N * (4 + elt) + T * 4,
         params={"pass": "fwd", "select": "cosine-dense", "T": T, "N": N, "r": r, "dtype": _DTYPE_NAMES[dtype],
                 "elt_size": elt},
     )
