@@ -37,54 +37,77 @@ int rank_after_rounds() {
   return v < 0 ? -1 : (v > INT32_MAX ? INT32_MAX : static_cast<int>(v));
 }
 
-void check_logits(const char* op, const at::Tensor& logits, double temperature) {
+void check_logits(const char* op, const at::Tensor& logits) {
   check_device(op, "logits", logits, logits);
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be [T, N], got ", logits.sizes());
   TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxN, op, ": logits must have 1 <= N <= ", kMaxN,
                     " experts, got N = ", logits.size(1));
+}
+
+void check_temperature(const char* op, double temperature) {
   TORCH_CHECK_VALUE(temperature > 0.0 && temperature < INFINITY, op, ": temperature must be > 0 and finite, got ",
                     temperature);
 }
 
-// route_fwd(logits [T,N], temperature, top_p (>= 1: keep all), kmax, renorm, dense)
-//   -> (ids [T,kmax] int32, weights [T,kmax], counts [T] int32, dense [T,N] or [0])
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_fwd(const at::Tensor& logits_in, double temperature,
-                                                                     double top_p, int64_t kmax,
-                                                                     std::string_view renorm, bool dense) {
-  check_logits(kFwd, logits_in, temperature);
-  TORCH_CHECK_VALUE(kmax >= 1 && kmax <= INT32_MAX, kFwd, ": kmax must be >= 1, got ", kmax);
-  TORCH_CHECK_VALUE(top_p >= 0.0, kFwd, ": top_p must be >= 0, got ", top_p);
-  const int rn = parse_renorm(kFwd, renorm);
-  DeviceGuard guard(logits_in);
-  const at::Tensor logits = logits_in.contiguous();
-  const int64_t T = logits.size(0), N = logits.size(1);
-  at::Tensor ids = at::empty({T, kmax}, logits.options().dtype(at::kInt));
-  at::Tensor weights = at::empty({T, kmax}, logits.options());
-  at::Tensor counts = at::empty({T}, logits.options().dtype(at::kInt));
-  at::Tensor dense_out = dense ? at::empty({T, N}, logits.options()) : at::empty({0}, logits.options());
+using FwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The selection options shared by route_fwd and route_cosine_fwd, checked once.
+struct SelectOptions {
+  double temperature, top_p;
+  int kmax, renorm;
+  bool dense;
+};
+
+SelectOptions check_select(const char* op, double temperature, double top_p, int64_t kmax, std::string_view renorm,
+                           bool dense) {
+  check_temperature(op, temperature);
+  TORCH_CHECK_VALUE(kmax >= 1 && kmax <= INT32_MAX, op, ": kmax must be >= 1, got ", kmax);
+  TORCH_CHECK_VALUE(top_p >= 0.0, op, ": top_p must be >= 0, got ", top_p);
+  return {temperature, top_p, static_cast<int>(kmax), parse_renorm(op, renorm), dense};
+}
+
+// Allocates the outputs (like `like`: device, dtype) and launches the forward kernel on the logit
+// source make_src(TypeTag<T>) gives for the element type T.
+template <class MakeSrc>
+FwdOutputs run_fwd(const char* op, const at::Tensor& like, int64_t T, int64_t N, const SelectOptions& o,
+                   MakeSrc make_src) {
+  at::Tensor ids = at::empty({T, o.kmax}, like.options().dtype(at::kInt));
+  at::Tensor weights = at::empty({T, o.kmax}, like.options());
+  at::Tensor counts = at::empty({T}, like.options().dtype(at::kInt));
+  at::Tensor dense_out = o.dense ? at::empty({T, N}, like.options()) : at::empty({0}, like.options());
   if (T == 0) return {ids, weights, counts, dense_out};
-  dispatch_float(kFwd, logits.scalar_type(), [&](auto tag) {
+  dispatch_float(op, like.scalar_type(), [&](auto tag) {
     using T_ = typename decltype(tag)::type;
     using A = acc_t<T_>;
-    check_launch(kFwd, launch_fwd<T_>(MemoryLogits<T_>{ptr<T_>(logits), static_cast<int>(N)}, ptr<int32_t>(ids),
-                                      ptr<T_>(weights), ptr<int32_t>(counts),
-                                      dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
-                                      static_cast<int>(kmax), static_cast<A>(temperature),
-                                      threshold<A>(top_p), rn, rank_after_rounds(),
-                                      current_stream()));
+    check_launch(op, launch_fwd<T_>(make_src(tag), ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
+                                    o.dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N), o.kmax,
+                                    static_cast<A>(o.temperature), threshold<A>(o.top_p), o.renorm,
+                                    rank_after_rounds(), current_stream()));
   });
   return {ids, weights, counts, dense_out};
+}
+
+// route_fwd(logits [T,N], temperature, top_p (>= 1: keep all), kmax, renorm, dense)
+//   -> (ids [T,kmax] int32, weights [T,kmax], counts [T] int32, dense [T,N] or [0])
+FwdOutputs route_fwd(const at::Tensor& logits_in, double temperature, double top_p, int64_t kmax,
+                     std::string_view renorm, bool dense) {
+  check_logits(kFwd, logits_in);
+  const SelectOptions o = check_select(kFwd, temperature, top_p, kmax, renorm, dense);
+  DeviceGuard guard(logits_in);
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t N = logits.size(1);
+  return run_fwd(kFwd, logits, logits.size(0), N, o, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    return MemoryLogits<T_>{ptr<T_>(logits), static_cast<int>(N)};
+  });
 }
 
 constexpr const char* kCos = "mokernels.route_cosine_fwd";
 
 // route_cosine_fwd(h [T,r], keys [N,r], temperature, eps, top_p, kmax, renorm, dense): route_fwd on
 // the logits cos(h_t, keys_i), formed inside the kernel.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cosine_fwd(const at::Tensor& h_in,
-                                                                            const at::Tensor& keys_in,
-                                                                            double temperature, double eps,
-                                                                            double top_p, int64_t kmax,
-                                                                            std::string_view renorm, bool dense) {
+FwdOutputs route_cosine_fwd(const at::Tensor& h_in, const at::Tensor& keys_in, double temperature, double eps,
+                            double top_p, int64_t kmax, std::string_view renorm, bool dense) {
   check_device(kCos, "h", h_in, h_in);
   check_device(kCos, "keys", keys_in, h_in);
   TORCH_CHECK_VALUE(h_in.dim() == 2, kCos, ": h must be [T, r], got ", h_in.sizes());
@@ -93,31 +116,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cosine_fwd(cons
   TORCH_CHECK_VALUE(keys_in.size(0) >= 1 && keys_in.size(0) <= kMaxN, kCos, ": keys must have 1 <= N <= ", kMaxN,
                     " rows, got N = ", keys_in.size(0));
   check_dtype(kCos, "keys", keys_in, h_in.scalar_type());
-  TORCH_CHECK_VALUE(temperature > 0.0 && temperature < INFINITY, kCos, ": temperature must be > 0 and finite, got ",
-                    temperature);
   TORCH_CHECK_VALUE(eps > 0.0, kCos, ": eps must be > 0, got ", eps);
-  TORCH_CHECK_VALUE(kmax >= 1 && kmax <= INT32_MAX, kCos, ": kmax must be >= 1, got ", kmax);
-  TORCH_CHECK_VALUE(top_p >= 0.0, kCos, ": top_p must be >= 0, got ", top_p);
-  const int rn = parse_renorm(kCos, renorm);
+  const SelectOptions o = check_select(kCos, temperature, top_p, kmax, renorm, dense);
   DeviceGuard guard(h_in);
   const at::Tensor h = h_in.contiguous(), keys = keys_in.contiguous();
-  const int64_t T = h.size(0), N = keys.size(0), r = h.size(1);
-  at::Tensor ids = at::empty({T, kmax}, h.options().dtype(at::kInt));
-  at::Tensor weights = at::empty({T, kmax}, h.options());
-  at::Tensor counts = at::empty({T}, h.options().dtype(at::kInt));
-  at::Tensor dense_out = dense ? at::empty({T, N}, h.options()) : at::empty({0}, h.options());
-  if (T == 0) return {ids, weights, counts, dense_out};
-  dispatch_float(kCos, h.scalar_type(), [&](auto tag) {
+  return run_fwd(kCos, h, h.size(0), keys.size(0), o, [&](auto tag) {
     using T_ = typename decltype(tag)::type;
-    using A = acc_t<T_>;
-    const CosineLogits<T_> src{ptr<T_>(h), ptr<T_>(keys), static_cast<int>(r), static_cast<A>(eps)};
-    check_launch(kCos, launch_fwd<T_>(src, ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
-                                      dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N),
-                                      static_cast<int>(kmax), static_cast<A>(temperature),
-                                      threshold<A>(top_p), rn, rank_after_rounds(),
-                                      current_stream()));
+    return CosineLogits<T_>{ptr<T_>(h), ptr<T_>(keys), static_cast<int>(h.size(1)), static_cast<acc_t<T_>>(eps)};
   });
-  return {ids, weights, counts, dense_out};
 }
 
 // route_bwd(grad_weights [T,kmax], grad_dense [T,N]?, logits [T,N], ids [T,kmax], temperature, renorm)
@@ -125,7 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cosine_fwd(cons
 at::Tensor route_bwd(const at::Tensor& grad_w_in, const std::optional<at::Tensor>& grad_dense_in,
                      const at::Tensor& logits_in, const at::Tensor& ids_in, double temperature,
                      std::string_view renorm) {
-  check_logits(kBwd, logits_in, temperature);
+  check_logits(kBwd, logits_in);
+  check_temperature(kBwd, temperature);
   const int rn = parse_renorm(kBwd, renorm);
   const int64_t T = logits_in.size(0), N = logits_in.size(1);
   check_device(kBwd, "ids", ids_in, logits_in);
@@ -134,6 +141,7 @@ at::Tensor route_bwd(const at::Tensor& grad_w_in, const std::optional<at::Tensor
                     T, ", got ", ids_in.sizes());
   check_dtype(kBwd, "ids", ids_in, at::kInt);
   const int64_t kmax = ids_in.size(1);
+  TORCH_CHECK_VALUE(kmax <= INT32_MAX, kBwd, ": ids has too many columns (", kmax, ")");
   TORCH_CHECK_VALUE(grad_w_in.sizes() == ids_in.sizes(), kBwd, ": grad_weights must be [T, kmax] = ", ids_in.sizes(),
                     ", got ", grad_w_in.sizes());
   check_dtype(kBwd, "grad_weights", grad_w_in, logits_in.scalar_type());
