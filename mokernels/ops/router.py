@@ -367,14 +367,29 @@ def route_bwd_reference(grad_w: Tensor, grad_dense: Tensor | None, z: Tensor, id
 # Op registration: fake kernels, CPU kernels (the reference), autograd
 
 
-def _check_fwd(logits, temperature, top_p, kmax, renorm):
-    expect(logits.dim() == 2, _OP, f"logits must be [T, N], got {list(logits.shape)}")
-    expect(logits.shape[1] >= 1, _OP, "logits must have N >= 1 experts")
-    expect_dtype(_OP, "logits", logits)
+def _check_select(temperature, top_p, kmax, renorm):
+    """The selection options of the route ops (route_fwd, route_cosine_fwd; route_bwd's temperature/renorm)."""
     expect(0.0 < temperature < float("inf"), _OP, f"temperature must be > 0 and finite, got {temperature}")
     expect(top_p >= 0.0, _OP, f"top_p must be >= 0, got {top_p}")
     expect(kmax >= 1, _OP, f"kmax must be >= 1, got {kmax}")
     expect(renorm in RENORMS, _OP, f"renorm must be one of {RENORMS}, got {renorm!r}")
+
+
+def _check_fwd(logits, temperature, top_p, kmax, renorm):
+    expect(logits.dim() == 2, _OP, f"logits must be [T, N], got {list(logits.shape)}")
+    expect(logits.shape[1] >= 1, _OP, "logits must have N >= 1 experts")
+    expect_dtype(_OP, "logits", logits)
+    _check_select(temperature, top_p, kmax, renorm)
+
+
+def _empty_routing(like: Tensor, T: int, N: int, kmax: int, dense: bool):
+    """Uninitialised outputs of the forward ops: ids, weights, counts, dense ([T, N] or [0])."""
+    return (
+        like.new_empty((T, kmax), dtype=torch.int32),
+        like.new_empty((T, kmax)),
+        like.new_empty((T,), dtype=torch.int32),
+        like.new_empty((T, N) if dense else (0,)),
+    )
 
 
 def _check_bwd(grad_w, grad_dense, logits, ids, temperature, renorm):
@@ -394,13 +409,7 @@ def _check_bwd(grad_w, grad_dense, logits, ids, temperature, renorm):
 @torch.library.register_fake("mokernels::route_fwd")
 def _fake_fwd(logits, temperature, top_p, kmax, renorm, dense):
     _check_fwd(logits, temperature, top_p, kmax, renorm)
-    T, N = logits.shape
-    return (
-        logits.new_empty((T, kmax), dtype=torch.int32),
-        logits.new_empty((T, kmax)),
-        logits.new_empty((T,), dtype=torch.int32),
-        logits.new_empty((T, N) if dense else (0,)),
-    )
+    return _empty_routing(logits, *logits.shape, kmax, dense)
 
 
 @torch.library.register_fake("mokernels::route_bwd")
@@ -429,19 +438,13 @@ def _check_cosine(h, keys, temperature, eps, top_p, kmax, renorm):
     expect_dtype(_OP, "h", h)
     expect_dtype(_OP, "keys", keys, like=h)
     expect(eps > 0, _OP, f"eps must be > 0, got {eps}")
-    _check_fwd(h.new_empty((0, 1)), temperature, top_p, kmax, renorm)
+    _check_select(temperature, top_p, kmax, renorm)
 
 
 @torch.library.register_fake("mokernels::route_cosine_fwd")
 def _fake_cosine(h, keys, temperature, eps, top_p, kmax, renorm, dense):
     _check_cosine(h, keys, temperature, eps, top_p, kmax, renorm)
-    T, N = h.shape[0], keys.shape[0]
-    return (
-        h.new_empty((T, kmax), dtype=torch.int32),
-        h.new_empty((T, kmax)),
-        h.new_empty((T,), dtype=torch.int32),
-        h.new_empty((T, N) if dense else (0,)),
-    )
+    return _empty_routing(h, h.shape[0], keys.shape[0], kmax, dense)
 
 
 @torch.library.register_kernel("mokernels::route_cosine_fwd", "cpu")
