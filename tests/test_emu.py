@@ -73,6 +73,52 @@ def test_missing_barrier_is_exposed(emu_ops):
     assert not torch.equal(out, x.roll(1) + x.roll(-1))
 
 
+SCHEDULES = [{}, {"MOKERNELS_EMU_SCHEDULE": "forward"}, {"MOKERNELS_EMU_BLOCK_ORDER": "reverse"}]
+
+
+@pytest.fixture(params=SCHEDULES, ids=["reverse-first", "forward-first", "blocks-reversed"])
+def schedule(request, monkeypatch):
+    """Runs a test under each scheduling knob (the shim reads them at every launch)."""
+    monkeypatch.delenv("MOKERNELS_EMU_SCHEDULE", raising=False)
+    monkeypatch.delenv("MOKERNELS_EMU_BLOCK_ORDER", raising=False)
+    for k, v in request.param.items():
+        monkeypatch.setenv(k, v)
+    return request.param
+
+
+@pytest.mark.parametrize("n", [64, 96])
+def test_collective_does_not_act_as_block_barrier(emu_ops, schedule, n):
+    """Warps run one at a time between block barriers: a warp_reduce between another warp's shared-memory
+    write and the read does not order them, so the read sees poison; with the barrier it is right."""
+    x = torch.arange(1.0, n + 1.0)
+    expect = x.roll(-32)
+    torch.testing.assert_close(emu_ops._selftest("cross_warp_read_synced", x), expect)
+    out = emu_ops._selftest("cross_warp_read", x)
+    assert torch.isnan(out).any(), out
+
+
+def _gemm_inputs(K=32):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-4, 5, (32, K), generator=g).float()
+    b = torch.randint(-4, 5, (16, K), generator=g).float()
+    return a, b, torch.cat([a.flatten(), b.flatten()])
+
+
+def test_two_warp_mma_gemm_is_right(emu_ops, schedule):
+    a, b, x = _gemm_inputs()
+    torch.testing.assert_close(emu_ops._selftest("two_warp_gemm", x), a @ b.T, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["two_warp_gemm_no_raw_barrier", "two_warp_gemm_no_war_barrier"])
+def test_two_warp_mma_gemm_missing_barrier_is_wrong(emu_ops, schedule, case):
+    """The 2-warp ldmatrix + mma.sync GEMM without its read-after-write barrier (reads the other warp's
+    unwritten, poisoned half of the tile) or without its overwrite barrier (the first warp of the next
+    phase overwrites the tile the other warp has not read yet) gives a wrong result in every schedule."""
+    a, b, x = _gemm_inputs()
+    out = emu_ops._selftest(case, x)
+    assert not torch.allclose(out, a @ b.T, equal_nan=False)
+
+
 def test_emulator_survives_a_failed_launch(emu_ops):
     with pytest.raises(RuntimeError):
         emu_ops._selftest("exited_lane_shuffle", torch.zeros(32))

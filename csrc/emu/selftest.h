@@ -75,6 +75,54 @@ MK_GLOBAL void missing_barrier_kernel(const float* x, float* out) {
   out[t] = smem[(t + n - 1) % n] + smem[(t + 1) % n];
 }
 
+// Warp-serial scheduling: each warp writes its slots of shared memory, does a warp collective, then
+// reads the slot of the thread 32 places on (the other warp). Without a block barrier between the write
+// and the read (sync = false) that is a race a collective does not fix: the emulator must give a
+// wrong (poisoned) answer. out[t] = x[(t + 32) % n] + 0 * (warp sum of x).
+MK_GLOBAL void cross_warp_read_kernel(const float* x, float* out, bool sync) {
+  MK_DYNAMIC_SHARED(float, smem);
+  const int t = threadIdx.x, n = blockDim.x;
+  smem[t] = x[t];
+  const float sum = warp_reduce(x[t], SumOp{});
+  if (sync) block_sync();
+  out[t] = smem[(t + kWarpSize) % n] + 0.f * sum;
+}
+
+// A 2-warp tile GEMM in the shape of the tensor-core kernels to come: C[32, 16] = A[32, K] · B[16, K]ᵀ
+// (fp16 operands read from fp32, fp32 accumulation), warp w computes rows 16w..16w+15, both warps load
+// both tiles cooperatively (each reads what the other wrote). mode 0: correct; mode 1: the
+// read-after-write barrier (after the loads) deleted; mode 2: the overwrite barrier (before the next
+// K step's loads) deleted. Both mutants must give a wrong result.
+constexpr int kGemmLd = 24;  // padded smem row (halves): 48-byte rows keep ldmatrix rows 16-byte aligned
+MK_GLOBAL void two_warp_gemm_kernel(const float* a, const float* b, float* c, int K, int mode) {
+  MK_SHARED_ALIGNED(16) __half sa[32 * kGemmLd];
+  MK_SHARED_ALIGNED(16) __half sb[16 * kGemmLd];
+  const int t = threadIdx.x, lane = lane_id(), warp = t / kWarpSize;
+  float acc[2][4] = {};
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    for (int e = t; e < 48 * 16; e += 64) {
+      const int r = e / 16, q = e % 16;
+      if (r < 32)
+        sa[r * kGemmLd + q] = __float2half(a[r * K + k0 + q]);
+      else
+        sb[(r - 32) * kGemmLd + q] = __float2half(b[(r - 32) * K + k0 + q]);
+    }
+    if (mode != 1) block_sync();  // read after write
+    uint32_t af[4], bf[4];
+    ldmatrix<4>(af, &sa[(warp * 16 + lane % 16) * kGemmLd + (lane / 16) * 8]);
+    ldmatrix<4>(bf, &sb[(lane % 8 + (lane / 16) * 8) * kGemmLd + ((lane / 8) % 2) * 8]);
+    const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+    mma_m16n8k16<__half>(acc[0], af, b0, acc[0]);
+    mma_m16n8k16<__half>(acc[1], af, b1, acc[1]);
+    if (mode != 2) block_sync();  // the next K step overwrites the tiles
+  }
+  for (int nt = 0; nt < 2; ++nt)
+    for (int i = 0; i < 4; ++i) {
+      const RowCol rc = mma_c_coord(lane, i);
+      c[(warp * 16 + rc.row) * 16 + nt * 8 + rc.col] = acc[nt][i];
+    }
+}
+
 // Misuse: ldmatrix from a row address that is not 16-byte aligned.
 MK_GLOBAL void misaligned_ldmatrix_kernel(float* out) {
   MK_SHARED_ALIGNED(16) __half tile[8 * 16 + 8];
@@ -92,8 +140,22 @@ MK_GLOBAL void throwing_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// x = A [32, K] then B [16, K] flattened (K = x.numel() / 48, a multiple of 16); returns C [32, 16].
+inline at::Tensor run_two_warp_gemm(const at::Tensor& x, int mode) {
+  const int64_t K = x.numel() / 48;
+  TORCH_CHECK_VALUE(K >= 16 && K % 16 == 0 && K * 48 == x.numel(), "_selftest: gemm x must hold 48 * K, K % 16 == 0");
+  at::Tensor c = at::zeros({32, 16}, x.options());
+  auto k = two_warp_gemm_kernel;
+  MK_LAUNCH(k, dim3(1), dim3(64), 0, nullptr, ptr<float>(x), ptr<float>(x) + 32 * K, ptr<float>(c),
+            static_cast<int>(K), mode);
+  return c;
+}
+
 inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous().to(at::kFloat);
+  if (which == "two_warp_gemm") return run_two_warp_gemm(x, 0);
+  if (which == "two_warp_gemm_no_raw_barrier") return run_two_warp_gemm(x, 1);
+  if (which == "two_warp_gemm_no_war_barrier") return run_two_warp_gemm(x, 2);
   const int64_t n = x.numel();
   TORCH_CHECK_VALUE(n >= 1 && n <= 1024, "_selftest: x must have 1..1024 elements");
   const unsigned threads = static_cast<unsigned>(n);
@@ -119,6 +181,10 @@ inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
   } else if (which == "missing_barrier") {
     auto k = missing_barrier_kernel;
     MK_LAUNCH(k, dim3(1), dim3(threads), n * sizeof(float), nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "cross_warp_read" || which == "cross_warp_read_synced") {
+    auto k = cross_warp_read_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), n * sizeof(float), nullptr, ptr<float>(x), ptr<float>(out),
+              which == "cross_warp_read_synced");
   } else if (which == "misaligned_ldmatrix") {
     auto k = misaligned_ldmatrix_kernel;
     MK_LAUNCH(k, dim3(1), dim3(32), 0, nullptr, ptr<float>(out));

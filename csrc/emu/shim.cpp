@@ -192,52 +192,55 @@ void run_fiber(BlockState& b, ThreadState& t) {
   tls_thread = nullptr;
 }
 
-// Releases the barrier that can be released; false means no live thread can make progress.
-bool release_barriers(BlockState& b) {
-  bool released = false;
-  const int nwarps = static_cast<int>(ceil_div_host(b.nthreads, kWarpSize));
-  for (int w = 0; w < nwarps; ++w) {
-    int waiting = 0, alive = 0, exited = -1;
-    const int end = std::min(b.nthreads, (w + 1) * kWarpSize);
-    for (int i = w * kWarpSize; i < end; ++i) {
-      if (b.threads[i].state == State::Done) { exited = i - w * kWarpSize; continue; }
-      ++alive;
-      if (b.threads[i].state == State::AtWarpBarrier) ++waiting;
+std::string warp_str(int w) { return "warp " + std::to_string(w); }
+
+// Runs warp `w` alone until every live lane of it waits at the block barrier or has exited, releasing
+// its warp collectives as they complete. Lane order alternates at every pass (`lane_forward` carries the
+// alternation across warps and phases). False: an error was recorded.
+bool run_warp(BlockState& b, int w, bool& lane_forward) {
+  const int first = w * kWarpSize, end = std::min(b.nthreads, first + kWarpSize), n = end - first;
+  for (;;) {
+    for (int k = 0; k < n; ++k) {
+      ThreadState& t = b.threads[first + (lane_forward ? k : n - 1 - k)];
+      if (t.state == State::Ready) run_fiber(b, t);
+      if (!b.error.empty()) return false;
     }
-    if (waiting > 0 && exited >= 0) {
-      set_error(b, "warp collective in warp " + std::to_string(w) + " while lane " +
-                       std::to_string(exited) + " has exited (undefined behaviour on a GPU)");
+    lane_forward = !lane_forward;
+    int at_warp = 0, at_block = 0, exited = -1;
+    for (int i = first; i < end; ++i) {
+      const State s = b.threads[i].state;
+      if (s == State::Done) exited = i - first;
+      at_warp += s == State::AtWarpBarrier;
+      at_block += s == State::AtBlockBarrier;
+    }
+    if (at_warp == 0) return true;  // the warp is done with this phase
+    const ThreadState* waiter = nullptr;
+    for (int i = first; i < end && waiter == nullptr; ++i)
+      if (b.threads[i].state == State::AtWarpBarrier) waiter = &b.threads[i];
+    if (exited >= 0) {
+      set_error(b, "warp collective (" + std::string(waiter->collective) + ") in " + warp_str(w) +
+                       " while lane " + std::to_string(exited) + " has exited (undefined behaviour on a GPU)");
       return false;
     }
-    if (waiting > 0 && waiting == alive) {
-      const char* kind = b.threads[w * kWarpSize].collective;
-      for (int i = w * kWarpSize; i < end; ++i)
-        if (std::strcmp(b.threads[i].collective, kind) != 0) {
-          set_error(b, "lanes of warp " + std::to_string(w) + " meet at different warp collectives (" + kind +
-                           " and " + b.threads[i].collective + ")");
-          return false;
-        }
-      for (int i = w * kWarpSize; i < end; ++i) b.threads[i].state = State::Ready;
-      released = true;
+    if (at_block > 0) {
+      set_error(b, "deadlock: lanes of " + warp_str(w) + " wait at a warp collective (" + waiter->collective +
+                       ") while others wait at __syncthreads (divergent __syncthreads or a warp collective not "
+                       "reached by the whole warp)");
+      return false;
     }
+    for (int i = first; i < end; ++i)
+      if (std::strcmp(b.threads[i].collective, waiter->collective) != 0) {
+        set_error(b, "lanes of " + warp_str(w) + " meet at different warp collectives (" + waiter->collective +
+                         " and " + b.threads[i].collective + ")");
+        return false;
+      }
+    for (int i = first; i < end; ++i) b.threads[i].state = State::Ready;
   }
-  if (released) return true;
-  bool all_at_block = true, any_live = false;
-  for (auto& t : b.threads) {
-    if (t.state == State::Done) continue;
-    any_live = true;
-    all_at_block = all_at_block && t.state == State::AtBlockBarrier;
-  }
-  if (any_live && all_at_block) {
-    for (auto& t : b.threads)
-      if (t.state != State::Done) t.state = State::Ready;
-    return true;
-  }
-  set_error(b, "deadlock: live threads wait at different barriers "
-               "(divergent __syncthreads or a warp collective not reached by the whole warp)");
-  return false;
 }
 
+// Warp-serial schedule: a phase is the interval between two block barriers; in each phase every warp
+// runs alone through all of its collectives up to the block barrier, warps in alternating order
+// (reverse first by default), so no warp ever sees another warp's writes of the same phase.
 void run_block(BlockState& b) {
   for (auto& t : b.threads) {
     t.state = State::Ready;
@@ -245,17 +248,19 @@ void run_block(BlockState& b) {
   }
   // Uninitialised shared memory reads as 0xFF bytes (NaN for floats), never as a previous block's data.
   if (b.smem_bytes) std::memset(b.smem, 0xFF, b.smem_bytes);
-  const int n = b.nthreads;
-  for (bool forward = b.forward_first;; forward = !forward) {
+  const int nwarps = static_cast<int>(ceil_div_host(b.nthreads, kWarpSize));
+  bool lane_forward = b.forward_first;
+  for (bool warp_forward = b.forward_first;; warp_forward = !warp_forward) {
+    for (int k = 0; k < nwarps; ++k)
+      if (!run_warp(b, warp_forward ? k : nwarps - 1 - k, lane_forward)) return;
+    // Every live thread now waits at the block barrier.
     bool any_live = false;
-    for (int k = 0; k < n; ++k) {
-      ThreadState& t = b.threads[forward ? k : n - 1 - k];
-      if (t.state == State::Ready) run_fiber(b, t);
-      if (!b.error.empty()) return;
-      any_live = any_live || t.state != State::Done;
-    }
+    for (auto& t : b.threads)
+      if (t.state != State::Done) {
+        any_live = true;
+        t.state = State::Ready;
+      }
     if (!any_live) return;
-    if (!release_barriers(b)) return;
   }
 }
 
@@ -316,9 +321,14 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   if (smem_bytes > 48 * 1024)
     throw std::runtime_error("emulated launch: " + std::to_string(smem_bytes) +
                              " bytes of dynamic shared memory exceed the 48 KiB default limit");
-  static const bool forward_first = [] {
+  // Read at every launch, so a test can run one kernel under both schedules.
+  const bool forward_first = [] {
     const char* s = std::getenv("MOKERNELS_EMU_SCHEDULE");
     return s != nullptr && std::string(s) == "forward";
+  }();
+  const bool reverse_blocks = [] {
+    const char* s = std::getenv("MOKERNELS_EMU_BLOCK_ORDER");
+    return s != nullptr && std::string(s) == "reverse";
   }();
 
   BlockState b;
@@ -364,15 +374,19 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   b.smem_bytes = smem_bytes;
   b.forward_first = forward_first;
   tls_block = &b;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        b.bidx = uint3{x, y, z};
-        run_block(b);
-        if (!b.error.empty())
-          throw std::runtime_error("emulated kernel failed in block (" + std::to_string(x) + "," +
-                                   std::to_string(y) + "," + std::to_string(z) + "): " + b.error);
-      }
+  // Blocks run one after another, in linear order x fastest (last to first with
+  // MOKERNELS_EMU_BLOCK_ORDER=reverse): a kernel whose blocks depend on each other's order is wrong.
+  const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  for (uint64_t i = 0; i < nblocks; ++i) {
+    const uint64_t lin = reverse_blocks ? nblocks - 1 - i : i;
+    const auto x = static_cast<unsigned>(lin % grid.x), y = static_cast<unsigned>((lin / grid.x) % grid.y),
+               z = static_cast<unsigned>(lin / (static_cast<uint64_t>(grid.x) * grid.y));
+    b.bidx = uint3{x, y, z};
+    run_block(b);
+    if (!b.error.empty())
+      throw std::runtime_error("emulated kernel failed in block (" + std::to_string(x) + "," + std::to_string(y) +
+                               "," + std::to_string(z) + "): " + b.error);
+  }
 }
 
 }  // namespace mk::emu

@@ -15,9 +15,14 @@
 //    all live threads reach (deadlock); launch limits (block dims, 48 KiB dynamic shared memory);
 //    misaligned vector / ldmatrix addresses; a C++ exception escaping the kernel.
 //    Errors abort the launch and surface as std::runtime_error from launch().
-//  * to expose missing barriers, fibers run in alternating order between barriers, starting in
-//    reverse thread order (MOKERNELS_EMU_SCHEDULE=forward starts forward; the ASan CI pass uses it),
-//    and dynamic shared memory is filled with 0xFF bytes (NaN as floats) at the start of every block.
+//  * warp-serial scheduling, to expose missing barriers: a phase is the interval between two block
+//    barriers; in each phase every warp runs ALONE through all of its warp collectives until each of
+//    its live lanes waits at the block barrier or has exited, then the next warp runs. So no warp sees
+//    another warp's writes of the same phase, and a collective never stands in for __syncthreads.
+//    Warp order alternates between phases and lane order inside a warp alternates at every pass,
+//    both reverse-first (MOKERNELS_EMU_SCHEDULE=forward starts both forward);
+//    MOKERNELS_EMU_BLOCK_ORDER=reverse runs the blocks of the grid last to first. The knobs are read
+//    at every launch. Dynamic shared memory is filled with 0xFF bytes (NaN as floats) at every block start.
 // Emulation proves logic, not speed or the memory model.
 #pragma once
 
