@@ -119,6 +119,46 @@ def test_two_warp_mma_gemm_missing_barrier_is_wrong(emu_ops, schedule, case):
     assert not torch.allclose(out, a @ b.T, equal_nan=False)
 
 
+def test_static_shared_memory_is_poisoned_in_every_block(emu_ops, schedule):
+    """MK_SHARED_ARRAY is a fresh 0xFF-filled allocation per block: reading it before writing gives NaN on
+    the first launch and in the second block (a function-local static would hold the first block's data)."""
+    x = torch.randn(64)
+    out = emu_ops._selftest("static_shared_uninit", x)
+    assert out.shape == (2, 64) and torch.isnan(out).all(), out
+    assert torch.isnan(emu_ops._selftest("static_shared_uninit", x)).all()  # and again, on a second launch
+
+
+def test_barriers_at_different_call_sites_are_reported(emu_ops, schedule):
+    with pytest.raises(RuntimeError, match=r"different __syncthreads \(.*selftest\.h:\d+ vs .*selftest\.h:\d+\)"):
+        emu_ops._selftest("barrier_sites", torch.zeros(64))
+
+
+def test_barrier_in_a_helper_has_one_call_site(emu_ops):
+    """A __syncthreads inside a helper that every thread calls (from two branches) is one barrier."""
+    x = torch.randn(64)
+    torch.testing.assert_close(emu_ops._selftest("barrier_in_helper", x), x[torch.arange(64) ^ 1])
+
+
+def test_plain_shared_does_not_compile_under_emulation(tmp_path):
+    """Kernel code must use MK_SHARED_ARRAY: a plain __shared__ (a function-local static under g++, one
+    unpoisoned copy for every block) is a compile error in the emulator build."""
+    import shutil
+    from pathlib import Path
+
+    from mokernels import _build_config as cfg
+    gxx = shutil.which("g++")
+    if gxx is None or not cfg.CUDA_INCLUDE_DIRS:
+        pytest.skip("needs g++ and the CUDA host headers")
+    src = tmp_path / "t.cpp"
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    src.write_text('#include "kernels/common/platform.cuh"\nvoid k() { __shared__ float s[4]; s[0] = 1.f; }\n')
+    cmd = [gxx, "-std=c++20", "-fsyntax-only", "-DMOKERNELS_EMULATION", f"-I{csrc}",
+           *[f"-I{i}" for i in cfg.CUDA_INCLUDE_DIRS], str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "use_MK_SHARED_ARRAY" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_emulator_survives_a_failed_launch(emu_ops):
     with pytest.raises(RuntimeError):
         emu_ops._selftest("exited_lane_shuffle", torch.zeros(32))

@@ -34,7 +34,7 @@ MK_GLOBAL void warp_ops_kernel(const float* x, float* out) {
 // Threads t >= keep return at once; the rest meet at two barriers (exited threads are dropped) and
 // read a neighbour through shared memory: out[t] = x[(t + 1) % keep] for t < keep.
 MK_GLOBAL void early_exit_kernel(const float* x, float* out, int keep) {
-  MK_SHARED float s[1024];
+  MK_SHARED_ARRAY(float, s, 1024);
   const int t = threadIdx.x;
   if (t >= keep) return;
   s[t] = x[t];
@@ -95,8 +95,8 @@ MK_GLOBAL void cross_warp_read_kernel(const float* x, float* out, bool sync) {
 // K step's loads) deleted. Both mutants must give a wrong result.
 constexpr int kGemmLd = 24;  // padded smem row (halves): 48-byte rows keep ldmatrix rows 16-byte aligned
 MK_GLOBAL void two_warp_gemm_kernel(const float* a, const float* b, float* c, int K, int mode) {
-  MK_SHARED_ALIGNED(16) __half sa[32 * kGemmLd];
-  MK_SHARED_ALIGNED(16) __half sb[16 * kGemmLd];
+  MK_SHARED_ARRAY_ALIGNED(16, __half, sa, 32 * kGemmLd);
+  MK_SHARED_ARRAY_ALIGNED(16, __half, sb, 16 * kGemmLd);
   const int t = threadIdx.x, lane = lane_id(), warp = t / kWarpSize;
   float acc[2][4] = {};
   for (int k0 = 0; k0 < K; k0 += 16) {
@@ -123,9 +123,36 @@ MK_GLOBAL void two_warp_gemm_kernel(const float* a, const float* b, float* c, in
     }
 }
 
+// Static shared memory is poisoned in every block: each of the grid's blocks reads its array before
+// writing it, then writes it (a GPU gives garbage, the emulator NaN; with function-local statics the
+// second block would read the first block's values). out[block, t] = s[t] before any write = NaN.
+MK_GLOBAL void static_shared_uninit_kernel(const float* x, float* out) {
+  MK_SHARED_ARRAY(float, s, 1024);
+  const int t = threadIdx.x;
+  out[blockIdx.x * blockDim.x + t] = s[t];  // BUG (planted): read before written
+  block_sync();
+  s[t] = x[t];
+}
+
+// Barrier identity: even and odd threads wait at two different __syncthreads (undefined behaviour on a
+// GPU; sm_70+ may even let it "work"). helper = true: both branches call one helper that holds the
+// barrier (one call site: legal when every thread calls it). out[t] = x[t ^ 1] through shared memory.
+MK_DEVICE void barrier_helper() { block_sync(); }
+MK_GLOBAL void barrier_sites_kernel(const float* x, float* out, bool helper) {
+  MK_SHARED_ARRAY(float, s, 1024);
+  const int t = threadIdx.x;
+  s[t] = x[t];
+  if (t % 2 == 0) {
+    if (helper) barrier_helper(); else block_sync();
+  } else {
+    if (helper) barrier_helper(); else block_sync();
+  }
+  out[t] = s[t ^ 1];
+}
+
 // Misuse: ldmatrix from a row address that is not 16-byte aligned.
 MK_GLOBAL void misaligned_ldmatrix_kernel(float* out) {
-  MK_SHARED_ALIGNED(16) __half tile[8 * 16 + 8];
+  MK_SHARED_ARRAY_ALIGNED(16, __half, tile, 8 * 16 + 8);
   const int lane = lane_id();
   for (int i = lane; i < 8 * 16 + 8; i += 32) tile[i] = __float2half(static_cast<float>(i));
   block_sync();
@@ -185,6 +212,13 @@ inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
     auto k = cross_warp_read_kernel;
     MK_LAUNCH(k, dim3(1), dim3(threads), n * sizeof(float), nullptr, ptr<float>(x), ptr<float>(out),
               which == "cross_warp_read_synced");
+  } else if (which == "static_shared_uninit") {
+    out = at::zeros({2, n}, x.options());
+    auto k = static_shared_uninit_kernel;
+    MK_LAUNCH(k, dim3(2), dim3(threads), 0, nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "barrier_sites" || which == "barrier_in_helper") {
+    auto k = barrier_sites_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), 0, nullptr, ptr<float>(x), ptr<float>(out), which == "barrier_in_helper");
   } else if (which == "misaligned_ldmatrix") {
     auto k = misaligned_ldmatrix_kernel;
     MK_LAUNCH(k, dim3(1), dim3(32), 0, nullptr, ptr<float>(out));

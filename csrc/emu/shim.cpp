@@ -110,6 +110,8 @@ struct ThreadState {
   int lane = 0;
   State state = State::Done;
   const char* collective = nullptr;  // the warp collective this fiber waits at
+  const char* sync_file = nullptr;   // the __syncthreads call site this fiber waits at
+  unsigned sync_line = 0;
   Context ctx;
   unsigned char* stack = nullptr;  // mmap'ed, lowest page is a guard page
 };
@@ -122,6 +124,13 @@ struct BlockState {
   std::vector<unsigned char> exchange;  // [warps][32][kExchangeBytes]
   void* smem = nullptr;
   size_t smem_bytes = 0;
+  // Static shared arrays of the current block (MK_SHARED_ARRAY): declaration-site tag -> allocation.
+  struct StaticShared {
+    const void* tag;
+    void* ptr;
+    size_t bytes, align;
+  };
+  std::vector<StaticShared> static_smem;
   bool forward_first = false;  // scheduling order of the first pass (then alternating)
   const std::function<void()>* body = nullptr;
   Context sched;
@@ -238,10 +247,17 @@ bool run_warp(BlockState& b, int w, bool& lane_forward) {
   }
 }
 
+void free_static_shared(BlockState& b) {
+  for (auto& a : b.static_smem) ::operator delete(a.ptr, std::align_val_t{a.align});
+  b.static_smem.clear();
+}
+
+std::string site(const ThreadState& t) { return std::string(t.sync_file) + ":" + std::to_string(t.sync_line); }
+
 // Warp-serial schedule: a phase is the interval between two block barriers; in each phase every warp
 // runs alone through all of its collectives up to the block barrier, warps in alternating order
 // (reverse first by default), so no warp ever sees another warp's writes of the same phase.
-void run_block(BlockState& b) {
+void run_block_fibers(BlockState& b) {
   for (auto& t : b.threads) {
     t.state = State::Ready;
     t.ctx.init(t.stack, kStackBytes, fiber_main);
@@ -253,15 +269,28 @@ void run_block(BlockState& b) {
   for (bool warp_forward = b.forward_first;; warp_forward = !warp_forward) {
     for (int k = 0; k < nwarps; ++k)
       if (!run_warp(b, warp_forward ? k : nwarps - 1 - k, lane_forward)) return;
-    // Every live thread now waits at the block barrier.
-    bool any_live = false;
-    for (auto& t : b.threads)
-      if (t.state != State::Done) {
-        any_live = true;
-        t.state = State::Ready;
+    // Every live thread now waits at a block barrier: the same one (call site), or the kernel diverged.
+    const ThreadState* first = nullptr;
+    for (auto& t : b.threads) {
+      if (t.state == State::Done) continue;
+      if (first == nullptr) {
+        first = &t;
+      } else if (t.sync_line != first->sync_line || std::strcmp(t.sync_file, first->sync_file) != 0) {
+        set_error(b, "threads meet at different __syncthreads (" + site(*first) + " vs " + site(t) +
+                         "): divergent barriers");
+        return;
       }
-    if (!any_live) return;
+      t.state = State::Ready;
+    }
+    if (first == nullptr) return;
   }
+}
+
+// One block: its fibers, then the release of its static shared memory (a fresh allocation per block:
+// never the previous block's data, and fresh shadow memory for the sanitizers).
+void run_block(BlockState& b) {
+  run_block_fibers(b);
+  free_static_shared(b);
 }
 
 }  // namespace
@@ -275,8 +304,25 @@ const dim3& grid_dim() { return cur_block().grid; }
 int lane_id() { return cur_block(), tls_thread->lane; }
 void* dynamic_shared() { return cur_block().smem; }
 
-void block_sync() {
+void* static_shared(const void* tag, size_t bytes, size_t align) {
+  BlockState& b = cur_block();
+  for (auto& a : b.static_smem)
+    if (a.tag == tag) {
+      if (a.bytes != bytes) fail("one static shared array declared with two sizes");
+      return a.ptr;
+    }
+  align = std::max(align, alignof(std::max_align_t));
+  // Exactly `bytes`: an access one past the end is a heap-buffer-overflow under ASan.
+  void* p = ::operator new(bytes, std::align_val_t{align});
+  std::memset(p, 0xFF, bytes);  // poison: uninitialised shared memory reads as 0xFF bytes (NaN)
+  b.static_smem.push_back({tag, p, bytes, align});
+  return p;
+}
+
+void block_sync(const char* file, unsigned line) {
   cur_block();
+  tls_thread->sync_file = file;
+  tls_thread->sync_line = line;
   tls_thread->state = State::AtBlockBarrier;
   switch_to_scheduler(false);
 }
@@ -308,7 +354,7 @@ void fail(const char* what) {
 }
 
 void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
-  static std::mutex mu;  // statics stand in for shared memory: one emulated launch at a time
+  static std::mutex mu;  // one emulated launch at a time (the shim's thread-locals, the kernels' tags)
   std::lock_guard<std::mutex> lock(mu);
   // The limits a GPU enforces at launch (cudaErrorInvalidConfiguration there).
   const int64_t nthreads = static_cast<int64_t>(block.x) * block.y * block.z;
@@ -352,6 +398,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
           munmap(t.stack - page, kStackBytes + page);
         }
       ::operator delete(b.smem, std::align_val_t{16});
+      free_static_shared(b);
       tls_block = nullptr;
       tls_thread = nullptr;
     }

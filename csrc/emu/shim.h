@@ -8,8 +8,13 @@
 //    returned early is dropped from the barrier, like std::barrier::arrive_and_drop);
 //  * warp collectives (shuffles, ballots, ldmatrix, mma) go through a per-warp exchange buffer:
 //    write own value, warp barrier, read the source lane's value, warp barrier;
-//  * __shared__ variables are function-local statics (blocks never overlap), dynamic shared memory is
-//    a heap buffer of exactly the requested size (so ASan sees one-past-the-end accesses);
+//  * static shared arrays (MK_SHARED_ARRAY) are per-block heap allocations of exactly their size, made
+//    on the first request in each block and freed at its end; dynamic shared memory is one heap buffer
+//    of exactly the requested size; both are filled with 0xFF bytes at block start (NaN as floats) and
+//    ASan sees one-past-the-end accesses;
+//  * every __syncthreads carries its call site (std::source_location): live threads parked at barriers
+//    of different call sites are an error. A barrier inside a helper called from two places has one
+//    call site (the helper's line): legal CUDA if all threads call it, and not flagged;
 //  * misuse that is undefined behaviour on a GPU is an error here: a warp collective while a lane of
 //    that warp has exited, waits at another kind of collective or does not exist; a barrier that not
 //    all live threads reach (deadlock); launch limits (block dims, 48 KiB dynamic shared memory);
@@ -54,10 +59,15 @@ int lane_id();
 
 int64_t ceil_div_host(int64_t a, int64_t b);
 
-void block_sync();
+// __syncthreads reached at source line file:line (the barrier's identity: live threads of a block
+// parked at barriers with different call sites are an error).
+void block_sync(const char* file, unsigned line);
 // `kind` names the collective (a string literal); lanes meeting at different kinds are an error.
 void warp_sync(const char* kind);
 void* dynamic_shared();
+// The running block's static shared array declared at the site identified by `tag` (MK_SHARED_ARRAY):
+// allocated on the first request in each block, exactly `bytes`, filled with 0xFF, freed at block end.
+void* static_shared(const void* tag, size_t bytes, size_t align);
 [[noreturn]] void fail(const char* what);
 
 // Per-warp exchange: slot of `lane` (valid between the two warp_syncs of a collective).
