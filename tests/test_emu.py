@@ -159,6 +159,44 @@ def test_plain_shared_does_not_compile_under_emulation(tmp_path):
     assert "use_MK_SHARED_ARRAY" in proc.stderr, proc.stderr[-2000:]
 
 
+def _pipeline_expect(x):
+    return x.view(-1, 256).roll(-4, dims=1).flatten()
+
+
+@pytest.mark.parametrize("kind", ["ca4", "ca8", "ca16", "cg16"])
+@pytest.mark.parametrize("mode", [0, 4], ids=["wait_group1", "wait_all"])
+def test_cp_async_pipeline_is_right(emu_ops, schedule, kind, mode):
+    x = torch.randn(4 * 256)
+    torch.testing.assert_close(emu_ops._selftest(f"cp_async_{kind}_{mode}", x), _pipeline_expect(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,bad_stages", [(1, [0, 1, 2, 3]), (2, [3]), (3, [0])],
+                         ids=["missing_wait", "wait_group1_where_0_needed", "missing_commit"])
+def test_cp_async_misuse_reads_poison(emu_ops, schedule, mode, bad_stages):
+    """cp.async lands only at its wait_group (not at __syncthreads): until then the destination holds
+    0xFF bytes, so each of these pipelines reads NaN exactly in the stages its bug leaves pending."""
+    x = torch.randn(4 * 256)
+    out = emu_ops._selftest(f"cp_async_ca16_{mode}", x).view(4, 256)
+    expect = _pipeline_expect(x).view(4, 256)
+    for s in range(4):
+        if s in bad_stages:
+            assert torch.isnan(out[s]).all(), s
+        else:
+            torch.testing.assert_close(out[s], expect[s], rtol=0, atol=0)
+
+
+def test_cp_async_zero_fill(emu_ops):
+    x = torch.randn(256)
+    out = emu_ops._selftest("cp_async_zfill", x).view(64, 4)
+    keep = (torch.arange(64) % 5).unsqueeze(1) > torch.arange(4)
+    torch.testing.assert_close(out, torch.where(keep, x.view(64, 4), torch.zeros(())), rtol=0, atol=0)
+
+
+def test_cp_async_misaligned_is_reported(emu_ops):
+    with pytest.raises(RuntimeError, match="cp.async shared-memory destination is not aligned"):
+        emu_ops._selftest("cp_async_zfill_misaligned", torch.zeros(256))
+
+
 def test_emulator_survives_a_failed_launch(emu_ops):
     with pytest.raises(RuntimeError):
         emu_ops._selftest("exited_lane_shuffle", torch.zeros(32))

@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "../torch_glue.h"
+#include "../kernels/common/async.cuh"
 #include "../kernels/common/mma.cuh"
 #include "../kernels/common/warp.cuh"
 
@@ -150,6 +151,57 @@ MK_GLOBAL void barrier_sites_kernel(const float* x, float* out, bool helper) {
   out[t] = s[t ^ 1];
 }
 
+// cp.async double-buffered pipeline (64 threads): stage s of x (256 floats) is copied into buffer s % 2,
+// each thread 16 bytes as 16 / N copies of N bytes (.cg when CG), the copy of stage s + 1 overlapping the
+// use of stage s; out[s * 256 + i] = stage s [(i + 4) % 256] (the neighbour thread's copy: needs the
+// barrier after the wait). mode 0: correct (wait_group<1>, an empty group at the end); 1: no wait;
+// 2: no empty group at the end, so wait_group<1> leaves the last stage pending (<0> is needed there);
+// 3: the prologue's commit missing (stages 0 and 1 form one group, still pending at the first
+// wait_group<1>); 4: correct without overlap (wait_all). Modes 1-3 must read poison.
+template <int N, bool CG>
+MK_GLOBAL void cp_async_pipeline_kernel(const float* x, float* out, int stages, int mode) {
+  MK_SHARED_ARRAY_ALIGNED(16, float, buf, 2 * 256);
+  const int t = threadIdx.x;
+  auto issue = [&](int s) {
+    auto* dst = reinterpret_cast<unsigned char*>(buf + (s % 2) * 256 + 4 * t);
+    const auto* src = reinterpret_cast<const unsigned char*>(x + s * 256 + 4 * t);
+    for (int b = 0; b < 16; b += N) {
+      if constexpr (CG)
+        cp_async_cg<16>(dst + b, src + b);
+      else
+        cp_async_ca<N>(dst + b, src + b);
+    }
+  };
+  issue(0);
+  if (mode != 3 && mode != 4) cp_async_commit_group();
+  for (int s = 0; s < stages; ++s) {
+    if (mode == 4) {
+      cp_async_wait_all();
+    } else {
+      if (s + 1 < stages) issue(s + 1);
+      if (mode != 2 || s + 1 < stages) cp_async_commit_group();
+      if (mode != 1) cp_async_wait_group<1>();
+    }
+    block_sync();
+    const float* b = buf + (s % 2) * 256;
+    for (int i = 0; i < 4; ++i) out[s * 256 + 4 * t + i] = b[(4 * t + i + 4) % 256];
+    block_sync();  // the next stage's copy overwrites this buffer
+    if (mode == 4 && s + 1 < stages) issue(s + 1);
+  }
+}
+
+// cp.async.cg with src-size: thread t copies 4 * (t % 5) bytes of x[4t..4t+3] and zero-fills the rest
+// of its 16 bytes; out[4t + i] = i < t % 5 ? x[4t + i] : 0. misaligned = true: the destination is
+// 4 bytes off a 16-byte boundary (must be reported).
+MK_GLOBAL void cp_async_zfill_kernel(const float* x, float* out, bool misaligned) {
+  MK_SHARED_ARRAY_ALIGNED(16, float, buf, 4 * 64 + 4);
+  const int t = threadIdx.x;
+  cp_async_cg_zfill<16>(buf + 4 * t + (misaligned ? 1 : 0), x + 4 * t, 4 * (t % 5));
+  cp_async_commit_group();
+  cp_async_wait_group<0>();
+  for (int i = 0; i < 4; ++i) out[4 * t + i] = buf[4 * t + i];
+}
+
 // Misuse: ldmatrix from a row address that is not 16-byte aligned.
 MK_GLOBAL void misaligned_ldmatrix_kernel(float* out) {
   MK_SHARED_ARRAY_ALIGNED(16, __half, tile, 8 * 16 + 8);
@@ -178,8 +230,32 @@ inline at::Tensor run_two_warp_gemm(const at::Tensor& x, int mode) {
   return c;
 }
 
+// x: stages * 256 floats; which = "cp_async_<ca4|ca8|ca16|cg16>_<mode>".
+inline at::Tensor run_cp_async(const at::Tensor& x, const std::string& which) {
+  const int64_t stages = x.numel() / 256;
+  TORCH_CHECK_VALUE(stages >= 1 && stages * 256 == x.numel(), "_selftest: cp_async x must hold 256 * stages");
+  at::Tensor out = at::zeros_like(x);
+  const std::string kind = which.substr(9, which.rfind('_') - 9);
+  const int mode = std::stoi(which.substr(which.rfind('_') + 1));
+  auto k = cp_async_pipeline_kernel<16, false>;
+  if (kind == "ca4") k = cp_async_pipeline_kernel<4, false>;
+  else if (kind == "ca8") k = cp_async_pipeline_kernel<8, false>;
+  else if (kind == "cg16") k = cp_async_pipeline_kernel<16, true>;
+  else TORCH_CHECK_VALUE(kind == "ca16", "_selftest: unknown cp.async kind ", kind);
+  MK_LAUNCH(k, dim3(1), dim3(64), 0, nullptr, ptr<float>(x), ptr<float>(out), static_cast<int>(stages), mode);
+  return out;
+}
+
 inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous().to(at::kFloat);
+  if (which.rfind("cp_async_zfill", 0) == 0) {
+    TORCH_CHECK_VALUE(x.numel() == 256, "_selftest: cp_async_zfill x must hold 256 floats");
+    at::Tensor out = at::zeros_like(x);
+    auto k = cp_async_zfill_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(64), 0, nullptr, ptr<float>(x), ptr<float>(out), which == "cp_async_zfill_misaligned");
+    return out;
+  }
+  if (which.rfind("cp_async_", 0) == 0) return run_cp_async(x, which);
   if (which == "two_warp_gemm") return run_two_warp_gemm(x, 0);
   if (which == "two_warp_gemm_no_raw_barrier") return run_two_warp_gemm(x, 1);
   if (which == "two_warp_gemm_no_war_barrier") return run_two_warp_gemm(x, 2);

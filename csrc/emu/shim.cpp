@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -112,6 +113,15 @@ struct ThreadState {
   const char* collective = nullptr;  // the warp collective this fiber waits at
   const char* sync_file = nullptr;   // the __syncthreads call site this fiber waits at
   unsigned sync_line = 0;
+  // cp.async (per thread, as in the PTX ISA): copies issued but not yet committed, then committed
+  // groups oldest first. None is performed before its wait (or the block's end).
+  struct AsyncCopy {
+    void* dst;
+    const void* src;
+    unsigned cp_bytes, src_bytes;
+  };
+  std::vector<AsyncCopy> async_open;
+  std::deque<std::vector<AsyncCopy>> async_groups;
   Context ctx;
   unsigned char* stack = nullptr;  // mmap'ed, lowest page is a guard page
 };
@@ -247,6 +257,26 @@ bool run_warp(BlockState& b, int w, bool& lane_forward) {
   }
 }
 
+void perform(const std::vector<ThreadState::AsyncCopy>& group) {
+  for (const auto& c : group) {
+    std::memcpy(c.dst, c.src, c.src_bytes);
+    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.cp_bytes - c.src_bytes);
+  }
+}
+
+// At block end: copies still pending when their thread exited land now (committed groups in order,
+// then the uncommitted ones), as they would on a GPU; after a failed block they are dropped.
+void finish_async_copies(BlockState& b, bool perform_them) {
+  for (auto& t : b.threads) {
+    if (perform_them) {
+      for (const auto& g : t.async_groups) perform(g);
+      perform(t.async_open);
+    }
+    t.async_groups.clear();
+    t.async_open.clear();
+  }
+}
+
 void free_static_shared(BlockState& b) {
   for (auto& a : b.static_smem) ::operator delete(a.ptr, std::align_val_t{a.align});
   b.static_smem.clear();
@@ -290,6 +320,7 @@ void run_block_fibers(BlockState& b) {
 // never the previous block's data, and fresh shadow memory for the sanitizers).
 void run_block(BlockState& b) {
   run_block_fibers(b);
+  finish_async_copies(b, b.error.empty());
   free_static_shared(b);
 }
 
@@ -303,6 +334,31 @@ const dim3& block_dim() { return cur_block().block; }
 const dim3& grid_dim() { return cur_block().grid; }
 int lane_id() { return cur_block(), tls_thread->lane; }
 void* dynamic_shared() { return cur_block().smem; }
+
+void cp_async(void* dst, const void* src, unsigned cp_bytes, unsigned src_bytes) {
+  cur_block();
+  if (src_bytes > cp_bytes) fail("cp.async: src-size larger than cp-size");
+  require_aligned(dst, cp_bytes, "cp.async shared-memory destination is not aligned to the copy size");
+  require_aligned(src, cp_bytes, "cp.async global source is not aligned to the copy size");
+  // Poison now: a read of the destination before the matching wait sees 0xFF bytes (NaN).
+  std::memset(dst, 0xFF, cp_bytes);
+  tls_thread->async_open.push_back({dst, src, cp_bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  cur_block();
+  tls_thread->async_groups.push_back(std::move(tls_thread->async_open));
+  tls_thread->async_open.clear();
+}
+
+void cp_async_wait(int pending) {
+  cur_block();
+  auto& groups = tls_thread->async_groups;
+  while (static_cast<int>(groups.size()) > pending) {
+    perform(groups.front());
+    groups.pop_front();
+  }
+}
 
 void* static_shared(const void* tag, size_t bytes, size_t align) {
   BlockState& b = cur_block();

@@ -70,6 +70,14 @@ void* dynamic_shared();
 void* static_shared(const void* tag, size_t bytes, size_t align);
 [[noreturn]] void fail(const char* what);
 
+// cp.async (kernels/common/async.cuh), per thread: record a copy of `cp_bytes` (4, 8, 16) into the
+// thread's open group, reading `src_bytes` <= cp_bytes from src and zero-filling the rest, and fill
+// dst with 0xFF now; commit closes the open group; wait(n) performs all committed groups but the
+// newest n, oldest first. Copies still pending when the block ends are performed then.
+void cp_async(void* dst, const void* src, unsigned cp_bytes, unsigned src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending);
+
 // Per-warp exchange: slot of `lane` (valid between the two warp_syncs of a collective).
 unsigned char* exchange_slot(int lane);
 bool lane_exists(int lane);

@@ -74,6 +74,8 @@ inline cudaError_t last_launch_error() { return cudaSuccess; }
 
 namespace mk {
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
+// The 32-bit shared-state-space address of a generic pointer into shared memory (PTX operands).
+MK_DEVICE uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 }  // namespace mk
 
 #endif
