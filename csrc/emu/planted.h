@@ -49,23 +49,16 @@ inline at::Tensor planted_int_overflow(const at::Tensor& x) {
   return out;
 }
 
-inline at::Tensor planted_uninit(const at::Tensor& x_in) {
+// out[r] = kernel's sum of row r of x [T, R] (one thread per row, 32-thread blocks).
+template <class Kernel> at::Tensor launch_row_sums(Kernel kernel, const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous().to(at::kFloat);
   at::Tensor out = at::empty({x.size(0)}, x.options());
-  auto kernel = row_sum_uninit;
   MK_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(x.size(0), 32))), dim3(32), 0, nullptr, ptr<float>(x),
             ptr<float>(out), x.size(0), x.size(1));
   return out;
 }
-
-inline at::Tensor planted_oob(const at::Tensor& x_in) {
-  const at::Tensor x = x_in.contiguous().to(at::kFloat);
-  at::Tensor out = at::empty({x.size(0)}, x.options());
-  auto kernel = row_sum_one_past;
-  MK_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(x.size(0), 32))), dim3(32), 0, nullptr, ptr<float>(x),
-            ptr<float>(out), x.size(0), x.size(1));
-  return out;
-}
+inline at::Tensor planted_uninit(const at::Tensor& x) { return launch_row_sums(row_sum_uninit, x); }
+inline at::Tensor planted_oob(const at::Tensor& x) { return launch_row_sums(row_sum_one_past, x); }
 
 inline void define(torch::Library& m) {
   m.def("_planted_oob_read(Tensor x) -> Tensor");
