@@ -63,9 +63,9 @@ def test_misuse_is_reported(emu_ops, case, msg):
 
 
 def test_missing_barrier_is_exposed(emu_ops):
-    """Unwritten shared memory reads as NaN and fibers run in one order (reverse by default, forward
-    in the ASan pass) until the first barrier, so a kernel reading its neighbours' slots without
-    __syncthreads gives a visibly wrong answer in either schedule."""
+    """Unwritten shared memory reads as NaN and the lanes of a warp run in one order (reverse-first by
+    default, forward-first with MOKERNELS_EMU_SCHEDULE=forward) up to the barrier, so a kernel reading its
+    neighbours' slots without __syncthreads gives a visibly wrong answer in either schedule."""
     x = torch.arange(1.0, 65.0)
     out = emu_ops._selftest("missing_barrier", x)
     assert torch.isnan(out).any()
