@@ -92,12 +92,13 @@ MK_GLOBAL void cross_warp_read_kernel(const float* x, float* out, bool sync) {
 // Static shared memory is poisoned in every block: each of the grid's blocks reads its array before
 // writing it, then writes it (a GPU gives garbage, the emulator NaN; with function-local statics the
 // second block would read the first block's values). out[block, t] = s[t] before any write = NaN.
+// (A 2-D array: float s[32][32], declared with an array element type.)
 MK_GLOBAL void static_shared_uninit_kernel(const float* x, float* out) {
-  MK_SHARED_ARRAY(float, s, 1024);
+  MK_SHARED_ARRAY(float[32], s, 32);
   const int t = threadIdx.x;
-  out[blockIdx.x * blockDim.x + t] = s[t];  // BUG (planted): read before written
+  out[blockIdx.x * blockDim.x + t] = s[t / 32][t % 32];  // BUG (planted): read before written
   block_sync();
-  s[t] = x[t];
+  s[t / 32][t % 32] = x[t];
 }
 
 // Barrier identity: even and odd threads wait at two different __syncthreads (undefined behaviour on a
