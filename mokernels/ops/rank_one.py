@@ -3,13 +3,18 @@
 MoORE's experts are the rank-one pieces ``uᵢ σᵢ vᵢᵀ`` of a weight's thin SVD; each token scales
 expert i's coefficient ``zᵢ = (Vᵀ H x)ᵢ`` by ``σᵢ + gᵢ(x)``. This op is that elementwise scaling
 (forward and backward); the fused two-GEMM layer builds on it.
+
+AD modes: reverse, double backward and forward mode (jvp) on every device. CPU tensors run the
+reference composition directly (torch's autograd provides every mode); CUDA tensors run the kernel
+through an autograd.Function (eager) or the registered op autograd (torch.compile: reverse mode).
+Autocast: ``sigma`` and ``g`` are cast to ``z``'s dtype (README "Autocast").
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, expect, expect_dtype
+from ._checks import acc_dtype, autocast_like, expect, expect_dtype, expect_same_device, grad_or_tangent, is_eager
 
 _OP = "rank_one_scale"
 
@@ -19,13 +24,20 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
 
     Args:
         z: ``[..., R]`` expert coefficients (fp16, bf16, fp32 or fp64).
-        sigma: ``[R]`` singular values, same dtype as ``z``.
-        g: ``[..., R]`` per-token gates, same shape and dtype as ``z``.
+        sigma: ``[R]`` singular values, same dtype as ``z`` (under ``torch.autocast``: cast to z's dtype).
+        g: ``[..., R]`` per-token gates, same shape and dtype as ``z`` (autocast: cast to z's dtype).
     Returns:
-        ``[..., R]`` contiguous, dtype of ``z``; computed in fp32 (fp64 for fp64 inputs).
-    Differentiable in all three inputs. CUDA tensors run the fused kernel; CPU tensors the reference.
-    Non-contiguous inputs are copied to contiguous ones first.
+        ``[..., R]`` contiguous, dtype of ``z``; computed in fp32 (fp64 for fp64 inputs), rounded once.
+    Differentiable in all three inputs: reverse mode, double backward, forward mode. CUDA tensors run
+    the fused kernel; CPU tensors the reference. Non-contiguous inputs are copied to contiguous ones first.
     """
+    expect(all(isinstance(t, Tensor) for t in (z, sigma, g)), _OP, "z, sigma and g must be tensors")
+    sigma, g = autocast_like(z.device.type, z, sigma, g)
+    if z.device.type == "cpu" and is_eager():
+        check_args(z, sigma, g)
+        return rank_one_scale_reference(z, sigma, g)
+    if is_eager() and grad_or_tangent(z, sigma, g):
+        return _RankOneScaleFn.apply(z, sigma, g)
     return torch.ops.mokernels.rank_one_scale(z, sigma, g)
 
 
@@ -37,28 +49,51 @@ def check_args(z: Tensor, sigma: Tensor, g: Tensor) -> None:
     expect_dtype(_OP, "z", z)
     expect_dtype(_OP, "sigma", sigma, like=z)
     expect_dtype(_OP, "g", g, like=z)
+    expect_same_device(_OP, "z", z, sigma=sigma, g=g)
 
 
 def _check_backward_args(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor) -> None:
     check_args(z, sigma, g)
     expect(grad.shape == z.shape, _OP, f"grad must have z's shape {list(z.shape)}, got {list(grad.shape)}")
     expect_dtype(_OP, "grad", grad, like=z)
+    expect_same_device(_OP, "z", z, grad=grad)
 
 
 def rank_one_scale_reference(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
-    """Pure-torch specification of :func:`rank_one_scale` (fp32 math, or fp64 for fp64)."""
+    """Pure-torch specification of :func:`rank_one_scale` (fp32 math, or fp64 for fp64), differentiable
+    in every AD mode. fp16/bf16: ``σ + g`` in fp32 (one fp32 temporary), the product in fp32 rounded
+    once to z's dtype; no fp32 copies of z or g."""
     acc = acc_dtype(z.dtype)
-    return (z.to(acc) * (sigma.to(acc) + g.to(acc))).to(z.dtype).contiguous()
+    if z.dtype == acc:
+        return (z * (sigma + g)).contiguous()
+    s = torch.add(g, sigma.to(acc))  # [..., R] fp32 (type promotion converts g on the fly)
+    if grad_or_tangent(z, s):
+        return (z * s).to(z.dtype).contiguous()
+    out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    return torch.mul(z, s, out=out)  # computed in fp32, rounded once on the store
 
 
 def rank_one_scale_backward_reference(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor):
-    """``(dz, dsigma, dg) = (grad ⊙ (σ + g), Σ_rows grad ⊙ z, grad ⊙ z)`` in fp32 (fp64 for fp64)."""
+    """``(dz, dsigma, dg) = (grad ⊙ (σ + g), Σ_rows grad ⊙ z, grad ⊙ z)`` in fp32 (fp64 for fp64);
+    differentiable (the double backward of the CUDA path goes through it)."""
     acc = acc_dtype(z.dtype)
     gr, za = grad.to(acc), z.to(acc)
     prod = gr * za
     dz = gr * (sigma.to(acc) + g.to(acc))
-    dsigma = prod.reshape(-1, z.shape[-1]).sum(0)
+    dsigma = prod.sum(tuple(range(prod.dim() - 1))) if prod.dim() > 1 else prod  # R = 0 included
     return dz.to(z.dtype).contiguous(), dsigma.to(sigma.dtype), prod.to(z.dtype).contiguous()
+
+
+def rank_one_scale_jvp_reference(z: Tensor, sigma: Tensor, g: Tensor, dz, dsigma, dg) -> Tensor:
+    """Forward-mode AD: ``dz ⊙ (σ + g) + z ⊙ (dσ + dg)`` (None tangents are zero), in fp32 (fp64)."""
+    acc = acc_dtype(z.dtype)
+    out = torch.zeros(z.shape, dtype=acc, device=z.device)
+    if dz is not None:
+        out = out + dz.to(acc) * (sigma.to(acc) + g.to(acc))
+    if dsigma is not None or dg is not None:
+        d = (dsigma.to(acc) if dsigma is not None else 0) + (dg.to(acc) if dg is not None else 0)
+        out = out + z.to(acc) * d
+    return out.to(z.dtype)
 
 
 @torch.library.register_fake("mokernels::rank_one_scale")
@@ -79,13 +114,23 @@ def _fake_backward(grad, z, sigma, g):
 @torch.library.register_kernel("mokernels::rank_one_scale", "cpu")
 def _cpu(z, sigma, g):
     check_args(z, sigma, g)
-    return rank_one_scale_reference(z, sigma, g)
+    with torch.no_grad():
+        return rank_one_scale_reference(z, sigma, g)
 
 
 @torch.library.register_kernel("mokernels::rank_one_scale_backward", "cpu")
 def _cpu_backward(grad, z, sigma, g):
     _check_backward_args(grad, z, sigma, g)
-    return rank_one_scale_backward_reference(grad, z, sigma, g)
+    with torch.no_grad():
+        return rank_one_scale_backward_reference(grad, z, sigma, g)
+
+
+def _grads(need, grad, z, sigma, g):
+    if torch.is_grad_enabled():  # create_graph=True: the differentiable composition (double backward)
+        dz, dsigma, dg = rank_one_scale_backward_reference(grad, z, sigma, g)
+    else:
+        dz, dsigma, dg = torch.ops.mokernels.rank_one_scale_backward(grad, z, sigma, g)
+    return dz if need[0] else None, dsigma if need[1] else None, dg if need[2] else None
 
 
 def _setup_context(ctx, inputs, output):
@@ -94,10 +139,37 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    z, sigma, g = ctx.saved_tensors
-    dz, dsigma, dg = torch.ops.mokernels.rank_one_scale_backward(grad, z, sigma, g)
-    need = ctx.needs_input_grad
-    return dz if need[0] else None, dsigma if need[1] else None, dg if need[2] else None
+    return _grads(ctx.needs_input_grad, grad, *ctx.saved_tensors)
 
 
 torch.library.register_autograd("mokernels::rank_one_scale", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("mokernels.rank_one_scale_backward is not differentiable: differentiate "
+                              "rank_one_scale() instead (its double backward goes through the reference composition)")
+
+
+torch.library.register_autograd("mokernels::rank_one_scale_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+class _RankOneScaleFn(torch.autograd.Function):
+    """The kernel with every AD mode in eager mode (torch.library registers no forward-mode formula)."""
+
+    @staticmethod
+    def forward(z, sigma, g):
+        return torch.ops.mokernels.rank_one_scale(z, sigma, g)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _grads(ctx.needs_input_grad, grad, *ctx.saved_tensors)
+
+    @staticmethod
+    def jvp(ctx, dz, dsigma, dg):
+        return rank_one_scale_jvp_reference(*ctx.saved_tensors, dz, dsigma, dg)
