@@ -3,6 +3,7 @@ the argument and the expected shape/dtype, on every device and at trace time."""
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,18 +42,15 @@ def expect_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torc
 
 def can_sync(t: torch.Tensor) -> bool:
     """Whether a host check may read ``t``'s values: not a meta or fake tensor (tracing, FakeTensorMode)."""
-    if t.device.type == "meta":
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not is_fake(t)
+    return t.device.type != "meta" and not is_fake(t)
 
 
-def is_eager() -> bool:
-    """Not under torch.compile and not capturing a CUDA graph: host checks and Python-side AD wrappers may run."""
+def is_eager(device_type: str = "cuda") -> bool:
+    """Not under torch.compile and (for CUDA tensors) not capturing a CUDA graph: host checks and
+    Python-side AD wrappers may run."""
     if torch.compiler.is_compiling():
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return device_type != "cuda" or not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def grad_or_tangent(*ts: torch.Tensor) -> bool:

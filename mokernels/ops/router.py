@@ -193,8 +193,10 @@ def route(
     dense = bool(dense)
     lead = logits.shape[:-1]
     z = logits.reshape(-1, N)
-    check = validate and is_eager() and can_sync(z)
-    if z.device.type == "cpu" and is_eager():
+    eager = is_eager(z.device.type)
+    real = eager and can_sync(z)  # eager, not meta / fake: values may be read
+    check = validate and real
+    if z.device.type == "cpu" and real:
         # CPU: the reference itself, differentiable by torch's autograd in every mode; validity comes
         # out of the same pass (one host check, free on CPU).
         ids, w, counts, d, valid = _route_core(z, r, p, kmax, renorm, dense)
@@ -207,7 +209,7 @@ def route(
                 _raise_bad_row(row)
         if N > MAX_EXPERTS_KERNEL and z.device.type not in ("cpu", "meta"):  # beyond the kernel: the reference
             ids, w, counts, d, _ = _route_core(z, r, p, kmax, renorm, dense)
-        elif is_eager() and grad_or_tangent(z):
+        elif eager and grad_or_tangent(z):
             ids, w, counts, d = _RouteFn.apply(z, float(temperature), p, kmax, renorm, dense)
         else:
             ids, w, counts, d = torch.ops.mokernels.route_fwd(z, float(temperature), p, kmax, renorm, dense)
@@ -412,10 +414,14 @@ def _route_core(z: Tensor, r: float, top_p: float, kmax: int, renorm: str, dense
     if not bool(valid.all()):  # keep everything finite (and the gradient 0) in invalid rows
         x = torch.where(valid, x, 0.0)
         m = torch.where(valid, m, 0.0)
-    e = torch.exp(x - m)  # rule 3
-    S = e.sum(-1, keepdim=True)
-    valid = valid[:, 0] & torch.isfinite(S[:, 0])
-    e_sel = e.gather(1, idx)  # [T, K] in the order of rule 2
+    if top_p < 1.0 or renorm != "sum":
+        e = torch.exp(x - m)  # rule 3
+        S = e.sum(-1, keepdim=True)
+        valid = valid[:, 0] & torch.isfinite(S[:, 0])
+        e_sel = e.gather(1, idx)  # [T, K] in the order of rule 2
+    else:  # top-k / keep-all with w = e_sel / Σ e_sel: S is not needed (a NaN sorts first: m is NaN)
+        S, valid = None, valid[:, 0]
+        e_sel = torch.exp(x.gather(1, idx) - m)
     live = vals > float("-inf")
     count = live.sum(-1)
     if top_p < 1.0:  # rule 4: unnormalised running sum, sequential in A, against fl_A(top_p * S)
