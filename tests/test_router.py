@@ -806,8 +806,18 @@ def test_issue9_emu_top_p_boundaries_match_reference(dtype):
             assert _emu_route(z, top_p=p).counts.tolist() == want.tolist(), (N, k)
 
 
-def test_issue9_cosine_identical_keys_tie_to_lower_index():
+def _gemm_rounding_per_column(a, b):
+    """A GEMM whose result depends on the column's position, as blocked BLAS kernels' can (edge tiles,
+    alignment peeling): odd columns come out 1 ulp up. The issue saw this in fp64; this machine's BLAS
+    happens to round identical columns alike, so the test makes the effect explicit."""
+    c = torch.matmul(a, b)
+    c[:, 1::2] = torch.nextafter(c[:, 1::2], torch.full_like(c[:, 1::2], float("inf")))
+    return c
+
+
+def test_issue9_cosine_identical_keys_tie_to_lower_index(monkeypatch):
     """Defect 8: fp64 GEMM gave identical keys logits 1 ulp apart, breaking "ties -> lower index"."""
+    monkeypatch.setattr(R, "_gemm", _gemm_rounding_per_column)
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float64, torch.float32):
         base = torch.randn(6, 24, generator=g, dtype=torch.float64)
