@@ -6,25 +6,31 @@ with a temperature, DLP-LoRA's top-p over tasks per sentence, SLoRA's top-p over
 
 Semantics (the reference :func:`route_reference` is the executable spec):
 
-* ``p = softmax(z / τ)`` in fp32 (fp64 for fp64 logits).
-* Sort descending, ties -> lower expert index first. Keep the shortest prefix whose mass is
-  ``>= top_p``, always at least one expert; ``top_p >= 1`` (or ``None``) keeps all, without any
-  cumulative sum; at most ``kmax`` experts, where ``kmax = top_k`` if given, else ``max_k``, else N
+* ``x = z · r`` with ``r = fl_A(1/τ)`` (1/τ in fp64 rounded once to the accumulation dtype A: fp32,
+  fp64 for fp64 logits; τ and r must be finite and r > 0 in A; τ == 1: x = z); ``p = softmax(x)``.
+* Order: descending x, ties -> lower expert index (by x, not by p: p underflows to 0 for several
+  experts at small τ). Keep the shortest prefix of that order whose *unnormalised* mass reaches the
+  threshold: ``Σ_prefix e >= fl_A(top_p · S)`` with ``e = exp(x - max x)``, ``S = Σ e``, the prefix
+  summed sequentially in A; always at least one expert; ``top_p >= 1`` (or ``None``) keeps all,
+  without any sum; at most ``kmax`` experts, where ``kmax = top_k`` if given, else ``max_k``, else N
   (static: no host sync). With ``top_k`` and no ``top_p`` this is plain top-k; with neither it is a
   dense softmax gate in compact form. A ``max_k``/``top_k`` cap may stop the prefix before it reaches
-  ``top_p`` (then the mass property does not hold, by design).
+  ``top_p`` (then the mass property does not hold, by design). These are the router rules every
+  kernel implements too: the selection agrees bit for bit, weights up to rounding.
 * Experts whose logit is ``-inf`` are masked: never selected (so ``counts`` may be < ``top_k``).
 * Renormalisation: ``"sum"`` ``w = p / Σ p_sel`` (default), ``"softmax"`` ``w = softmax(p_sel)``
   (DLP-LoRA's code), ``"none"`` ``w = p_sel``.
-* Outputs: ``ids [T, kmax]`` int32 in descending-probability order, ``-1`` pads; ``weights [T, kmax]``
+* Outputs: ``ids [T, kmax]`` int32 in the order above, ``-1`` pads; ``weights [T, kmax]``
   in the logits' dtype (0 at pads); ``counts [T]`` int32; optional ``dense [T, N]`` (0 where not kept).
   Weights are in the logits' dtype, as ``torch.softmax`` returns; they are computed in fp32.
-* Invalid rows (a NaN or +inf in ``z / τ``, or all ``-inf``): :func:`route` raises a ValueError
-  naming the row in eager mode (``validate=True``, the default). Under ``torch.compile``, CUDA-graph
-  capture or ``validate=False`` the documented fallback applies instead: count 0, ids -1, weights 0,
-  dense 0, and a zero gradient.
-* Backward: gradient to the logits through the kept, renormalised weights (and the dense weights),
-  the selection held fixed.
+* Invalid rows (a NaN or +inf in ``x``, or all ``-inf``): :func:`route` raises a ValueError
+  naming the row in eager mode (``validate=True``, the default: one fused pass and one host sync;
+  never for meta/fake tensors). Under ``torch.compile``, CUDA-graph capture or ``validate=False``
+  (model-internal calls) the documented fallback applies instead: count 0, ids -1, weights 0, dense 0,
+  and a zero gradient.
+* AD, the selection held fixed: reverse mode, double backward (through the differentiable reference
+  composition of the backward) and, in eager mode, forward mode (``route_cosine``: not implemented,
+  a clear error). Autocast: the router runs in the logits' dtype; route_cosine casts keys to h's dtype.
 
 Public functions: :func:`route` (logits), :func:`route_cosine` (SAMoRA: codes ``h`` and keys, the
 cosine logits formed inside the kernel), :func:`route_segments` (one row per sentence, broadcast to
