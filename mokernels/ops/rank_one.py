@@ -11,6 +11,8 @@ Autocast: ``sigma`` and ``g`` are cast to ``z``'s dtype (README "Autocast").
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -82,6 +84,19 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
 
 
+_scratch = threading.local()
+
+
+def _scratch_blocks(n: int, rows: int, R: int, acc: torch.dtype) -> list[Tensor]:
+    """``n`` fp32 [rows, R] scratch blocks, reused across calls (per thread): a fresh ~1 MiB buffer per
+    call costs an mmap and page faults that are a large part of a 1024x1024 call."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n * rows * R or buf.dtype != acc:
+        buf = torch.empty(max(n * rows * R, n * _BLOCK), dtype=acc)
+        _scratch.buf = buf
+    return [buf[i * rows * R:(i + 1) * rows * R].view(rows, R) for i in range(n)]
+
+
 def _scale_cpu(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     acc = acc_dtype(z.dtype)
     if z.dtype == acc:
@@ -92,8 +107,7 @@ def _scale_cpu(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
         return out
     z2, g2, o2, s = _rows(z), _rows(g), out.view(-1, R), sigma.to(acc)
     step = max(1, _BLOCK // R)
-    a = torch.empty((min(step, z2.shape[0]), R), dtype=acc)
-    b = torch.empty_like(a)
+    a, b = _scratch_blocks(2, min(step, z2.shape[0]), R, acc)
     for i in range(0, z2.shape[0], step):
         j = min(i + step, z2.shape[0])
         aa, bb = a[: j - i], b[: j - i]
@@ -117,8 +131,7 @@ def _scale_backward_cpu(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor):
         gr2, z2, g2, s = _rows(grad), _rows(z), _rows(g), sigma.to(acc)
         dz2 = dz.view(-1, R)
         step = max(1, _BLOCK // R)
-        a = torch.empty((min(step, z2.shape[0]), R), dtype=acc)
-        b, c = torch.empty_like(a), torch.empty_like(a)
+        a, b, c = _scratch_blocks(3, min(step, z2.shape[0]), R, acc)
         for i in range(0, z2.shape[0], step):
             j = min(i + step, z2.shape[0])
             aa, bb, cc = a[: j - i], b[: j - i], c[: j - i]
