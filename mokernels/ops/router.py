@@ -486,12 +486,31 @@ def _softmax_rows(z: Tensor, r: float):
     return x, valid, p
 
 
-def _selected_p(p: Tensor, ids: Tensor):
+class _Kept(NamedTuple):
+    """The kept experts of a fixed selection ``ids`` and the renormalisation's pieces (backward, jvp)."""
+
+    inr: Tensor  # [T, kmax] id in [0, N)
+    idc: Tensor  # [T, kmax] int64 ids, 0 where not in range
+    psel: Tensor  # [T, kmax] p of the kept experts, 0 elsewhere
+    ok: Tensor  # [T, 1] valid row with a nonzero kept mass
+    S: Tensor  # [T, 1] Σ psel (1 where not ok)
+    wv: Tensor | None  # renorm "softmax": the weights softmax(psel) over the kept experts
+
+
+def _kept(p: Tensor, valid: Tensor, ids: Tensor, renorm: str) -> _Kept:
     N = p.shape[1]
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
     inr = (ids >= 0) & (ids < N)
     idc = torch.where(inr, ids, 0).long()
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    return inr, idc, torch.where(inr, p.gather(1, idc), zero), zero
+    psel = torch.where(inr, p.gather(1, idc), zero)
+    S = psel.sum(-1, keepdim=True)
+    ok = valid[:, None] & (S > 0)
+    wv = None
+    if renorm == "softmax":
+        e = torch.where(inr, torch.exp(psel - psel.max(-1, keepdim=True).values), zero)
+        Z = e.sum(-1, keepdim=True)
+        wv = e / torch.where(ok, Z, torch.ones_like(Z))
+    return _Kept(inr, idc, psel, ok, torch.where(ok, S, torch.ones_like(S)), wv)
 
 
 def route_bwd_reference(grad_w: Tensor, grad_dense: Tensor | None, z: Tensor, ids: Tensor, temperature: float,
@@ -503,26 +522,19 @@ def route_bwd_reference(grad_w: Tensor, grad_dense: Tensor | None, z: Tensor, id
     r = inv_temperature(temperature, z.dtype)
     _, valid, p = _softmax_rows(z, r)
     acc = p.dtype
-    inr, idc, psel, zero = _selected_p(p, ids)
+    zero = torch.zeros((), dtype=acc, device=z.device)
+    inr, idc, psel, ok, Ss, wv = _kept(p, valid, ids, renorm)
     gw = grad_w.to(acc)
     if grad_dense is not None:
         gw = gw + grad_dense.to(acc).gather(1, idc)
     gw = torch.where(inr, gw, zero)
-    S = psel.sum(-1, keepdim=True)
-    ok = valid[:, None] & (S > 0)
-    Ss = torch.where(ok, S, torch.ones_like(S))
     if renorm == "none":
         g = gw
     elif renorm == "sum":
         D = (gw * psel).sum(-1, keepdim=True) / Ss
         g = (gw - D) / Ss
     else:
-        pm = psel.max(-1, keepdim=True).values
-        e = torch.where(inr, torch.exp(psel - pm), zero)
-        Z = e.sum(-1, keepdim=True)
-        wv = e / torch.where(ok, Z, torch.ones_like(Z))
-        D = (gw * wv).sum(-1, keepdim=True)
-        g = wv * (gw - D)
+        g = wv * (gw - (gw * wv).sum(-1, keepdim=True))
     g = torch.where(inr, g, zero)
     gd = torch.zeros((T, N), dtype=acc, device=z.device).scatter_add(1, idc, g)
     c = (gd * p).sum(-1, keepdim=True)
@@ -538,19 +550,14 @@ def route_jvp_reference(dz: Tensor, z: Tensor, ids: Tensor, temperature: float, 
     _, valid, p = _softmax_rows(z, r)
     dx = dz.to(p.dtype) * r
     dp = p * (dx - (p * dx).sum(-1, keepdim=True))
-    inr, idc, psel, zero = _selected_p(p, ids)
+    zero = torch.zeros((), dtype=p.dtype, device=z.device)
+    inr, idc, psel, ok, Ss, wv = _kept(p, valid, ids, renorm)
     dsel = torch.where(inr, dp.gather(1, idc), zero)
-    S = psel.sum(-1, keepdim=True)
-    ok = valid[:, None] & (S > 0)
-    Ss = torch.where(ok, S, torch.ones_like(S))
     if renorm == "none":
         dw = dsel
     elif renorm == "sum":
         dw = (dsel - psel / Ss * dsel.sum(-1, keepdim=True)) / Ss
     else:
-        e = torch.where(inr, torch.exp(psel - psel.max(-1, keepdim=True).values), zero)
-        Z = e.sum(-1, keepdim=True)
-        wv = e / torch.where(ok, Z, torch.ones_like(Z))
         dw = wv * (dsel - (wv * dsel).sum(-1, keepdim=True))
     dw = torch.where(inr & ok, dw, zero)
     dd = torch.zeros((T, N), dtype=p.dtype, device=z.device).scatter_add(1, idc, dw).to(z.dtype) if dense else None
