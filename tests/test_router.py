@@ -797,8 +797,9 @@ def test_issue9_fp64_top_p_cut_is_unnormalised():
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_issue9_emu_top_p_boundaries_match_reference(dtype):
-    """Defect 7: on uniform rows every (N, k/N) boundary cuts at the same expert on both paths."""
-    for N in range(1, 41):
+    """Defect 7: on uniform rows every (N, k/N) boundary cuts at the same expert on both paths (the
+    issue counted 228 of 780 pairs apart in fp64; a sample of N keeps the emulated test short)."""
+    for N in (1, 2, 3, 5, 7, 10, 12, 25, 40):
         z = torch.zeros(2, N, dtype=dtype)
         for k in range(1, N + 1):
             p = k / N
