@@ -301,3 +301,10 @@ def test_cpu_fast_path_equals_reference_bitwise(dtype, lead, R):
         want = rank_one_scale_backward_reference(gr, zz, s, gg)
         assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
         torch.testing.assert_close(got[1].double(), want[1].double(), **dsigma_tol(dtype, z.numel() // R))
+
+
+def test_issue9_cuda_path_wrapper_on_cpu():
+    """The eager autograd.Function of the CUDA path: gradcheck and gradgradcheck with the CPU op inside."""
+    z, s, g = _f64((3,), 4, 5)
+    assert torch.autograd.gradcheck(RO._RankOneScaleFn.apply, (z, s, g))
+    assert torch.autograd.gradgradcheck(RO._RankOneScaleFn.apply, (z, s, g))

@@ -928,3 +928,19 @@ def test_issue9_validation_is_one_pass_and_one_sync():
     z[5, 3] = float("nan")
     with pytest.raises(ValueError, match="row 5"):
         R.validate_rows(z, 0.7)
+
+
+def test_issue9_cuda_path_wrappers_on_cpu():
+    """The eager autograd.Functions the CUDA path uses (kernel op inside), run here with the CPU op:
+    gradcheck and gradgradcheck, so a GPU-less CI still covers their backward formulas."""
+    x = _logits(4, 6, torch.float64, 46).requires_grad_(True)
+    for renorm in R.RENORMS:
+        f = lambda t: R._RouteFn.apply(t, 0.9, 0.7, 4, renorm, True)[1::2]  # noqa: E731  (weights, dense)
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradgradcheck(f, (x,))
+    h, k = _codes(4, 5, 3, torch.float64, 47)
+    h.requires_grad_(True)
+    k.requires_grad_(True)
+    fc = lambda a, b: R._RouteCosineFn.apply(a, b, 0.8, 1e-8, 0.6, 3, "softmax", True)[1::2]  # noqa: E731
+    assert torch.autograd.gradcheck(fc, (h, k))
+    assert torch.autograd.gradgradcheck(fc, (h, k))
