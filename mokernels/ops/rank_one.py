@@ -39,6 +39,10 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     if not is_eager(z.device.type if isinstance(z, Tensor) else "cuda"):
         return torch.ops.mokernels.rank_one_scale(z, sigma, g)
     check_args(z, sigma, g)
+    if z.device.type == "cpu" and (z.dtype == acc_dtype(z.dtype) or z.numel() <= _BLOCK // 4):
+        # fp32/fp64, or small: the reference composition itself, torch's autograd gives every AD mode
+        # (no autograd.Function overhead; the blocked kernels pay off only for large fp16/bf16 inputs)
+        return rank_one_scale_reference(z, sigma, g)
     if grad_or_tangent(z, sigma, g):
         return _RankOneScaleFn.apply(z, sigma, g)
     return _scale_cpu(z, sigma, g) if z.device.type == "cpu" else torch.ops.mokernels.rank_one_scale(z, sigma, g)
@@ -70,6 +74,8 @@ def _check_backward_args(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor) -> N
 def rank_one_scale_reference(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     """Pure-torch specification of :func:`rank_one_scale` (fp32 math, or fp64 for fp64)."""
     acc = acc_dtype(z.dtype)
+    if z.dtype == acc:
+        return (z * (sigma + g)).contiguous()
     return (z.to(acc) * (sigma.to(acc) + g.to(acc))).to(z.dtype).contiguous()
 
 
