@@ -420,7 +420,8 @@ def _route_core(z: Tensor, r: float, top_p: float, kmax: int, renorm: str, dense
     vals, idx = _order(x.detach(), K)
     m = vals[:, :1]  # the row max (NaN sorts first; +inf / all -inf give a non-finite max)
     valid = torch.isfinite(m)
-    if not bool(valid.all()):  # keep everything finite (and the gradient 0) in invalid rows
+    if z.device.type != "cpu" or not bool(valid.all()):  # keep invalid rows finite (and their gradient 0);
+        # off CPU unconditionally: no host sync in the N > 1024 GPU fallback (graph capture, compile)
         x = torch.where(valid, x, 0.0)
         m = torch.where(valid, m, 0.0)
     if top_p < 1.0 or renorm != "sum":
