@@ -76,7 +76,8 @@ def rank_one_scale_reference(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     acc = acc_dtype(z.dtype)
     if z.dtype == acc:
         return (z * (sigma + g)).contiguous()
-    return (z.to(acc) * (sigma.to(acc) + g.to(acc))).to(z.dtype).contiguous()
+    # (z.to(acc) * (sigma.to(acc) + g.to(acc))).to(z.dtype), with fp16/bf16 promoted to fp32 inside the ops
+    return (z * (g + sigma.to(acc))).to(z.dtype).contiguous()
 
 
 # The CPU kernels: the reference's arithmetic exactly (tests compare them bit for bit), organised for
