@@ -60,8 +60,8 @@ def grad_or_tangent(*ts: torch.Tensor) -> bool:
         return True
     if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(wrapped(t) for t in ts)
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(wrapped(t) for t in ts)
 
 
 def autocast_like(device_type: str, like: torch.Tensor, *ts):
