@@ -944,3 +944,25 @@ def test_issue9_cuda_path_wrappers_on_cpu():
     fc = lambda a, b: R._RouteCosineFn.apply(a, b, 0.8, 1e-8, 0.6, 3, "softmax", True)[1::2]  # noqa: E731
     assert torch.autograd.gradcheck(fc, (h, k))
     assert torch.autograd.gradgradcheck(fc, (h, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_top_k_fast_path_matches_general_path(dtype):
+    """The CPU top-k fast path (rows with K+1 finite distinct largest logits) gives the general path's
+    ids and counts exactly and its weights up to rounding; rows with ties, masks or NaN fall back."""
+    z = _logits(300, 40, dtype, 48)
+    for k, kw in ((1, {}), (3, dict(dense=True)), (7, dict(temperature=0.3, dense=True))):
+        x = R._scaled(z, R.inv_temperature(kw.get("temperature", 1.0), dtype))
+        fast = R._top_k_fast(x, k, kw.get("dense", False), dtype)
+        got = route(z, top_k=k, **kw)
+        assert fast is not None or dtype in (torch.float16, torch.bfloat16)  # half types: ties are common
+        order = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(got.ids.long(), order) and (got.counts == k).all()
+        p = torch.softmax(x.double(), -1).gather(1, order)
+        torch.testing.assert_close(got.weights.double(), p / p.sum(-1, keepdim=True), rtol=WTOL[dtype], atol=WTOL[dtype])
+        if "dense" in kw:
+            assert torch.equal(got.dense.gather(1, order), got.weights)
+    z2 = z.clone()
+    z2[3, 5] = z2[3, 6] = z2[3].max()  # a tie at the top: the general path
+    assert R._top_k_fast(R._scaled(z2, 1.0), 2, False, dtype) is None
+    assert route(z2, top_k=2).ids[3].tolist() == [5, 6]

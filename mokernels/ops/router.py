@@ -410,6 +410,22 @@ def _order(x: Tensor, K: int) -> tuple[Tensor, Tensor]:
     return vals[:, :K], idx[:, :K]
 
 
+def _top_k_fast(x: Tensor, K: int, dense: bool, out_dtype: torch.dtype):
+    """CPU top-k with renorm "sum" when every row has K + 1 finite, distinct largest logits (the common
+    case): those rows are valid, keep exactly K experts, and topk's order is rule 2's. The weights are
+    softmax over the selected logits (= e_sel / Σ e_sel up to rounding). None: take the general path."""
+    vals, idx = torch.topk(x.detach(), K + 1, dim=-1, largest=True, sorted=True)
+    if not bool((torch.isfinite(vals).all() & (torch.diff(vals, dim=-1) != 0).all())):
+        return None
+    T, N = x.shape
+    idx = idx[:, :K]
+    w = torch.softmax(x.gather(1, idx), dim=-1)
+    counts = torch.full((T,), K, dtype=torch.int32)
+    valid = torch.ones(T, dtype=torch.bool)
+    d = torch.zeros((T, N), dtype=w.dtype).scatter(1, idx, w).to(out_dtype) if dense else x.new_empty((0,), dtype=out_dtype)
+    return idx.to(torch.int32), w.to(out_dtype), counts, d, valid
+
+
 def _route_core(z: Tensor, r: float, top_p: float, kmax: int, renorm: str, dense: bool):
     """route_fwd on ``z [T, N]`` with ``r = fl_A(1/τ)`` (router_rules.md), differentiable in z by autograd.
     Returns ``(ids, weights, counts, dense or [0], valid [T])``."""
@@ -417,6 +433,10 @@ def _route_core(z: Tensor, r: float, top_p: float, kmax: int, renorm: str, dense
     x = _scaled(z, r)
     acc = x.dtype
     K = min(kmax, N)
+    if top_p >= 1.0 and renorm == "sum" and z.device.type == "cpu" and 2 * K < N and T > 0:
+        fast = _top_k_fast(x, K, dense, z.dtype)
+        if fast is not None:
+            return fast
     vals, idx = _order(x.detach(), K)
     m = vals[:, :1]  # the row max (NaN sorts first; +inf / all -inf give a non-finite max)
     valid = torch.isfinite(m)
