@@ -14,9 +14,10 @@ def expect(cond: bool, op: str, msg: str) -> None:
 
 
 def expect_dtype(op: str, name: str, t: torch.Tensor, allowed=FLOAT_DTYPES, like: torch.Tensor | None = None) -> None:
-    if like is not None:
-        expect(t.dtype == like.dtype, op, f"{name} must have dtype {like.dtype}, got {t.dtype}")
-    expect(t.dtype in allowed, op, f"{name} has unsupported dtype {t.dtype} (expected one of {list(allowed)})")
+    if like is not None and t.dtype != like.dtype:  # messages are formatted only when a check fails
+        expect(False, op, f"{name} must have dtype {like.dtype}, got {t.dtype}")
+    if t.dtype not in allowed:
+        expect(False, op, f"{name} has unsupported dtype {t.dtype} (expected one of {list(allowed)})")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

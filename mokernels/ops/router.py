@@ -68,9 +68,13 @@ def kmax_for(num_experts: int, top_k: int | None = None, max_k: int | None = Non
     """The static width of the compact form: ``top_k`` if given, else ``max_k``, else N."""
     expect(top_k is None or max_k is None, _OP, "give top_k or max_k, not both (top_k already caps the count)")
     if top_k is not None:
+        if type(top_k) is int and top_k >= 1:  # the common case, without building a message
+            return top_k
         expect(_is_int(top_k) and top_k >= 1, _OP, f"top_k must be an int >= 1, got {top_k!r}")
         return int(top_k)
     if max_k is not None:
+        if type(max_k) is int and max_k >= 1:
+            return max_k
         expect(_is_int(max_k) and max_k >= 1, _OP, f"max_k must be an int >= 1, got {max_k!r}")
         return int(max_k)
     return num_experts
@@ -94,6 +98,8 @@ def inv_temperature(temperature: float, dtype: torch.dtype) -> float:
     """``r = fl_A(1/τ)`` (router rule 1): 1/τ in fp64, rounded once to the accumulation dtype A of
     ``dtype`` logits. ValueError unless τ is a number with τ and r finite and > 0 in A (τ > FLT_MAX is
     inf in fp32; τ below ~1/FLT_MAX makes r inf)."""
+    if type(temperature) in (float, int) and temperature == 1.0:  # the default: r = 1 in every dtype
+        return 1.0
     acc = acc_dtype(dtype)
     ok = is_number(temperature) and 0.0 < float(temperature) < math.inf
     r = 0.0
@@ -101,8 +107,9 @@ def inv_temperature(temperature: float, dtype: torch.dtype) -> float:
         t = float(temperature)
         r = _round_to(1.0 / t, acc)
         ok = math.isfinite(_round_to(t, acc)) and 0.0 < r < math.inf
-    expect(ok, _OP, f"temperature must be a number > 0 with temperature and 1/temperature finite and nonzero in "
-                    f"{acc} (the accumulation dtype of {dtype} logits), got {temperature!r}")
+    if not ok:
+        expect(ok, _OP, f"temperature must be a number > 0 with temperature and 1/temperature finite and nonzero in "
+                        f"{acc} (the accumulation dtype of {dtype} logits), got {temperature!r}")
     return r
 
 
@@ -117,10 +124,12 @@ def _threshold(top_p: float, acc: torch.dtype) -> float:
 def _check_options(temperature, top_p, renorm, dtype: torch.dtype) -> tuple[float, float]:
     """Checks route()'s options; returns ``(r, top_p)`` with r = fl_A(1/τ) and top_p capped at 1."""
     r = inv_temperature(temperature, dtype)
-    expect(isinstance(renorm, str) and renorm in RENORMS, _OP, f"renorm must be one of {RENORMS}, got {renorm!r}")
+    if not (isinstance(renorm, str) and renorm in RENORMS):
+        expect(False, _OP, f"renorm must be one of {RENORMS}, got {renorm!r}")
     if top_p is None:
         return r, 1.0
-    expect(is_number(top_p) and float(top_p) >= 0.0, _OP, f"top_p must be a number >= 0, got {top_p!r}")
+    if not (is_number(top_p) and float(top_p) >= 0.0):
+        expect(False, _OP, f"top_p must be a number >= 0, got {top_p!r}")
     return r, min(float(top_p), 1.0)
 
 
@@ -198,7 +207,8 @@ def route(
     kmax = kmax_for(N, top_k, max_k)
     dense = bool(dense)
     lead = logits.shape[:-1]
-    z = logits.reshape(-1, N)
+    flat = logits.dim() == 2  # [T, N]: no reshapes in or out
+    z = logits if flat else logits.reshape(-1, N)
     eager = is_eager(z.device.type)
     real = eager and can_sync(z)  # eager, not meta / fake: values may be read
     check = validate and real
@@ -206,7 +216,7 @@ def route(
         # CPU: the reference itself, differentiable by torch's autograd in every mode; validity comes
         # out of the same pass (one host check, free on CPU).
         ids, w, counts, d, valid = _route_core(z, r, p, kmax, renorm, dense)
-        if check and not bool(valid.all()):
+        if check and valid is not None and not bool(valid.all()):  # None: the top-k fast path, all valid
             _raise_bad_row(int(_first(~valid)))
     else:
         if check and z.numel():
@@ -219,6 +229,8 @@ def route(
             ids, w, counts, d = _RouteFn.apply(z, float(temperature), p, kmax, renorm, dense)
         else:
             ids, w, counts, d = torch.ops.mokernels.route_fwd(z, float(temperature), p, kmax, renorm, dense)
+    if flat:
+        return Routing(ids, w, counts, d if dense else None)
     return Routing(
         ids.reshape(*lead, kmax),
         w.reshape(*lead, kmax),
@@ -414,16 +426,18 @@ def _top_k_fast(x: Tensor, K: int, dense: bool, out_dtype: torch.dtype):
     """CPU top-k with renorm "sum" when every row has K + 1 finite, distinct largest logits (the common
     case): those rows are valid, keep exactly K experts, and topk's order is rule 2's. The weights are
     softmax over the selected logits (= e_sel / Σ e_sel up to rounding). None: take the general path."""
-    vals, idx = torch.topk(x.detach(), K + 1, dim=-1, largest=True, sorted=True)
-    if not bool((torch.isfinite(vals).all() & (torch.diff(vals, dim=-1) != 0).all())):
+    vals, idx = torch.topk(x, K + 1, dim=-1, largest=True, sorted=True)  # differentiable in x (as a gather)
+    # the differences of the sorted K + 1 are all < 0 and finite iff those are finite and distinct
+    # (NaN / inf give NaN or -inf; an overflowing difference only sends the call to the general path)
+    dv = torch.diff(vals.detach(), dim=-1)
+    if not (float(dv.amax()) < 0.0 and float(dv.sum()) > -math.inf):
         return None
     T, N = x.shape
     idx = idx[:, :K]
-    w = torch.softmax(x.gather(1, idx), dim=-1)
+    w = torch.softmax(vals[:, :K], dim=-1)  # the selected logits themselves: as x.gather(1, idx)
     counts = torch.full((T,), K, dtype=torch.int32)
-    valid = torch.ones(T, dtype=torch.bool)
     d = torch.zeros((T, N), dtype=w.dtype).scatter(1, idx, w).to(out_dtype) if dense else x.new_empty((0,), dtype=out_dtype)
-    return idx.to(torch.int32), w.to(out_dtype), counts, d, valid
+    return idx.to(torch.int32), w.to(out_dtype), counts, d, None  # valid None: every row is valid
 
 
 def _route_core(z: Tensor, r: float, top_p: float, kmax: int, renorm: str, dense: bool):
