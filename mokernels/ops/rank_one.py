@@ -34,6 +34,18 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     Differentiable in all three inputs: reverse mode, double backward, forward mode. CUDA tensors run
     the fused kernel; CPU tensors the reference. Non-contiguous inputs are copied to contiguous ones first.
     """
+    if type(z) is Tensor and z.is_cpu and not torch.compiler.is_compiling():  # CPU eager: fewest Python steps
+        if torch.is_autocast_enabled("cpu"):
+            sigma, g = autocast_like("cpu", z, sigma, g)
+        check_args(z, sigma, g)
+        dt = z.dtype
+        if dt is torch.float32 or dt is torch.float64:  # the reference: autograd gives every AD mode
+            return (z * (sigma + g)).contiguous()
+        if z.numel() <= _BLOCK // 4:  # small fp16/bf16: the reference's fp32 composition, as is
+            return (z * (g + sigma.float())).to(dt).contiguous()
+        if grad_or_tangent(z, sigma, g):
+            return _RankOneScaleFn.apply(z, sigma, g)
+        return _scale_cpu(z, sigma, g)
     if isinstance(z, Tensor):
         sigma, g = autocast_like(z.device.type, z, sigma, g)
     if not is_eager(z.device.type if isinstance(z, Tensor) else "cuda"):
