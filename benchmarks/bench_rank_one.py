@@ -26,6 +26,8 @@ FULL_SHAPES = [(t, r) for t in (4096, 16384, 65536) for r in (1024, 4096)]
 FP32_SHAPE = (16384, 4096)
 QUICK_SHAPES = [(1024, 1024)]
 EMU_SHAPE = (64, 64)
+CPU_SHAPE = (1024, 1024)  # issue 9: the CPU path within 1.5x of z*(s+g) (quick mode has it in QUICK_SHAPES)
+TINY_SHAPE = (4, 8)  # issue 9: fixed overhead, within 2x
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -76,7 +78,7 @@ def _torch_composition(z, sigma, g):
 
 
 def _workload(T: int, R: int, dtype: torch.dtype, device: torch.device, backward: bool,
-              extra: dict[str, Callable] | None = None) -> Workload:
+              extra: dict[str, Callable] | None = None, tag: str = "") -> Workload:
     elt = torch.empty((), dtype=dtype).element_size()
     fwd_bytes = (3 * T * R + R) * elt
     bwd_bytes = (5 * T * R + 2 * R) * elt
@@ -90,7 +92,7 @@ def _workload(T: int, R: int, dtype: torch.dtype, device: torch.device, backward
         impls[label] = op(inp)
     return Workload(
         family=FAMILY,
-        name=f"{kind} T={T} R={R} {_DTYPE_NAMES[dtype]}",
+        name=f"{kind} T={T} R={R} {_DTYPE_NAMES[dtype]}{tag}",
         impls=impls,
         ours=OURS,
         bytes_moved=fwd_bytes + (bwd_bytes if backward else 0),
@@ -129,6 +131,11 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
             ws.append(_workload(T, R, bf16, device, backward))
         if not quick:
             ws.append(_workload(*FP32_SHAPE, torch.float32, device, backward))
+    if device.type == "cpu":  # issue 9's CPU-path targets (reference path): 1024x1024 bf16 and a tiny shape
+        for backward in (False, True):
+            if not quick:
+                ws.append(_workload(*CPU_SHAPE, bf16, device, backward, tag=" (CPU path)"))
+            ws.append(_workload(*TINY_SHAPE, bf16, device, backward, tag=" (CPU path)"))
     if quick and device.type == "cpu":
         import mokernels.emu as emu
 

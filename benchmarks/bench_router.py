@@ -10,7 +10,9 @@ Workloads: T ∈ {4096, 65536} × N ∈ {8, 26, 64, 256}, bf16 logits, SLoRA-sty
 top-p 0.95 uncapped at N = 64, 256 (large kept sets: the selection loop's worst case, to decide
 whether a threshold search pays off); SAMoRA's cosine router (dense gates from rank-8 codes, N=8)
 vs normalise + GEMM + softmax.
-``validate=False`` in the timed calls: eager validation is one host sync, not kernel time.
+``validate=False`` in the timed calls: eager validation is one host sync, not kernel time (the
+``(CPU path)`` top-k rows -- issue 9's shapes, T=4096 N=64 and a tiny T=4 N=8, fp32 -- also time the
+default validated call beside it).
 On CPU in quick mode a tiny workload adds the real kernel source run by the emulator
 (``mokernels.emu``) -- logic only, its time says nothing about the GPU.
 
@@ -31,6 +33,7 @@ OURS = "mokernels"
 TORCH = "torch composition"
 TOPK = "softmax+topk"
 EMU = "emulated kernel (logic only)"
+VALIDATED = "mokernels validate=True"
 
 FULL_T = (4096, 65536)
 FULL_N = (8, 26, 64, 256)
@@ -111,7 +114,7 @@ def _bytes(T: int, N: int, kmax: int, elt: int, backward: bool) -> int:
 
 
 def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.device, backward: bool = False,
-              emulated: bool = False) -> Workload:
+              emulated: bool = False, validated: bool = False, tag: str = "") -> Workload:
     kmax = {"top-p": MAX_K, "top-k": TOP_K, "top-p-wide": N}[kind]
     inp = _Inputs(T, N, kmax, dtype, device, grad=backward)
     wrap = _fwd_bwd if backward else _fwd
@@ -121,6 +124,10 @@ def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.devic
     else:
         impls[TORCH] = wrap(lambda z: torch_top_p(z, 1.0, TOP_K), inp)  # the generic composition, k-capped
         impls[TOPK] = wrap(lambda z: torch_top_k(z, TOP_K), inp)
+    if validated:  # the default eager call (one fused check + one host sync) beside the unvalidated one
+        from mokernels.ops import route
+
+        impls[VALIDATED] = wrap(lambda z: route(z, top_k=TOP_K), inp)
     if emulated:
         import mokernels.emu as emu
 
@@ -136,7 +143,7 @@ def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.devic
     what = {"top-p": f"top-p {TOP_P} max_k {MAX_K}", "top-k": f"top-k {TOP_K}", "top-p-wide": f"top-p {WIDE_P}"}[kind]
     return Workload(
         family=FAMILY,
-        name=f"{'fwd+bwd' if backward else 'fwd'} {what} T={T} N={N} {_DTYPE_NAMES[dtype]}",
+        name=f"{'fwd+bwd' if backward else 'fwd'} {what} T={T} N={N} {_DTYPE_NAMES[dtype]}{tag}",
         impls=impls,
         ours=OURS,
         bytes_moved=_bytes(T, N, kmax, elt, backward),
@@ -200,6 +207,9 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
         for N in (64, 256):  # where a threshold search / bitonic sort could beat per-expert rounds
             ws.append(_workload(65536, N, "top-p-wide", bf16, device))
     ws.append(_cosine_workload(QUICK_T[0] if quick else 65536, 8, 8, bf16, device))
+    if device.type == "cpu":  # issue 9's CPU-path targets, at exactly its shapes (reference path)
+        for T, N in ((4096, 64), (4, 8)):
+            ws.append(_workload(T, N, "top-k", torch.float32, device, validated=True, tag=" (CPU path)"))
     if quick and device.type == "cpu":
         import mokernels.emu as emu
 

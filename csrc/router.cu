@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string_view>
+#include <type_traits>
 
 #include "torch_glue.h"
 #include "kernels/router.cuh"
@@ -49,6 +50,19 @@ void check_temperature(const char* op, double temperature) {
                     temperature);
 }
 
+// r = fl_A(1/τ) (router rule 1, shared with the reference): 1/τ in fp64, rounded once to the
+// accumulation type A; the kernels multiply by r (no division). τ and r must be finite in A and r > 0.
+template <class A> A inv_temperature(const char* op, double temperature) {
+  // fp32: doubles from FLT_MAX + half an ulp up round to inf (that tie goes to the even inf); compared in
+  // double so that no out-of-range conversion happens.
+  const double lim = std::is_same_v<A, double> ? INFINITY : std::ldexp(2.0 - std::ldexp(1.0, -24), 127);
+  const double r = 1.0 / temperature;
+  const bool ok = temperature > 0.0 && temperature < lim && r < lim && static_cast<A>(r) > A(0);
+  TORCH_CHECK_VALUE(ok, op, ": temperature must be > 0 with temperature and 1/temperature finite and nonzero in ",
+                    std::is_same_v<A, double> ? "float64" : "float32", ", got ", temperature);
+  return static_cast<A>(r);
+}
+
 using FwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The selection options shared by route_fwd and route_cosine_fwd, checked once.
@@ -81,7 +95,7 @@ FwdOutputs run_fwd(const char* op, const at::Tensor& like, int64_t T, int64_t N,
     using A = acc_t<T_>;
     check_launch(op, launch_fwd<T_>(make_src(tag), ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
                                     o.dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N), o.kmax,
-                                    static_cast<A>(o.temperature), threshold<A>(o.top_p), o.renorm,
+                                    inv_temperature<A>(op, o.temperature), threshold<A>(o.top_p), o.renorm,
                                     rank_after_rounds(), current_stream()));
   });
   return {ids, weights, counts, dense_out};
@@ -161,7 +175,7 @@ at::Tensor route_bwd(const at::Tensor& grad_w_in, const std::optional<at::Tensor
     using T_ = typename decltype(tag)::type;
     check_launch(kBwd, launch_bwd<T_>(ptr<T_>(grad_w), has_dense ? ptr<T_>(grad_dense) : nullptr, ptr<T_>(logits),
                                       ptr<int32_t>(ids), ptr<T_>(dlogits), T, static_cast<int>(N),
-                                      static_cast<int>(kmax), static_cast<acc_t<T_>>(temperature), rn,
+                                      static_cast<int>(kmax), inv_temperature<acc_t<T_>>(kBwd, temperature), rn,
                                       current_stream()));
   });
   return dlogits;

@@ -12,8 +12,9 @@ inline void define_schemas(torch::Library& m) {
   m.def("rank_one_scale(Tensor z, Tensor sigma, Tensor g) -> Tensor");
   // Its backward: (dz, dsigma, dg) = (grad * (sigma + g), sum over rows of grad * z, grad * z).
   m.def("rank_one_scale_backward(Tensor grad, Tensor z, Tensor sigma, Tensor g) -> (Tensor, Tensor, Tensor)");
-  // Fused router (METHODS.md §2): p = softmax(logits [T,N] / temperature); keep the shortest prefix of
-  // the descending order (ties: lower index) with mass >= top_p (top_p >= 1: all), at most kmax;
+  // Fused router (METHODS.md §2): x = logits [T,N] * fl(1/temperature), p = softmax(x); keep the shortest
+  // prefix of the descending order of x (ties: lower index) whose unnormalised mass sum(e) reaches
+  // fl(top_p * S) (top_p >= 1: all), at most kmax (the router rules in mokernels/ops/router.py);
   // renorm "sum" | "softmax" | "none". Returns (ids [T,kmax] int32 -1-padded, weights [T,kmax],
   // counts [T] int32, dense [T,N] if dense else an empty [0] tensor).
   m.def("route_fwd(Tensor logits, float temperature, float top_p, int kmax, str renorm, bool dense) -> (Tensor, Tensor, Tensor, Tensor)");

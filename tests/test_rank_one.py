@@ -197,3 +197,116 @@ def test_cuda_gradcheck_and_errors():
     assert torch.autograd.gradcheck(rank_one_scale, (z, s, g))
     with pytest.raises(ValueError, match="sigma"):
         rank_one_scale(z.detach(), s.detach().cpu(), g.detach())
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 9: regression tests (each failed on the code before the fix)
+
+from mokernels.ops import rank_one as RO  # noqa: E402
+
+
+def _f64(lead, R, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((*lead, R), (R,), (*lead, R)))
+
+
+def test_issue9_double_backward():
+    """Defect 1: second derivatives (d/dz of dσ, d/dσ of dz, ...) on the public function and the op."""
+    z, s, g = _f64((3, 2), 5, 0)
+    assert torch.autograd.gradgradcheck(rank_one_scale, (z, s, g))
+    assert torch.autograd.gradgradcheck(torch.ops.mokernels.rank_one_scale, (z, s, g))
+    (gs,) = torch.autograd.grad((rank_one_scale(z, s, g) ** 2).sum(), s, create_graph=True)
+    (hz,) = torch.autograd.grad(gs.sum(), z)
+    (gs2,) = torch.autograd.grad(((z * (s + g)) ** 2).sum(), s, create_graph=True)
+    (hz2,) = torch.autograd.grad(gs2.sum(), z)
+    assert hz2.abs().max() > 0.1
+    torch.testing.assert_close(hz, hz2)
+    grad = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    dz = torch.ops.mokernels.rank_one_scale_backward(grad, z, s, g)[0]
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        torch.autograd.grad(dz.sum(), grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_issue9_forward_mode(dtype):
+    """Defect 2: torch.func.jvp gave zero tangents; expected dz(σ+g) + z(dσ+dg)."""
+    z, s, g = (t.detach().to(dtype) for t in _f64((4,), 6, 1))
+    dz, ds, dg = (t.detach().to(dtype) for t in _f64((4,), 6, 2))
+    _, t = torch.func.jvp(lambda a: rank_one_scale(z, a, g), (s,), (torch.ones_like(s),))
+    torch.testing.assert_close(t, z)
+    _, t = torch.func.jvp(rank_one_scale, (z, s, g), (dz, ds, dg))
+    want = rank_one_scale_reference(dz, s, g).double() + z.double() * (ds.double() + dg.double())
+    torch.testing.assert_close(t.double(), want, **TOL[dtype])
+    # the autograd.Function the CUDA path uses (here with the CPU implementation inside)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = RO._RankOneScaleFn.apply(fwAD.make_dual(z, dz), s, fwAD.make_dual(g, dg))
+        want = rank_one_scale_reference(dz, s, g).double() + z.double() * dg.double()
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent.double(), want, **TOL[dtype])
+
+
+def test_issue9_mixed_devices_raise():
+    """Defect 3: a meta sigma with CPU z, g returned uninitialised CPU memory."""
+    with pytest.raises(ValueError, match="sigma is on meta"):
+        rank_one_scale(torch.ones(2, 4), torch.ones(4, device="meta"), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="on meta"):
+        torch.ops.mokernels.rank_one_scale(torch.ones(2, 4), torch.ones(4), torch.zeros(2, 4, device="meta"))
+    with pytest.raises(ValueError, match="on meta"):
+        torch.ops.mokernels.rank_one_scale_backward(torch.ones(2, 4, device="meta"), torch.ones(2, 4), torch.ones(4),
+                                                    torch.zeros(2, 4))
+    out = rank_one_scale(*(torch.ones(*s, device="meta") for s in ((2, 4), (4,), (2, 4))))
+    assert out.device.type == "meta" and out.shape == (2, 4)
+
+
+def test_issue9_autocast_casts_parameters_to_z():
+    """Defect 6: under autocast an fp32 sigma (and fp32 gates) follow z's dtype instead of raising."""
+    z = torch.randn(5, 8).bfloat16()
+    s = (torch.rand(8) + 0.5).requires_grad_(True)
+    g = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rank_one_scale(z, s, g)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, rank_one_scale_reference(z, s.detach().bfloat16(), g.detach().bfloat16()),
+                               rtol=0, atol=0)
+    ds, dg = torch.autograd.grad(out.float().sum(), (s, g))
+    assert ds.dtype == torch.float32 and dg.dtype == torch.float32
+    torch.testing.assert_close(dg, z.float(), rtol=0, atol=0)
+
+
+def test_issue9_backward_with_r_zero():
+    """Defect 9: the backward with R = 0 failed in a reshape."""
+    z, s, g = (torch.zeros(*shape, requires_grad=True) for shape in ((3, 0), (0,), (3, 0)))
+    dz, ds, dg = torch.autograd.grad(rank_one_scale(z, s, g).sum(), (z, s, g), allow_unused=True)
+    assert dz.shape == (3, 0) and ds.shape == (0,) and dg.shape == (3, 0)
+    out = rank_one_scale_backward_reference(torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(0), torch.zeros(3, 0))
+    assert out[1].shape == (0,)
+    assert torch.ops.mokernels.rank_one_scale_backward(*(torch.zeros(*sh) for sh in ((2, 3, 0), (2, 3, 0), (0,),
+                                                                                    (2, 3, 0))))[1].shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("lead,R", [((3,), 5), ((700,), 384), ((2, 9), 70000), ((1,), 1)])
+def test_cpu_fast_path_equals_reference_bitwise(dtype, lead, R):
+    """The blocked CPU kernels compute exactly the reference's fp32 arithmetic (one rounding), over
+    several blocks and on non-contiguous inputs; dσ up to the fp32 summation order."""
+    gen = torch.Generator().manual_seed(R)
+    z = torch.randn(*lead, R, generator=gen).to(dtype)
+    s = torch.randn(R, generator=gen).to(dtype)
+    g = (torch.randn(*lead, R, generator=gen) * 10).to(dtype)
+    gr = torch.randn(*lead, R, generator=gen).to(dtype)
+    for zz, gg in ((z, g), (z.mT.contiguous().mT if z.dim() > 1 else z, g[..., :]),):
+        spec = (zz.float() * (s.float() + gg.float())).to(dtype)  # fp32 math, one rounding
+        assert torch.equal(rank_one_scale_reference(zz, s, gg), spec)
+        assert torch.equal(rank_one_scale(zz, s, gg), spec)
+        got = RO._scale_backward_cpu(gr, zz, s, gg)
+        want = rank_one_scale_backward_reference(gr, zz, s, gg)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[1].double(), want[1].double(), **dsigma_tol(dtype, z.numel() // R))
+
+
+def test_issue9_cuda_path_wrapper_on_cpu():
+    """The eager autograd.Function of the CUDA path: gradcheck and gradgradcheck with the CPU op inside."""
+    z, s, g = _f64((3,), 4, 5)
+    assert torch.autograd.gradcheck(RO._RankOneScaleFn.apply, (z, s, g))
+    assert torch.autograd.gradgradcheck(RO._RankOneScaleFn.apply, (z, s, g))

@@ -3,6 +3,7 @@ CPU by mokernels._emu) against it, edge cases, hypothesis properties, gradcheck 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -618,3 +619,350 @@ def test_cuda_cosine_matches_reference(dtype):
     (dh2, dk2) = torch.autograd.grad((got.weights * gw * keep.cuda()[:, None]).sum(), (h, k))
     torch.testing.assert_close(dh2.cpu().double(), rh, rtol=GTOL[dtype], atol=GTOL[dtype])
     torch.testing.assert_close(dk2.cpu().double(), rk, rtol=GTOL[dtype] * 10, atol=GTOL[dtype] * 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 9: regression tests, one block per defect (each failed on the code before the fix)
+
+
+def _same_selection_weights(x, ids, temperature=1.0, renorm="sum"):
+    """The differentiable composition with the selection ``ids`` held fixed: the oracle for every AD mode."""
+    p = torch.softmax(x / temperature, -1)
+    keep = ids >= 0
+    ps = torch.where(keep, p.gather(-1, ids.clamp(min=0).long()), 0.0)
+    if renorm == "sum":
+        return ps / ps.sum(-1, keepdim=True)
+    if renorm == "softmax":
+        e = torch.where(keep, torch.exp(ps - ps[..., :1]), 0.0)
+        return e / e.sum(-1, keepdim=True)
+    return ps
+
+
+@pytest.mark.parametrize("renorm", R.RENORMS)
+def test_issue9_double_backward_route(renorm):
+    """Defect 1: double backward through route was silently zero."""
+    x = _logits(4, 6, torch.float64, 40).requires_grad_(True)
+    v = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for kw in (dict(top_k=3), dict(top_p=0.7)):
+        ids = route(x.detach(), renorm=renorm, temperature=1.3, **kw).ids
+        got_fn = lambda t: route(t, renorm=renorm, temperature=1.3, **kw).weights  # noqa: E731
+        (gx,) = torch.autograd.grad((got_fn(x) ** 2).sum(), x, create_graph=True)
+        (hv,) = torch.autograd.grad((gx * v).sum(), x)
+        ref = lambda t: _same_selection_weights(t, ids, 1.3, renorm)  # noqa: E731
+        (gr,) = torch.autograd.grad((ref(x) ** 2).sum(), x, create_graph=True)
+        (hr,) = torch.autograd.grad((gr * v).sum(), x)
+        assert hr.abs().max() > 1e-3  # not a vacuous comparison
+        torch.testing.assert_close(hv, hr)
+        torch.autograd.gradgradcheck(got_fn, (x,))
+
+
+def test_issue9_double_backward_op_and_cosine():
+    """Defect 1: the op path (register_autograd) and route_cosine support double backward; the
+    backward op itself is not differentiable and says so."""
+    x = _logits(3, 5, torch.float64, 41).requires_grad_(True)
+    f = lambda t: torch.ops.mokernels.route_fwd(t, 0.9, 0.8, 3, "softmax", True)[1]  # noqa: E731
+    torch.autograd.gradgradcheck(f, (x,))
+    h, k = _codes(4, 5, 3, torch.float64, 42)
+    h.requires_grad_(True)
+    k.requires_grad_(True)
+    torch.autograd.gradgradcheck(lambda a, b: route_cosine(a, b, top_k=2, temperature=0.7).weights, (h, k))
+    ids = route(x.detach(), top_k=2).ids
+    gw = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    dz = torch.ops.mokernels.route_bwd(gw, None, x, ids, 1.0, "sum")
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        torch.autograd.grad(dz.sum(), gw)
+
+
+def _fd_jvp(f, x, v, h=1e-6):
+    return (f(x + h * v) - f(x - h * v)) / (2 * h)
+
+
+@pytest.mark.parametrize("renorm", R.RENORMS)
+def test_issue9_forward_mode_route(renorm):
+    """Defect 2: forward-mode AD gave zero tangents. Both the CPU path and the kernel's autograd.Function."""
+    x = _logits(5, 7, torch.float64, 43)
+    v = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for kw in (dict(top_k=3, dense=True), dict(top_p=0.6, dense=True)):
+        f = lambda t: route(t, renorm=renorm, temperature=0.8, **kw).weights  # noqa: E731
+        want = _fd_jvp(f, x, v)
+        assert want.abs().max() > 1e-3
+        _, got = torch.func.jvp(f, (x,), (v,))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+        fd = lambda t: route(t, renorm=renorm, temperature=0.8, **kw).dense  # noqa: E731
+        torch.testing.assert_close(torch.func.jvp(fd, (x,), (v,))[1], _fd_jvp(fd, x, v), rtol=1e-6, atol=1e-8)
+        # the autograd.Function used on CUDA (the op + route_jvp_reference), here on CPU
+        p = kw.get("top_p", 1.0)
+        kmax = kw.get("top_k", 7)
+        fn = lambda t: R._RouteFn.apply(t, 0.8, p, kmax, renorm, True)  # noqa: E731
+        _, (_, tw, _, td) = torch.func.jvp(fn, (x,), (v,))
+        torch.testing.assert_close(tw, want, rtol=1e-6, atol=1e-8)
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            out = fn(fwAD.make_dual(x, v))
+            torch.testing.assert_close(fwAD.unpack_dual(out[3]).tangent, td)
+    h, k = _codes(3, 4, 5, torch.float64, 44)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda a: route_cosine(a, k, top_k=2).weights, (h,), (torch.ones_like(h),))
+
+
+def test_issue9_mixed_devices_raise():
+    """Defect 3: meta mixed with CPU returned uninitialised memory."""
+    with pytest.raises(ValueError, match="keys is on meta"):
+        route_cosine(torch.randn(3, 4), torch.randn(5, 4, device="meta"), top_k=2, validate=False)
+    with pytest.raises(ValueError, match="h is on meta"):
+        route_cosine(torch.randn(3, 4, device="meta"), torch.randn(5, 4), top_k=2)
+    with pytest.raises(ValueError, match="on meta"):
+        torch.ops.mokernels.route_cosine_fwd(torch.randn(3, 4), torch.randn(5, 4, device="meta"), 1.0, 1e-8, 1.0, 2,
+                                             "sum", False)
+    z = torch.randn(3, 5)
+    ids = route(z, top_k=2).ids
+    with pytest.raises(ValueError, match="on meta"):
+        torch.ops.mokernels.route_bwd(torch.randn(3, 2, device="meta"), None, z, ids, 1.0, "sum")
+    with pytest.raises(ValueError, match="on meta"):
+        torch.ops.mokernels.route_bwd(torch.randn(3, 2), None, z, ids.to("meta"), 1.0, "sum")
+    with pytest.raises(ValueError, match="on meta"):
+        route_segments(z, torch.tensor([0, 1, 2, 4], device="meta"), 4, top_k=2)
+
+
+def test_issue9_topk_orders_by_logit_when_p_underflows():
+    """Defect 4: ties among underflowed p were broken by index, not by logit (rule 2)."""
+    z = torch.tensor([[2.0, 0.5, 1.0, -1.0]])
+    for dtype in DTYPES:
+        r = route(z.to(dtype), top_k=2, temperature=0.005, renorm="softmax")
+        assert r.ids.tolist() == [[0, 2]], dtype
+        assert r.counts.tolist() == [2]
+    r = route(z, top_k=3, temperature=0.005, dense=True, renorm="none")
+    assert r.ids.tolist() == [[0, 2, 1]]
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_issue9_emu_orders_by_logit_when_p_underflows(dtype):
+    """Defect 4 in the kernel, both selection paths (arg-max rounds and rank pass)."""
+    z = torch.tensor([[2.0, 0.5, 1.0, -1.0], [-3.0, 0.0, -1.0, -2.0]]).to(dtype)
+    for rank_after in ("0", "1000000"):
+        os.environ["MOKERNELS_ROUTER_RANK_AFTER"] = rank_after
+        try:
+            got = _emu_route(z, top_k=3, temperature=0.005)
+            assert got.ids.tolist() == [[0, 2, 1], [1, 2, 3]]
+            got = _emu_route(z, top_p=0.5, max_k=4, temperature=0.005)
+            _assert_same_routing(got, route_reference(z, top_p=0.5, max_k=4, temperature=0.005), dtype)
+        finally:
+            del os.environ["MOKERNELS_ROUTER_RANK_AFTER"]
+
+
+def test_issue9_meta_and_fake_tensors_with_default_validation():
+    """Defect 5: meta tensors failed with validate=True (.item() / offsets.cpu())."""
+    z = torch.randn(6, 5, device="meta")
+    r = route(z, top_p=0.5, max_k=3, dense=True)
+    assert r.ids.shape == (6, 3) and r.ids.device.type == "meta" and r.dense.shape == (6, 5)
+    r = route_segments(torch.randn(3, 5, device="meta"), torch.tensor([0, 1, 2, 4], device="meta"), 4, top_k=2)
+    assert r.ids.shape == (4, 2)
+    r = route_cosine(torch.randn(6, 4, device="meta"), torch.randn(5, 4, device="meta"), top_k=2)
+    assert r.weights.shape == (6, 2)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        r = route(torch.randn(6, 5), top_k=2)
+        assert r.ids.shape == (6, 2)
+
+
+def test_issue9_autocast_contract():
+    """Defect 6: under autocast the parameters follow the activation's dtype; the router ops run in
+    the logits' dtype (nothing cast)."""
+    from mokernels.ops import rank_one_scale
+
+    z = torch.randn(3, 8).bfloat16()
+    sigma = torch.rand(8, requires_grad=True)  # an fp32 parameter
+    g = torch.randn(3, 8)  # fp32 gates (e.g. p_task + bf16 matmul promoted)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rank_one_scale(z, sigma, g)
+        c = route_cosine(torch.randn(3, 4).bfloat16(), torch.randn(5, 4), top_k=2)
+        r32 = route(torch.randn(3, 5), top_k=2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, rank_one_scale(z, sigma.detach().bfloat16(), g.bfloat16()), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert sigma.grad is not None and sigma.grad.dtype == torch.float32
+    assert c.weights.dtype == torch.bfloat16 and r32.weights.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):  # outside autocast a mismatch stays an error
+        rank_one_scale(z, sigma, g)
+
+
+def test_issue9_fp64_top_p_cut_is_unnormalised():
+    """Defect 7: the reference cut normalised cumsums (kept 10 for p = 0.9 on 10 equal fp64 logits)."""
+    assert route(torch.zeros(1, 10, dtype=torch.float64), top_p=0.9).counts.tolist() == [9]
+    assert route(torch.zeros(1, 10), top_p=0.9).counts.tolist() == [9]
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_issue9_emu_top_p_boundaries_match_reference(dtype):
+    """Defect 7: on uniform rows every (N, k/N) boundary cuts at the same expert on both paths (the
+    issue counted 228 of 780 pairs apart in fp64; a sample of N keeps the emulated test short)."""
+    for N in (1, 2, 3, 5, 7, 10, 12, 25, 40):
+        z = torch.zeros(2, N, dtype=dtype)
+        for k in range(1, N + 1):
+            p = k / N
+            want = route_reference(z, top_p=p).counts
+            assert _emu_route(z, top_p=p).counts.tolist() == want.tolist(), (N, k)
+
+
+def _gemm_rounding_per_column(a, b):
+    """A GEMM whose result depends on the column's position, as blocked BLAS kernels' can (edge tiles,
+    alignment peeling): odd columns come out 1 ulp up. The issue saw this in fp64; this machine's BLAS
+    happens to round identical columns alike, so the test makes the effect explicit."""
+    c = torch.matmul(a, b)
+    c[:, 1::2] = torch.nextafter(c[:, 1::2], torch.full_like(c[:, 1::2], float("inf")))
+    return c
+
+
+def test_issue9_cosine_identical_keys_tie_to_lower_index(monkeypatch):
+    """Defect 8: fp64 GEMM gave identical keys logits 1 ulp apart, breaking "ties -> lower index"."""
+    monkeypatch.setattr(R, "_gemm", _gemm_rounding_per_column)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        base = torch.randn(6, 24, generator=g, dtype=torch.float64)
+        keys = base[[0, 1, 2, 0, 3, 1, 4, 5, 2, 0]].to(dtype)  # duplicates at (0, 3, 9), (1, 5), (2, 8)
+        h = torch.randn(257, 24, generator=g, dtype=torch.float64).to(dtype)
+        r = route_cosine(h, keys, top_k=10, validate=False)
+        first = {0: 0, 3: 0, 9: 0, 1: 1, 5: 1, 2: 2, 8: 2}
+        for row in r.ids.tolist():
+            pos = {e: i for i, e in enumerate(row)}
+            for e, f in first.items():
+                assert pos[f] <= pos[e]  # a duplicate never comes before its lowest-index twin
+            for a, b in ((0, 3), (3, 9), (1, 5), (2, 8)):
+                assert pos[b] == pos[a] + 1  # equal logits: adjacent, lower index first
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: route_segments(torch.randn(0, 5), torch.tensor([0]), 3), "num_tokens"),
+    (lambda: route_segments(torch.randn(0, 5), torch.tensor([0]), 3, validate=False), "num_tokens"),
+    (lambda: route_segments(torch.randn(2, 5), torch.tensor([0, 1, 3]).bool(), 3), "offsets must be int"),
+    (lambda: route_segments(torch.randn(2, 5), torch.tensor([0, 1, 3]).to(torch.complex64), 3), "offsets must be int"),
+    (lambda: route_segments(torch.randn(2, 5), torch.tensor([0.0, 1.0, 3.0]), 3), "offsets must be int"),
+    (lambda: route_cosine(torch.randn(5, 0), torch.randn(4, 0)), "r >= 1"),
+    (lambda: torch.ops.mokernels.route_cosine_fwd(torch.randn(5, 0), torch.randn(4, 0), 1.0, 1e-8, 1.0, 4, "sum",
+                                                  False), "r >= 1"),
+], ids=["segments-S0", "segments-S0-novalidate", "offsets-bool", "offsets-complex", "offsets-float", "cosine-r0",
+        "cosine-op-r0"])
+def test_issue9_clear_errors(call, msg):
+    """Defect 9: ValueErrors naming the argument instead of index_select/reshape/NotImplementedError."""
+    with pytest.raises(ValueError, match=msg):
+        call()
+
+
+def test_issue9_huge_and_tiny_temperatures():
+    """Defect 10: τ > FLT_MAX became inf in fp32 (misleading error, or rows dropped with validate=False)."""
+    z = torch.randn(3, 5)
+    for t in (1e39, 1e300, 1e-39):
+        with pytest.raises(ValueError, match="temperature"):
+            route(z, temperature=t, top_k=2)
+        with pytest.raises(ValueError, match="temperature"):
+            route(z, temperature=t, top_k=2, validate=False)
+        with pytest.raises(ValueError, match="temperature"):
+            route(z.bfloat16(), temperature=t, top_k=2, validate=False)
+        with pytest.raises(ValueError, match="temperature"):
+            torch.ops.mokernels.route_fwd(z, t, 1.0, 2, "sum", False)
+    r = route(z.double(), temperature=1e39, top_p=0.5, dense=True)  # fine in fp64: almost uniform
+    assert r.counts.tolist() == [3, 3, 3]
+    torch.testing.assert_close(r.dense.sum(-1), torch.ones(3, dtype=torch.float64))
+    assert (route(z, temperature=3e38, top_k=2).counts == 2).all()  # finite in fp32, r subnormal > 0
+
+
+@pytest.mark.emu
+def test_issue9_emu_temperature_limits():
+    z = torch.randn(3, 5)
+    for t in (1e39, 1e-39):
+        with pytest.raises(ValueError, match="temperature"):
+            emu.ops().route_fwd(z, t, 1.0, 2, "sum", False)
+    r = emu.ops().route_fwd(z.double(), 1e39, 1.0, 2, "sum", False)
+    assert r[2].tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=True), dict(top_k=True), dict(temperature=True), dict(max_k=True),
+                                dict(top_k=2.0), dict(top_p="0.5"), dict(temperature=False)], ids=str)
+def test_issue9_bool_and_non_number_options(kw):
+    """Defect 11: top_p=True, top_k=True, temperature=True were accepted as 1."""
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        route(torch.randn(2, 4), **kw)
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        route_cosine(torch.randn(2, 3), torch.randn(4, 3), **kw)
+
+
+def test_issue9_topk_fast_path_ties_follow_index():
+    """The CPU top-k fast path (topk instead of a stable sort) keeps rule 2 on heavily tied rows."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randint(-2, 3, (500, 24), generator=g).float()
+    z[::7, 5] = NINF
+    for k in (1, 2, 3, 5, 11):
+        got = route(z, top_k=k, dense=True)
+        order = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(got.ids.long(), order)
+    zb = (torch.randn(300, 64, generator=g) * 3).bfloat16()  # bf16: many exact ties
+    for k in (2, 8):
+        got = route(zb, top_k=k, temperature=0.7, renorm="none")
+        x = zb.float() * R.inv_temperature(0.7, zb.dtype)
+        assert torch.equal(got.ids.long(), torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k])
+
+
+def test_issue9_validation_is_one_pass_and_one_sync():
+    """Validation policy (issue 8 item 4): the device path checks logits with one reduction over z and one
+    host sync; route_segments checks offsets and logits together with one host sync."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    z = _logits(64, 9, torch.float32, 45)
+    with Count() as c:
+        R.validate_rows(z, 0.7)
+    big = [f for f in c.ops if f is torch.ops.aten.amax.default]
+    syncs = [f for f in c.ops if f is torch.ops.aten._local_scalar_dense.default]
+    assert len(big) == 1 and len(syncs) == 1
+    z[5, 3] = float("nan")
+    with pytest.raises(ValueError, match="row 5"):
+        R.validate_rows(z, 0.7)
+
+
+def test_issue9_cuda_path_wrappers_on_cpu():
+    """The eager autograd.Functions the CUDA path uses (kernel op inside), run here with the CPU op:
+    gradcheck and gradgradcheck, so a GPU-less CI still covers their backward formulas."""
+    x = _logits(4, 6, torch.float64, 46).requires_grad_(True)
+    for renorm in R.RENORMS:
+        f = lambda t: R._RouteFn.apply(t, 0.9, 0.7, 4, renorm, True)[1::2]  # noqa: E731  (weights, dense)
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradgradcheck(f, (x,))
+    h, k = _codes(4, 5, 3, torch.float64, 47)
+    h.requires_grad_(True)
+    k.requires_grad_(True)
+    fc = lambda a, b: R._RouteCosineFn.apply(a, b, 0.8, 1e-8, 0.6, 3, "softmax", True)[1::2]  # noqa: E731
+    assert torch.autograd.gradcheck(fc, (h, k))
+    assert torch.autograd.gradgradcheck(fc, (h, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_top_k_fast_path_matches_general_path(dtype):
+    """The CPU top-k fast path (rows with K+1 finite distinct largest logits) gives the general path's
+    ids and counts exactly and its weights up to rounding; rows with ties, masks or NaN fall back."""
+    z = _logits(300, 40, dtype, 48)
+    for k, kw in ((1, {}), (3, dict(dense=True)), (7, dict(temperature=0.3, dense=True))):
+        x = R._scaled(z, R.inv_temperature(kw.get("temperature", 1.0), dtype))
+        fast = R._top_k_fast(x, k, kw.get("dense", False), dtype)
+        got = route(z, top_k=k, **kw)
+        assert fast is not None or dtype in (torch.float16, torch.bfloat16)  # half types: ties are common
+        order = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(got.ids.long(), order) and (got.counts == k).all()
+        p = torch.softmax(x.double(), -1).gather(1, order)
+        torch.testing.assert_close(got.weights.double(), p / p.sum(-1, keepdim=True), rtol=WTOL[dtype], atol=WTOL[dtype])
+        if "dense" in kw:
+            assert torch.equal(got.dense.gather(1, order), got.weights)
+    z2 = z.clone()
+    z2[3, 5] = z2[3, 6] = z2[3].max()  # a tie at the top: the general path
+    assert R._top_k_fast(R._scaled(z2, 1.0), 2, False, dtype) is None
+    assert route(z2, top_k=2).ids[3].tolist() == [5, 6]

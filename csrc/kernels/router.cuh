@@ -1,5 +1,6 @@
-// Fused router (METHODS.md §2): p = softmax(z / τ) per row, keep the shortest prefix of the
-// descending order (ties: lower expert index first) whose mass reaches top_p, at most kmax experts,
+// Fused router (METHODS.md §2): p = softmax(x) per row with x = z·r, r = fl(1/τ) (no division), keep
+// the shortest prefix of the descending order of x (ties: lower expert index first) whose mass reaches
+// top_p, at most kmax experts,
 // renormalise ("sum" | "softmax" | "none"), and write the compact form (ids [T,kmax] int32 with -1
 // padding, weights [T,kmax], counts [T]) plus, optionally, dense weights [T,N].
 //
@@ -9,9 +10,11 @@
 //    holds experts i = v*GROUP + g, v < VPL, in registers (VPL = ceil(N/GROUP) rounded up to a power
 //    of two; N <= 32*32 = 1024). Loads are coalesced across the group. Max / sum are butterfly
 //    reductions that stop at GROUP (common/reduce.cuh); all in fp32 (fp64 for fp64).
-//  * Selection: two paths, both deterministic and cutting the same prefix (they sum the unnormalised
-//    mass and scale it once; only the summation order differs) (order: key = exp(z/τ - max/τ) descending,
-//    ties -> lower index), no sort, no shared memory:
+//  * Selection (/work/briefs router rules, shared with the reference): order by x descending, ties ->
+//    lower index — by x, not by p, which underflows to 0 for several experts at small τ; the top-p cut
+//    compares the unnormalised running sum Σ e (in that order) with fl(top_p · S). Two paths, both
+//    deterministic and cutting the same prefix (only the rank pass's summation order differs), no sort,
+//    no shared memory:
 //    (a) repeated group arg-max rounds: each marks its winner taken and adds its probability to the
 //        running mass; stop when the mass reaches top_p, after kmax experts, or when no candidate is
 //        left. ~VPL compares + 2·log2(GROUP)+1 shuffles per *kept* expert: cheapest for the few
@@ -36,7 +39,7 @@
 //    rows on the host in eager mode; this is the fallback under torch.compile / graph capture.)
 //  * Backward (selection held fixed, read back from ids): recompute p from the logits (cheaper than
 //    saving a [T,N] fp32 tensor), gradient through the renormalisation to p_sel, then
-//    dz_i = p_i (g_i - Σ_l g_l p_l) / τ with g scattered to the owning lane by group broadcasts.
+//    dz_i = p_i (g_i - Σ_l g_l p_l) · r with g scattered to the owning lane by group broadcasts.
 #pragma once
 
 #include <climits>
@@ -85,27 +88,29 @@ template <class T> struct CosineLogits {
 };
 
 // Loads the row into registers and computes the softmax statistics. Every lane of the warp calls it.
-// z/τ is formed first and then the max (of z/τ) subtracted, exactly as softmax(z / τ) does.
+// x = z·r is formed first (r = fl(1/τ), computed once on the host; r == 1 multiplies exactly) and then
+// the max of x subtracted.
 template <class T, int GROUP, int VPL>
 struct RowStats {
   using A = acc_t<T>;
-  A e[VPL];        // exp(z/τ - max/τ), 0 for masked (-inf) and out-of-row slots
+  A x[VPL];        // x = z·r (the order key), -inf for masked and out-of-row slots
+  A e[VPL];        // exp(x - max x), 0 for masked (-inf) and out-of-row slots
   uint32_t live = 0;  // bit v: a real expert of a valid row whose logit is not -inf (selectable)
-  A mx = A(0);     // max of z/τ
+  A mx = A(0);     // max of x
+  A sum = A(0);    // S = Σ e
   A inv_sum = A(0);
   bool valid = false;  // active row with no NaN/+inf and at least one finite logit
 
   // `src(row, i)` gives logit i of the row (fp32/fp64): read from memory or computed (cosine).
   template <class Src>
-  MK_DEVICE void load(const Src& src, int64_t row, bool active, int n, A temperature, int glane) {
-    A x[VPL];
+  MK_DEVICE void load(const Src& src, int64_t row, bool active, int n, A inv_t, int glane) {
     A m = -infinity<A>();  // a NaN or +inf anywhere makes the row's max +inf: one reduction finds both
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
       const int i = v * GROUP + glane;
       x[v] = -infinity<A>();
       if (active && i < n) {
-        x[v] = src(row, i) / temperature;
+        x[v] = src(row, i) * inv_t;
         if (x[v] != x[v]) m = infinity<A>();
         else if (x[v] > m) m = x[v];
       }
@@ -113,21 +118,21 @@ struct RowStats {
     m = group_reduce<GROUP>(m, MaxOp{});
     valid = active && m > -infinity<A>() && m < infinity<A>();
     mx = m;
-    A sum = A(0);
+    A part = A(0);  // this lane's part of S
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
       const bool lv = valid && x[v] > -infinity<A>();
       live |= static_cast<uint32_t>(lv) << v;
       e[v] = lv ? exp_acc(x[v] - m) : A(0);
-      sum += e[v];
+      part += e[v];
     }
-    sum = group_reduce<GROUP>(sum, SumOp{});
+    sum = group_reduce<GROUP>(part, SumOp{});
     inv_sum = valid ? A(1) / sum : A(0);
   }
 
   // Probability of expert `id` (any lane may ask for any id of its row): re-read from global/L1.
-  MK_DEVICE A prob_of(const T* __restrict__ logits, int64_t row, int n, int id, A temperature) const {
-    return exp_acc(to_acc(logits[row * n + id]) / temperature - mx) * inv_sum;
+  MK_DEVICE A prob_of(const T* __restrict__ logits, int64_t row, int n, int id, A inv_t) const {
+    return exp_acc(to_acc(logits[row * n + id]) * inv_t - mx) * inv_sum;
   }
 };
 
@@ -135,14 +140,14 @@ template <class T, int GROUP, int VPL, class Src>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     route_fwd_kernel(Src src, int32_t* __restrict__ ids, T* __restrict__ weights,
                      int32_t* __restrict__ counts, T* __restrict__ dense, int64_t rows, int n, int kmax,
-                     acc_t<T> temperature, acc_t<T> top_p, int renorm, int rank_after) {
+                     acc_t<T> inv_t, acc_t<T> top_p, int renorm, int rank_after) {
   using A = acc_t<T>;
   const int glane = lane_id() & (GROUP - 1);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / GROUP) + threadIdx.x / GROUP;
   const bool active = row < rows;
 
   RowStats<T, GROUP, VPL> st;
-  st.load(src, row, active, n, temperature, glane);
+  st.load(src, row, active, n, inv_t, glane);
 
   // ---- selection: repeated group arg-max ----
   uint32_t taken = 0;
@@ -152,20 +157,21 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   int count = 0;
   A cum = A(0), s_sel = A(0), z_soft = A(0), p_first = A(0);
   const bool use_p = top_p < A(1);  // p >= 1 keeps everything: no cumulative sum at all
+  const A thr = top_p * st.sum;     // the cut compares unnormalised mass: Σ_prefix e >= fl(top_p · S)
   bool done = !st.valid || kmax <= 0;
   // `rounds` is warp-uniform, so the short-circuit never splits the warp at the ballot.
   for (int rounds = 0; rounds < rank_after && ballot(!done) != 0u; ++rounds) {
-    A bk = A(-1);  // masked / taken / out-of-row slots never beat -1
-    int bi = INT_MAX;
+    A bk = -infinity<A>();  // the largest x among untaken live slots (live x > -inf)
+    int bi = INT_MAX;       // INT_MAX: no candidate on this lane
 #pragma unroll
     for (int v = 0; v < VPL; ++v)
-      if ((((st.live & ~taken) >> v) & 1u) && st.e[v] > bk) {  // ascending v: ties keep the lower index
-        bk = st.e[v];
+      if ((((st.live & ~taken) >> v) & 1u) && st.x[v] > bk) {  // ascending v: ties keep the lower index
+        bk = st.x[v];
         bi = v * GROUP + glane;
       }
     group_argmax<GROUP>(bk, bi);
     if (!done) {
-      if (bk < A(0)) {
+      if (bi == INT_MAX) {
         done = true;  // no candidate left (masked experts, or kmax > live experts)
       } else {
         if ((bi & (GROUP - 1)) == glane) {
@@ -177,16 +183,17 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
               rank[v] = count;
             }
         }
-        const A pk = bk * st.inv_sum;
+        const A ek = exp_acc(bk - st.mx);  // the winner's e, bit-identical to its owner's e[v]
+        const A pk = ek * st.inv_sum;
         if (count == 0) p_first = pk;  // the largest kept probability
-        s_sel += bk;
+        s_sel += ek;
         z_soft += exp_acc(pk - p_first);
         ++count;
-        // The mass is summed unnormalised and scaled once, exactly as the rank pass below does, so
-        // both paths cut a prefix whose mass lands on top_p (e.g. uniform rows, p = k/N) at the same
-        // expert; summing rounded probabilities could fall one ulp short and keep one expert too many.
-        if (use_p) cum += bk;
-        if (count >= kmax || (use_p && cum * st.inv_sum >= top_p)) done = true;
+        // The mass is summed unnormalised, sequentially in the order, and compared with fl(top_p · S)
+        // (router rule 4, as the reference does): uniform rows (p = k/N) cut at the same expert on
+        // every path and dtype.
+        if (use_p) cum += ek;
+        if (count >= kmax || (use_p && cum >= thr)) done = true;
       }
     }
   }
@@ -209,14 +216,16 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     for (int src = 0; src < GROUP; ++src) {
 #pragma unroll
       for (int v2 = 0; v2 < VPL; ++v2) {
-        const A ko = shfl_idx(((st.live >> v2) & 1u) ? st.e[v2] : A(-1), gbase + src);
+        const bool lo = ((st.live >> v2) & 1u) != 0u;
+        const A ko = shfl_idx(lo ? st.x[v2] : -infinity<A>(), gbase + src);
+        const A eo = shfl_idx(lo ? st.e[v2] : A(0), gbase + src);
         const int io = v2 * GROUP + src;
         if (!done) {
 #pragma unroll
           for (int v = 0; v < VPL; ++v)
-            if (ko > st.e[v] || (ko == st.e[v] && io < v * GROUP + glane)) {
+            if (ko > st.x[v] || (ko == st.x[v] && io < v * GROUP + glane)) {  // non-live v are never kept
               ++rank[v];
-              ahead[v] += ko;
+              ahead[v] += eo;
             }
         }
       }
@@ -224,7 +233,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     int kept = 0;
 #pragma unroll
     for (int v = 0; v < VPL; ++v)
-      if (((st.live >> v) & 1u) && rank[v] < kmax && (!use_p || ahead[v] * st.inv_sum < top_p)) ++kept;
+      if (((st.live >> v) & 1u) && rank[v] < kmax && (!use_p || ahead[v] < thr)) ++kept;
     kept = group_reduce<GROUP>(kept, SumOp{});
     A s_loc = A(0), z_loc = A(0);
     if (!done) {
@@ -281,7 +290,7 @@ template <class T, int GROUP, int VPL>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     route_bwd_kernel(const T* __restrict__ grad_w, const T* __restrict__ grad_dense, const T* __restrict__ logits,
                      const int32_t* __restrict__ ids, T* __restrict__ dlogits, int64_t rows, int n, int kmax,
-                     acc_t<T> temperature, int renorm) {
+                     acc_t<T> inv_t, int renorm) {
   using A = acc_t<T>;
   const int glane = lane_id() & (GROUP - 1);
   const int gbase = lane_id() & ~(GROUP - 1);
@@ -289,7 +298,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   const bool active = row < rows;
 
   RowStats<T, GROUP, VPL> st;
-  st.load(MemoryLogits<T>{logits, n}, row, active, n, temperature, glane);
+  st.load(MemoryLogits<T>{logits, n}, row, active, n, inv_t, glane);
   const int64_t cbase = row * kmax;
 
   // Pass A: S = Σ p_sel, pmax = max p_sel.
@@ -298,7 +307,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     for (int j = glane; j < kmax; j += GROUP) {
       const int id = ids[cbase + j];
       if (id < 0 || id >= n) continue;
-      const A pj = st.prob_of(logits, row, n, id, temperature);
+      const A pj = st.prob_of(logits, row, n, id, inv_t);
       S += pj;
       pmax = pj > pmax ? pj : pmax;
     }
@@ -318,7 +327,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     for (int j = glane; j < kmax; j += GROUP) {
       const int id = ids[cbase + j];
       if (id < 0 || id >= n) continue;
-      const A pj = st.prob_of(logits, row, n, id, temperature), gw = grad_of(j, id);
+      const A pj = st.prob_of(logits, row, n, id, inv_t), gw = grad_of(j, id);
       sgp += gw * pj;
       if (renorm == kSoftmax) {
         const A ep = exp_acc(pj - pmax);
@@ -361,7 +370,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
       if (rowok && j < kmax) {
         id = ids[cbase + j];
         if (id >= 0 && id < n) {
-          const A pj = st.prob_of(logits, row, n, id, temperature), gw = grad_of(j, id);
+          const A pj = st.prob_of(logits, row, n, id, inv_t), gw = grad_of(j, id);
           if (renorm == kNone) g = gw;
           else if (renorm == kSum) g = (gw - D) * inv_s;
           else g = exp_acc(pj - pmax) * inv_z * (gw - D);
@@ -383,7 +392,6 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     }
   }
   if (!active) return;
-  const A inv_t = A(1) / temperature;
 #pragma unroll
   for (int v = 0; v < VPL; ++v) {
     const int i = v * GROUP + glane;
@@ -425,23 +433,23 @@ inline int default_rank_after(int n) { return n / 8 > 8 ? n / 8 : 8; }
 // Src: MemoryLogits<T> or CosineLogits<T>. rank_after < 0: default_rank_after(n).
 template <class T, class Src>
 cudaError_t launch_fwd(Src src, int32_t* ids, T* weights, int32_t* counts, T* dense, int64_t rows, int n, int kmax,
-                       acc_t<T> temperature, acc_t<T> top_p, int renorm, int rank_after, cudaStream_t stream) {
+                       acc_t<T> inv_t, acc_t<T> top_p, int renorm, int rank_after, cudaStream_t stream) {
   if (rank_after < 0) rank_after = default_rank_after(n);
   dispatch_shape(n, [&](auto G, auto V) {
     auto kernel = route_fwd_kernel<T, decltype(G)::value, decltype(V)::value, Src>;
     MK_LAUNCH(kernel, grid_for<decltype(G)::value>(rows), dim3(kThreads), 0, stream, src, ids, weights, counts, dense,
-              rows, n, kmax, temperature, top_p, renorm, rank_after);
+              rows, n, kmax, inv_t, top_p, renorm, rank_after);
   });
   return last_launch_error();
 }
 
 template <class T>
 cudaError_t launch_bwd(const T* grad_w, const T* grad_dense, const T* logits, const int32_t* ids, T* dlogits,
-                       int64_t rows, int n, int kmax, acc_t<T> temperature, int renorm, cudaStream_t stream) {
+                       int64_t rows, int n, int kmax, acc_t<T> inv_t, int renorm, cudaStream_t stream) {
   dispatch_shape(n, [&](auto G, auto V) {
     auto kernel = route_bwd_kernel<T, decltype(G)::value, decltype(V)::value>;
     MK_LAUNCH(kernel, grid_for<decltype(G)::value>(rows), dim3(kThreads), 0, stream, grad_w, grad_dense, logits,
-              ids, dlogits, rows, n, kmax, temperature, renorm);
+              ids, dlogits, rows, n, kmax, inv_t, renorm);
   });
   return last_launch_error();
 }

@@ -3,6 +3,7 @@ the argument and the expected shape/dtype, on every device and at trace time."""
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -13,11 +14,61 @@ def expect(cond: bool, op: str, msg: str) -> None:
 
 
 def expect_dtype(op: str, name: str, t: torch.Tensor, allowed=FLOAT_DTYPES, like: torch.Tensor | None = None) -> None:
-    if like is not None:
-        expect(t.dtype == like.dtype, op, f"{name} must have dtype {like.dtype}, got {t.dtype}")
-    expect(t.dtype in allowed, op, f"{name} has unsupported dtype {t.dtype} (expected one of {list(allowed)})")
+    if like is not None and t.dtype != like.dtype:  # messages are formatted only when a check fails
+        expect(False, op, f"{name} must have dtype {like.dtype}, got {t.dtype}")
+    if t.dtype not in allowed:
+        expect(False, op, f"{name} has unsupported dtype {t.dtype} (expected one of {list(allowed)})")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the references: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_number(v) -> bool:
+    """A real Python/NumPy number, not a bool (``top_k=True`` is a bug, not 1)."""
+    import numbers
+
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
+
+
+def expect_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` lives on ``ref``'s device (a meta tensor mixed with CPU ones is an error,
+    as in torch, never uninitialised memory)."""
+    for name, t in others.items():
+        if t is not None:
+            expect(t.device == ref.device, op, f"{name} is on {t.device} but {ref_name} is on {ref.device}: "
+                                               "all inputs must be on one device")
+
+
+def can_sync(t: torch.Tensor) -> bool:
+    """Whether a host check may read ``t``'s values: not a meta or fake tensor (tracing, FakeTensorMode)."""
+    return t.device.type != "meta" and not is_fake(t)
+
+
+def is_eager(device_type: str = "cuda") -> bool:
+    """Not under torch.compile and (for CUDA tensors) not capturing a CUDA graph: host checks and
+    Python-side AD wrappers may run."""
+    if torch.compiler.is_compiling():
+        return False
+    return device_type != "cuda" or not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def grad_or_tangent(*ts: torch.Tensor) -> bool:
+    """Whether autograd (reverse or forward mode) may see these tensors: the public functions then take a
+    path with every AD mode they support (torch.library registers no forward-mode formula)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return True
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return True
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(wrapped(t) for t in ts)
+
+
+def autocast_like(device_type: str, like: torch.Tensor, *ts):
+    """The autocast contract of the ops that take parameters (README "Autocast"): under ``torch.autocast``
+    for ``device_type``, the parameter-like inputs ``ts`` follow the activation ``like``'s dtype (a
+    differentiable cast); outside autocast nothing is cast and mismatched dtypes stay an error."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return tuple(t.to(like.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts)
+    return ts
