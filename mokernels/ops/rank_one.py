@@ -144,11 +144,11 @@ def _scale_backward_cpu(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor):
         return (grad * (sigma + g)).contiguous(), dsigma, prod.contiguous()
     R = z.shape[-1]
     dz = torch.empty(z.shape, dtype=z.dtype)
-    dg = (grad * z).contiguous()  # bf16 x bf16 (fp16 x fp16) is exact in fp32: one rounding, as the reference
+    dg = torch.empty(z.shape, dtype=z.dtype)
     dsigma = torch.zeros(R, dtype=acc)
     if dz.numel():
         gr2, z2, g2, s = _rows(grad), _rows(z), _rows(g), sigma.to(acc)
-        dz2 = dz.view(-1, R)
+        dz2, dg2 = dz.view(-1, R), dg.view(-1, R)
         step = max(1, _BLOCK // R)
         a, b, c = _scratch_blocks(3, min(step, z2.shape[0]), R, acc)
         for i in range(0, z2.shape[0], step):
@@ -157,7 +157,9 @@ def _scale_backward_cpu(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor):
             cc.copy_(gr2[i:j])
             aa.copy_(g2[i:j]).add_(s).mul_(cc)  # grad * (sigma + g)
             dz2[i:j].copy_(aa)
-            dsigma += bb.copy_(z2[i:j]).mul_(cc).sum(0)  # exact products, summed in fp32
+            bb.copy_(z2[i:j]).mul_(cc)  # grad * z: bf16 x bf16 (fp16 x fp16) products are exact in fp32
+            dg2[i:j].copy_(bb)  # rounded once, as the reference
+            dsigma += bb.sum(0)  # the exact products, summed in fp32
     return dz, dsigma.to(sigma.dtype), dg
 
 
