@@ -37,8 +37,11 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     if type(z) is Tensor and z.is_cpu and not torch.compiler.is_compiling():  # CPU eager: fewest Python steps
         if torch.is_autocast_enabled("cpu"):
             sigma, g = autocast_like("cpu", z, sigma, g)
-        check_args(z, sigma, g)
         dt = z.dtype
+        if not (isinstance(sigma, Tensor) and isinstance(g, Tensor) and sigma.is_cpu and g.is_cpu
+                and g.shape == z.shape and sigma.dim() == 1 and z.dim() >= 1 and sigma.shape[0] == z.shape[-1]
+                and sigma.dtype == dt and g.dtype == dt and dt in FLOAT_DTYPES):
+            check_args(z, sigma, g)  # raises the ValueError naming the argument
         if dt is torch.float32 or dt is torch.float64:  # the reference: autograd gives every AD mode
             return (z * (sigma + g)).contiguous()
         if z.numel() <= _BLOCK // 4:  # small fp16/bf16: the reference's fp32 composition, as is
