@@ -966,3 +966,37 @@ def test_cpu_top_k_fast_path_matches_general_path(dtype):
     z2[3, 5] = z2[3, 6] = z2[3].max()  # a tie at the top: the general path
     assert R._top_k_fast(R._scaled(z2, 1.0), 2, False, dtype) is None
     assert route(z2, top_k=2).ids[3].tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_top_k_fast_path_tiny_inputs(dtype):
+    """Tiny CPU inputs (<= R._TINY logits) take the fast path's contiguous variant: the same ids, counts
+    and weights as the sort-based spec, gradients as the independent composition softmax(x_sel), and
+    ties / masks / NaN still fall back to the general path."""
+    gen = torch.Generator().manual_seed(49)
+    for T, N, k in ((4, 8, 2), (1, 3, 1), (16, 64, 3)):
+        assert T * N <= R._TINY
+        z = (torch.randn(T, N, generator=gen, dtype=torch.float64) * 2).to(dtype)
+        x = R._scaled(z, 1.0)
+        order = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+        if (torch.sort(x, dim=-1).values.diff(dim=-1) != 0).all():  # distinct per row: the fast path applies
+            assert R._top_k_fast(x, k, False, dtype) is not None
+        zz = z.clone().requires_grad_(True)
+        got = route(zz, top_k=k, dense=True)
+        assert torch.equal(got.ids.long(), order) and (got.counts == k).all()
+        xs = zz.to(x.dtype).gather(1, order)
+        want = torch.softmax(xs, -1)
+        torch.testing.assert_close(got.weights.to(x.dtype), want.to(dtype).to(x.dtype), rtol=0, atol=0)
+        assert torch.equal(got.dense.gather(1, order), got.weights)
+        gw = torch.randn(T, k, generator=gen, dtype=torch.float64).to(dtype)
+        (g1,) = torch.autograd.grad(got.weights, zz, gw)
+        (g2,) = torch.autograd.grad(want.to(dtype), zz, gw)
+        torch.testing.assert_close(g1, g2, rtol=WTOL[dtype], atol=WTOL[dtype])
+    z = torch.tensor([[1.0, 3.0, 3.0, 0.0, -1.0], [0.0, float("-inf"), 1.0, 2.0, -1.0]])
+    assert R._top_k_fast(z, 2, False, z.dtype) is None  # a tie at the top
+    assert route(z, top_k=2).ids[0].tolist() == [1, 2]
+    z[0, 2] = float("nan")
+    assert R._top_k_fast(z, 2, False, z.dtype) is None
+    z = torch.tensor([[0.0, float("-inf"), float("-inf"), float("-inf"), float("-inf")]])
+    assert R._top_k_fast(z, 2, False, z.dtype) is None  # a masked expert among the K + 1
+    assert route(z, top_k=2).counts.tolist() == [1]

@@ -43,7 +43,14 @@ def expect_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torc
 
 def can_sync(t: torch.Tensor) -> bool:
     """Whether a host check may read ``t``'s values: not a meta or fake tensor (tracing, FakeTensorMode)."""
-    return t.device.type != "meta" and not is_fake(t)
+    if t.device.type == "meta":
+        return False
+    if type(t) is torch.Tensor and not torch._is_functional_tensor(t) and not _functorch_wrapped(t):
+        return not torch._C._is_fake_tensor(t)  # is_fake for a plain tensor, without its generic walk
+    return not is_fake(t)
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def is_eager(device_type: str = "cuda") -> bool:

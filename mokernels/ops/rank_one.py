@@ -37,8 +37,11 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     if type(z) is Tensor and z.is_cpu and not torch.compiler.is_compiling():  # CPU eager: fewest Python steps
         if torch.is_autocast_enabled("cpu"):
             sigma, g = autocast_like("cpu", z, sigma, g)
-        check_args(z, sigma, g)
         dt = z.dtype
+        if not (isinstance(sigma, Tensor) and isinstance(g, Tensor) and sigma.is_cpu and g.is_cpu
+                and g.shape == z.shape and sigma.dim() == 1 and z.dim() >= 1 and sigma.shape[0] == z.shape[-1]
+                and sigma.dtype == dt and g.dtype == dt and dt in FLOAT_DTYPES):
+            check_args(z, sigma, g)  # raises the ValueError naming the argument
         if dt is torch.float32 or dt is torch.float64:  # the reference: autograd gives every AD mode
             return (z * (sigma + g)).contiguous()
         if z.numel() <= _BLOCK // 4:  # small fp16/bf16: the reference's fp32 composition, as is
@@ -144,11 +147,11 @@ def _scale_backward_cpu(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor):
         return (grad * (sigma + g)).contiguous(), dsigma, prod.contiguous()
     R = z.shape[-1]
     dz = torch.empty(z.shape, dtype=z.dtype)
-    dg = (grad * z).contiguous()  # bf16 x bf16 (fp16 x fp16) is exact in fp32: one rounding, as the reference
+    dg = torch.empty(z.shape, dtype=z.dtype)
     dsigma = torch.zeros(R, dtype=acc)
     if dz.numel():
         gr2, z2, g2, s = _rows(grad), _rows(z), _rows(g), sigma.to(acc)
-        dz2 = dz.view(-1, R)
+        dz2, dg2 = dz.view(-1, R), dg.view(-1, R)
         step = max(1, _BLOCK // R)
         a, b, c = _scratch_blocks(3, min(step, z2.shape[0]), R, acc)
         for i in range(0, z2.shape[0], step):
@@ -157,7 +160,9 @@ def _scale_backward_cpu(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor):
             cc.copy_(gr2[i:j])
             aa.copy_(g2[i:j]).add_(s).mul_(cc)  # grad * (sigma + g)
             dz2[i:j].copy_(aa)
-            dsigma += bb.copy_(z2[i:j]).mul_(cc).sum(0)  # exact products, summed in fp32
+            bb.copy_(z2[i:j]).mul_(cc)  # grad * z: bf16 x bf16 (fp16 x fp16) products are exact in fp32
+            dg2[i:j].copy_(bb)  # rounded once, as the reference
+            dsigma += bb.sum(0)  # the exact products, summed in fp32
     return dz, dsigma.to(sigma.dtype), dg
 
 

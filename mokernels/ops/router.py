@@ -209,10 +209,11 @@ def route(
     lead = logits.shape[:-1]
     flat = logits.dim() == 2  # [T, N]: no reshapes in or out
     z = logits if flat else logits.reshape(-1, N)
-    eager = is_eager(z.device.type)
+    dev = z.device.type
+    eager = is_eager(dev)
     real = eager and can_sync(z)  # eager, not meta / fake: values may be read
     check = validate and real
-    if z.device.type == "cpu" and real:
+    if dev == "cpu" and real:
         # CPU: the reference itself, differentiable by torch's autograd in every mode; validity comes
         # out of the same pass (one host check, free on CPU).
         ids, w, counts, d, valid = _route_core(z, r, p, kmax, renorm, dense)
@@ -223,7 +224,7 @@ def route(
             row = int(_first(_bad_rows(z, r)))  # one fused pass, one host sync
             if row >= 0:
                 _raise_bad_row(row)
-        if N > MAX_EXPERTS_KERNEL and z.device.type not in ("cpu", "meta"):  # beyond the kernel: the reference
+        if N > MAX_EXPERTS_KERNEL and dev not in ("cpu", "meta"):  # beyond the kernel: the reference
             ids, w, counts, d, _ = _route_core(z, r, p, kmax, renorm, dense)
         elif eager and grad_or_tangent(z):
             ids, w, counts, d = _RouteFn.apply(z, float(temperature), p, kmax, renorm, dense)
@@ -400,7 +401,8 @@ def route_cosine_fwd_reference(h: Tensor, keys: Tensor, temperature: float, eps:
 
 def _scaled(z: Tensor, r: float) -> Tensor:
     """x = z · r in the accumulation dtype (router rule 1); r == 1: x = z, no multiply."""
-    x = z.to(acc_dtype(z.dtype))
+    acc = acc_dtype(z.dtype)
+    x = z if z.dtype == acc else z.to(acc)
     return x * r if r != 1.0 else x
 
 
@@ -422,19 +424,33 @@ def _order(x: Tensor, K: int) -> tuple[Tensor, Tensor]:
     return vals[:, :K], idx[:, :K]
 
 
+# CPU inputs with at most this many logits: fixed per-op costs dominate, and small ops on
+# non-contiguous views cost several µs more than on contiguous tensors (a second tiny topk is cheaper)
+_TINY = 1024
+
+
 def _top_k_fast(x: Tensor, K: int, dense: bool, out_dtype: torch.dtype):
     """CPU top-k with renorm "sum" when every row has K + 1 finite, distinct largest logits (the common
     case): those rows are valid, keep exactly K experts, and topk's order is rule 2's. The weights are
     softmax over the selected logits (= e_sel / Σ e_sel up to rounding). None: take the general path."""
-    vals, idx = torch.topk(x, K + 1, dim=-1, largest=True, sorted=True)  # differentiable in x (as a gather)
-    # the differences of the sorted K + 1 are all < 0 and finite iff those are finite and distinct
-    # (NaN / inf give NaN or -inf; an overflowing difference only sends the call to the general path)
-    dv = torch.diff(vals.detach(), dim=-1)
-    if not (float(dv.amax()) < 0.0 and float(dv.sum()) > -math.inf):
+    small = x.numel() <= _TINY
+    if small:  # the check on a topk of its own; topk(K) again below gives contiguous ids and values
+        top = (x.detach() if x.requires_grad else x).topk(K + 1, dim=-1, largest=True, sorted=True)[0]
+    else:
+        vals, idx = x.topk(K + 1, dim=-1, largest=True, sorted=True)  # values differentiable in x
+        top = vals.detach() if vals.requires_grad else vals
+    # the differences of the sorted K + 1 largest are all < 0 and finite iff those are finite and
+    # distinct (NaN / inf give NaN or -inf; an overflowing difference only sends the call to the
+    # general path)
+    lo, hi = torch.aminmax(torch.diff(top, dim=-1))
+    if not (float(hi) < 0.0 and float(lo) > -math.inf):
         return None
     T, N = x.shape
-    idx = idx[:, :K]
-    w = torch.softmax(vals[:, :K], dim=-1)  # the selected logits themselves: as x.gather(1, idx)
+    if small:  # distinct values: topk(K) is exactly rule 2's first K
+        vals, idx = x.topk(K, dim=-1, largest=True, sorted=True)
+    else:
+        vals, idx = vals[:, :K], idx[:, :K]
+    w = torch.softmax(vals, dim=-1)
     counts = torch.full((T,), K, dtype=torch.int32)
     d = torch.zeros((T, N), dtype=w.dtype).scatter(1, idx, w).to(out_dtype) if dense else x.new_empty((0,), dtype=out_dtype)
     return idx.to(torch.int32), w.to(out_dtype), counts, d, None  # valid None: every row is valid
