@@ -131,6 +131,7 @@ struct RowStats {
   }
 };
 
+// sass-budget: mk::router::route_fwd_kernel block=128 regs<=255
 template <class T, int GROUP, int VPL, class Src>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     route_fwd_kernel(Src src, int32_t* __restrict__ ids, T* __restrict__ weights,
@@ -274,6 +275,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   if (glane == 0) counts[row] = count;
 }
 
+// sass-budget: mk::router::route_bwd_kernel block=128 regs<=255
 // dlogits from the gradients of the compact weights (grad_w [T,kmax]) and, optionally, of the dense
 // weights (grad_dense [T,N], may be null), the selection read from ids (entries outside [0, N) are
 // "no expert").
