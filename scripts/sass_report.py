@@ -12,9 +12,10 @@ Budgets live next to each kernel, in its .cuh/.cu under csrc/, one comment line 
 
     // sass-budget: <pattern> block=<threads> [smem=<dynamic bytes>] [regs<=<n>] [spill=<bytes>] [hot]
 
-* <pattern>: an fnmatch glob matched against the demangled kernel name without its parameter list,
-  e.g. ``mk::router::route_fwd_topk<*>``; a pattern without ``<`` matches every template instance
-  of that name (``mk::rank_one::column_sum_kernel``). Every budget that matches a kernel applies.
+* <pattern>: an fnmatch glob matched against the demangled kernel name without its parameter list
+  and without spaces, e.g. ``mk::router::route_fwd_topk<__half,*>``; a pattern without ``<`` matches
+  every template instance of that name (``mk::rank_one::column_sum_kernel``). Every budget that
+  matches a kernel applies.
 * block: threads per block the launcher uses (for occupancy); smem: dynamic shared memory per
   block at launch (default 0), added to the static shared memory.
 * regs<=n / spill=b: register budget and the most spill bytes (STACK + LOCAL) allowed.
@@ -195,6 +196,7 @@ class Budget:
     hot: bool = False
 
     def matches(self, name: str) -> bool:
+        name = name.replace(" ", "")  # patterns have no spaces: 'k<__half,*>' matches 'k<__half, 4>'
         if "<" not in self.pattern and "*" not in self.pattern and "?" not in self.pattern:
             return name == self.pattern or name.startswith(self.pattern + "<")
         return fnmatch.fnmatchcase(name, self.pattern)

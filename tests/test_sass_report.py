@@ -108,6 +108,8 @@ def test_budget_line_format():
     assert (b.pattern, b.block, b.regs, b.spill, b.hot, b.smem) == ("mk::router::route_fwd_topk<*>", 128, 64, 0, True, 0)
     assert b.matches("mk::router::route_fwd_topk<float, 8>")
     assert not b.matches("mk::router::route_fwd_keep<float>")
+    half = sr.parse_budget_line("// sass-budget: mk::r::k<__half,*> block=128 regs<=64 hot", "f:4")
+    assert half.matches("mk::r::k<__half, 8, 2>") and not half.matches("mk::r::k<float, __half, 8, 2>")
     plain = sr.parse_budget_line("// sass-budget: mk::x::k block=256 smem=4096", "f:2")
     assert plain.matches("mk::x::k<float>") and plain.matches("mk::x::k") and not plain.matches("mk::x::k2<float>")
     assert plain.smem == 4096 and plain.regs is None and not plain.hot

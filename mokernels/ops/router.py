@@ -28,7 +28,8 @@ Semantics (the reference :func:`route_reference` is the executable spec):
 
 Public functions: :func:`route` (logits), :func:`route_cosine` (SAMoRA: codes ``h`` and keys, the
 cosine logits formed inside the kernel), :func:`route_segments` (one row per sentence, broadcast to
-its tokens by offsets, no host sync). CUDA kernel: ``csrc/kernels/router.cuh`` (N <= 1024 experts;
+its tokens by offsets, no host sync). CUDA kernels: ``csrc/kernels/router.cuh`` (N <= 4096 experts, fp64 2048;
+backward N <= 1024;
 larger N runs the reference composition on the GPU). CPU tensors run the reference.
 """
 from __future__ import annotations
@@ -43,7 +44,12 @@ from ._checks import acc_dtype, expect, expect_dtype
 
 _OP = "route"
 RENORMS = ("sum", "softmax", "none")
-MAX_EXPERTS_KERNEL = 1024  # the CUDA kernel's limit on N (one warp per row, 32 values per lane)
+MAX_EXPERTS_KERNEL = 4096  # the CUDA forward kernels' limit on N (fp64: 2048; shared-memory sort kernel)
+MAX_EXPERTS_KERNEL_BWD = 1024  # the CUDA backward kernel's limit on N (larger N: route_bwd_reference)
+
+
+def _kernel_max_n(dtype: torch.dtype) -> int:
+    return MAX_EXPERTS_KERNEL // 2 if dtype == torch.float64 else MAX_EXPERTS_KERNEL
 
 
 class Routing(NamedTuple):
@@ -132,7 +138,7 @@ def route(
         dense [..., N] or None)`` with ``kmax = top_k or max_k or N``; ids in descending-probability
         order, -1 pads. The compact form feeds the multi-adapter GEMM's mixture form directly.
     Differentiable in ``logits`` (selection held fixed). CUDA tensors run the fused kernel
-    (N <= 1024; larger N runs the reference composition); CPU tensors run :func:`route_reference`.
+    (N <= 4096, fp64 2048; larger N runs the reference composition); CPU tensors run :func:`route_reference`.
     """
     expect(isinstance(logits, Tensor) and logits.dim() >= 1, _OP, "logits must be a [..., N] tensor")
     expect_dtype(_OP, "logits", logits)
@@ -144,7 +150,7 @@ def route(
     z = logits.reshape(-1, N)
     if validate and _is_eager():
         validate_rows(z, float(temperature))
-    if N > MAX_EXPERTS_KERNEL and z.device.type != "cpu":  # beyond the kernel: the reference (autograd)
+    if N > _kernel_max_n(z.dtype) and z.device.type != "cpu":  # beyond the kernel: the reference (autograd)
         ids, w, counts, d = route_fwd_reference(z, float(temperature), p, kmax, renorm, bool(dense))
     else:
         ids, w, counts, d = torch.ops.mokernels.route_fwd(z, float(temperature), p, kmax, renorm, bool(dense))
@@ -203,7 +209,7 @@ def route_cosine(
                              f"or a squared norm that overflows {acc}")
         expect(bool(torch.isfinite(keys.to(acc).square().sum(-1)).all()), _OP,
                f"keys have a NaN or inf, or a squared norm that overflows {acc}")
-    if N > MAX_EXPERTS_KERNEL and hh.device.type != "cpu":  # beyond the kernel: the composition
+    if N > _kernel_max_n(hh.dtype) and hh.device.type != "cpu":  # beyond the kernel: the composition
         z = cosine_logits_reference(hh, keys, float(eps))
         ids, w, counts, d = route_fwd_reference(z, float(temperature), p, kmax, renorm, bool(dense))
         w, d = w.to(h.dtype), d.to(h.dtype)
@@ -281,7 +287,12 @@ def route_cosine_fwd_reference(h: Tensor, keys: Tensor, temperature: float, eps:
 
 
 def _row_stats(z: Tensor, temperature: float):
-    x = z.to(acc_dtype(z.dtype)) / temperature
+    """x = z·r (r = 1/τ in fp64 rounded once to the accumulation dtype; τ == 1: x = z), validity,
+    live (selectable) experts and p = softmax(x) (router_rules 1, 3, 5, 6)."""
+    acc = acc_dtype(z.dtype)
+    x = z.to(acc)
+    if temperature != 1.0:
+        x = x * torch.tensor(1.0 / temperature, dtype=torch.float64).to(acc)
     ninf = float("-inf")
     valid = ~(torch.isnan(x) | (x == float("inf"))).any(-1) & (x > ninf).any(-1)
     live = (x > ninf) & valid[:, None]
@@ -289,18 +300,42 @@ def _row_stats(z: Tensor, temperature: float):
     return x, valid, live, p
 
 
+def _top_p_threshold(top_p: float, acc: torch.dtype) -> Tensor:
+    """top_p in the accumulation dtype, kept below 1 after rounding (as the kernels take it)."""
+    t = torch.tensor(top_p, dtype=acc)
+    return t if bool(t < 1) else torch.nextafter(torch.tensor(1.0, dtype=acc), torch.tensor(0.0, dtype=acc))
+
+
 def route_fwd_reference(z: Tensor, temperature: float, top_p: float, kmax: int, renorm: str, dense: bool):
     """The op ``route_fwd`` on ``z [T, N]`` in fp32 (fp64 for fp64); see the module docstring."""
     T, N = z.shape
-    _, valid, live, p = _row_stats(z, temperature)
-    key = torch.where(live, p.detach(), torch.full_like(p, -1.0))
-    sorted_key, order = torch.sort(key, dim=-1, descending=True, stable=True)
+    x, valid, live, p = _row_stats(z, temperature)
+    # order: x descending, ties -> lower index (stable sort; -0 keyed as +0); masked last (rule 2)
+    key = torch.where(live, x.detach(), torch.full_like(x, float("-inf")))
+    key = torch.where(key == 0, torch.zeros_like(key), key)
+    _, order = torch.sort(key, dim=-1, descending=True, stable=True)
     n_live = live.sum(-1)
     if top_p >= 1.0:
         count = n_live  # keep all: no cumulative sum involved
     else:
-        cs = torch.cumsum(sorted_key.clamp(min=0), dim=-1)
-        count = torch.minimum((cs < top_p).sum(-1) + 1, n_live)
+        # rule 4: the shortest prefix whose running sum of e = exp(x - max x), summed sequentially in
+        # the accumulation dtype (torch.cumsum accumulates fp32 in fp64 on CPU), reaches fl(top_p·S)
+        m = torch.where(valid, key.max(-1).values, torch.zeros((), dtype=key.dtype))
+        e = torch.where(live, torch.exp(key - m[:, None]), torch.zeros((), dtype=key.dtype))
+        es = e.gather(1, order)
+        thr = _top_p_threshold(top_p, key.dtype) * e.sum(-1)
+        cap = n_live.clamp(max=kmax)
+        count = cap.clone()
+        cum = torch.zeros(T, dtype=key.dtype, device=z.device)
+        found = ~valid
+        for j in range(min(N, kmax)):
+            cum = cum + es[:, j]
+            hit = ~found & (cum >= thr) & (j < cap)
+            count = torch.where(hit, torch.full_like(count, j + 1), count)
+            found = found | hit
+            # on CPU, outside compile: stop once every row is cut (a sync every 8 columns)
+            if j % 8 == 7 and z.device.type == "cpu" and not torch.compiler.is_compiling() and bool(found.all()):
+                break
     count = count.clamp(max=kmax)
     K = min(kmax, N)
     sel = order[:, :K]
@@ -467,7 +502,8 @@ def _backward_cosine(ctx, _g_ids, g_w, _g_counts, g_dense):
         z = cosine_logits_reference(hh, kk, ctx.eps)  # [T, N] fp32: one GEMM, recomputed
         gw = torch.zeros(ids.shape, dtype=z.dtype, device=z.device) if g_w is None else g_w.to(z.dtype)
         gd = g_dense.to(z.dtype).contiguous() if (ctx.dense and g_dense is not None) else None
-        dz = torch.ops.mokernels.route_bwd(gw.contiguous(), gd, z.detach(), ids, ctx.temperature, ctx.renorm)
+        bwd = route_bwd_reference if z.shape[-1] > MAX_EXPERTS_KERNEL_BWD else torch.ops.mokernels.route_bwd
+        dz = bwd(gw.contiguous(), gd, z.detach(), ids, ctx.temperature, ctx.renorm)
         dh, dk = torch.autograd.grad(z, (hh, kk), dz)
     need = ctx.needs_input_grad
     return (dh if need[0] else None, dk if need[1] else None) + (None,) * 6
@@ -487,8 +523,8 @@ def _backward(ctx, _g_ids, g_w, _g_counts, g_dense):
     if g_w is None:
         g_w = torch.zeros(ids.shape, dtype=logits.dtype, device=logits.device)
     gd = g_dense if (ctx.dense and g_dense is not None) else None
-    dz = torch.ops.mokernels.route_bwd(g_w.contiguous(), None if gd is None else gd.contiguous(), logits, ids,
-                                       ctx.temperature, ctx.renorm)
+    bwd = route_bwd_reference if logits.shape[-1] > MAX_EXPERTS_KERNEL_BWD else torch.ops.mokernels.route_bwd
+    dz = bwd(g_w.contiguous(), None if gd is None else gd.contiguous(), logits, ids, ctx.temperature, ctx.renorm)
     return dz, None, None, None, None, None
 
 
