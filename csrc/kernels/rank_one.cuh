@@ -80,7 +80,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   using A = acc_t<T>;
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c < cols;  // inactive threads still reach the barriers
-  Vec<T, VEC> s;
+  Vec<T, VEC> s{};
   if (active) s = load_vec<VEC>(sigma + c);
   MK_DYNAMIC_SHARED(A, red);  // [blockDim.y][blockDim.x * VEC]
   const int slot = (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
@@ -138,19 +138,20 @@ template <class T>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kSumCols* kSumLanes)
     column_sum_kernel(const acc_t<T>* __restrict__ partial, T* __restrict__ out, int64_t parts, int64_t cols) {
   using A = acc_t<T>;
-  MK_SHARED A red[kSumLanes][kSumCols];
+  MK_SHARED A red[kSumLanes * kSumCols];  // [lane][column]
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   A s = A(0);
   if (c < cols)
     for (int64_t p = threadIdx.y; p < parts; p += kSumLanes) s += partial[p * cols + c];
-  red[threadIdx.y][threadIdx.x] = s;
+  red[threadIdx.y * kSumCols + threadIdx.x] = s;
   block_sync();
 #pragma unroll
   for (int h = kSumLanes / 2; h > 0; h /= 2) {
-    if (static_cast<int>(threadIdx.y) < h) red[threadIdx.y][threadIdx.x] += red[threadIdx.y + h][threadIdx.x];
+    if (static_cast<int>(threadIdx.y) < h)
+      red[threadIdx.y * kSumCols + threadIdx.x] += red[(threadIdx.y + h) * kSumCols + threadIdx.x];
     block_sync();
   }
-  if (threadIdx.y == 0 && c < cols) out[c] = from_acc<T>(red[0][threadIdx.x]);
+  if (threadIdx.y == 0 && c < cols) out[c] = from_acc<T>(red[threadIdx.x]);
 }
 
 // ---- launchers (raw pointers; rows * cols > 0; contiguous row-major [rows, cols]) ----

@@ -404,7 +404,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
   A* ev = reinterpret_cast<A*>(smem + static_cast<size_t>(np) * sizeof(Key));
   MK_SHARED A red_a[kWarps];
   MK_SHARED int red_i[kWarps];
-  MK_SHARED int cut;
+  MK_SHARED int cut[1];
   const int tid = threadIdx.x;
   const int64_t row = blockIdx.x;
   const int n = o.n;
@@ -469,10 +469,10 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
         }
       }
     }
-    cut = c;
+    cut[0] = c;
   }
   block_sync();
-  const int count = cut;
+  const int count = cut[0];
   A ss = A(0), zs = A(0);
   for (int j = tid; j < count; j += kSortThreads) {
     ss += ev[j];
@@ -514,9 +514,11 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kCosExperts* kCosY)
                          int64_t rows, int n, int rdim, acc_t<T> eps) {
   using A = acc_t<T>;
   constexpr int KR = kCosRows / kCosY;
-  MK_SHARED A ks[kCosChunk][kCosExperts + 1];  // [j][expert]
-  MK_SHARED A hs[kCosRows][kCosChunk + 1];     // [row][j]
-  MK_SHARED A inv_k[kCosExperts], inv_h[kCosRows];
+  constexpr int KS = kCosExperts + 1, HS = kCosChunk + 1;  // padded row strides: conflict-free
+  MK_SHARED A ks[kCosChunk * KS];  // [j][expert]
+  MK_SHARED A hs[kCosRows * HS];   // [row][j]
+  MK_SHARED A inv_k[kCosExperts];
+  MK_SHARED A inv_h[kCosRows];
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kCosExperts + tx;
   const int e0 = blockIdx.x * kCosExperts;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kCosRows;
@@ -528,19 +530,19 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kCosExperts* kCosY)
     block_sync();  // the previous chunk is consumed
     for (int idx = tid; idx < kCosExperts * rc; idx += kCosExperts * kCosY) {
       const int e = idx / rc, j = idx % rc;
-      ks[j][e] = e0 + e < n ? to_acc(keys[static_cast<int64_t>(e0 + e) * rdim + c0 + j]) : A(0);
-      hs[e][j] = r0 + e < rows ? to_acc(h[(r0 + e) * rdim + c0 + j]) : A(0);  // kCosRows == kCosExperts
+      ks[j * KS + e] = e0 + e < n ? to_acc(keys[static_cast<int64_t>(e0 + e) * rdim + c0 + j]) : A(0);
+      hs[e * HS + j] = r0 + e < rows ? to_acc(h[(r0 + e) * rdim + c0 + j]) : A(0);  // kCosRows == kCosExperts
     }
     block_sync();
 #pragma unroll
     for (int k = 0; k < KR; ++k) {
       const int q = ty + k * kCosY;
       for (int j = tx; j < rc; j += kCosExperts) {
-        hh[k] += hs[q][j] * hs[q][j];
-        kk[k] += ks[j][q] * ks[j][q];
+        hh[k] += hs[q * HS + j] * hs[q * HS + j];
+        kk[k] += ks[j * KS + q] * ks[j * KS + q];
       }
       A d = dot[k];
-      for (int j = 0; j < rc; ++j) d += hs[q][j] * ks[j][tx];
+      for (int j = 0; j < rc; ++j) d += hs[q * HS + j] * ks[j * KS + tx];
       dot[k] = d;
     }
   }
