@@ -1,4 +1,5 @@
 """`python -m benchmarks [--quick] [--out DIR] [--only FAMILY ...]` -- see benchmarks/__init__.py.
+`python -m benchmarks --sass [--check ...]`: the SASS resource report (scripts/sass_report.py).
 
 Exit status: 0 when every workload of every selected family ran, 1 when any family's workloads()
 or any impl raised (the others still run and are reported), 2 on bad arguments."""
@@ -20,11 +21,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed calls per impl (default 100 CUDA / 10 CPU; quick 30 / 5)")
     p.add_argument("--no-l2-flush", action="store_true", help="CUDA: do not flush L2 before each timed call")
     p.add_argument("--list", action="store_true", help="list the benchmark families and exit")
+    p.add_argument("--sass", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+                   help="print the SASS resource report of the built _C instead (scripts/sass_report.py; "
+                        "the remaining arguments go to it, e.g. --sass --check)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.sass is not None:  # the GPU-free performance check: registers, spills, occupancy, load widths
+        import importlib.util
+
+        path = Path(__file__).resolve().parent.parent / "scripts" / "sass_report.py"
+        spec = importlib.util.spec_from_file_location("sass_report", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["sass_report"] = mod
+        spec.loader.exec_module(mod)
+        return mod.main(args.sass)
     import torch
     from rich.console import Console
 

@@ -12,7 +12,10 @@ Timing
 Derived columns: GB/s = ``bytes_moved`` / median time (the bytes an ideal fused kernel must move,
 the same for every impl of a workload, i.e. *effective* bandwidth); TFLOP/s from ``flops``; % of the
 GPU's HBM peak (known devices only, see :data:`HBM_PEAK_GBPS`); ``× vs <peer>`` = peer median /
-ours median (> 1: ours is faster).
+ours median (> 1: ours is faster). ``H100 roof µs`` = ``bytes_moved`` / 3.0 TB/s (the measured H100
+HBM bandwidth, :data:`ROOFLINE_GBPS`): the paper lower bound of a workload on an H100, shown on every
+device; ``× roof`` = ours / that bound (GPU runs only); ``H100 target`` = the issue's target for the
+workload (``params["target"]``), to read the GPU table against.
 """
 from __future__ import annotations
 
@@ -72,12 +75,20 @@ class Measurement:
     gbps: float | None = None
     tflops: float | None = None
     pct_hbm_peak: float | None = None
+    roofline_us: float | None = None  # bytes_moved at 3.0 TB/s (H100), whatever the device
     speedup_vs: dict[str, float] = field(default_factory=dict)  # ours row only: peer / ours
     params: dict = field(default_factory=dict)
     error: str | None = None
 
 
 NOT_A_PEER_MARKER = "(logic only)"
+
+ROOFLINE_GBPS = 3000.0  # H100 SXM HBM3, measured (ARCHITECTURE.md "Performance without a GPU")
+
+
+def roofline_us(bytes_moved: int | None) -> float | None:
+    """The bytes-moved lower bound on an H100 in µs."""
+    return None if not bytes_moved else bytes_moved / (ROOFLINE_GBPS * 1e3)
 
 
 def is_peer(label: str) -> bool:
@@ -237,7 +248,8 @@ def measure_workload(w: Workload, cfg: RunConfig) -> list[Measurement]:
                             error=f"workload's ours={w.ours!r} is not one of its impls {list(w.impls)}")]
     for label, fn in w.impls.items():
         m = Measurement(w.family, w.name, label, label == w.ours, dev, None,
-                        bytes_moved=w.bytes_moved, flops=w.flops, params=dict(w.params))
+                        bytes_moved=w.bytes_moved, flops=w.flops, params=dict(w.params),
+                        roofline_us=roofline_us(w.bytes_moved))
         try:
             if cfg.device.type == "cuda":
                 times = time_cuda_events(fn, reps=cfg.n_reps(), flush_l2=cfg.flush_l2, device=cfg.device)
@@ -308,6 +320,8 @@ def family_table(family: str, ms: list[Measurement], device: torch.device, n_rep
     show_gbps = any(m.bytes_moved for m in ms)
     show_tflops = any(m.flops for m in ms)
     show_pct = on_gpu and any(m.pct_hbm_peak is not None for m in ms)
+    show_roof = any(m.roofline_us for m in ms)
+    show_target = any(m.params.get("target") for m in ms)
     peers: list[str] = []
     for m in ms:
         if not m.is_ours and is_peer(m.impl) and m.impl not in peers:
@@ -328,6 +342,12 @@ def family_table(family: str, ms: list[Measurement], device: torch.device, n_rep
         t.add_column("TFLOP/s", justify="right")
     if show_pct:
         t.add_column("% HBM peak", justify="right")
+    if show_roof:
+        t.add_column("H100 roof µs", justify="right")
+        if on_gpu:
+            t.add_column("× roof", justify="right")
+    if show_target:
+        t.add_column("H100 target")
     for p in peers:
         t.add_column(f"× vs {p}", justify="right")
     last = None
@@ -347,6 +367,13 @@ def family_table(family: str, ms: list[Measurement], device: torch.device, n_rep
             row.append(_fmt(m.tflops, ".3f"))
         if show_pct:
             row.append(_fmt(m.pct_hbm_peak, ".1f"))
+        if show_roof:
+            row.append(_fmt(m.roofline_us, ",.1f") if first else "")
+            if on_gpu:
+                ratio = m.median_us / m.roofline_us if (m.is_ours and m.median_us and m.roofline_us) else None
+                row.append(_fmt(ratio, ".2f") if ratio is not None else "")
+        if show_target:
+            row.append(str(m.params.get("target", "")) if first else "")
         for p in peers:
             r = m.speedup_vs.get(p) if m.is_ours else None
             if r is None:

@@ -7,7 +7,13 @@ real kernel source run by the emulator (``mokernels.emu``) -- logic only, one fi
 its time says nothing about the GPU.
 
 bytes_moved is what an ideal fused kernel must move: forward reads z, g, σ and writes out:
-(3·T·R + R)·elt; backward reads grad, z, g, σ and writes dz, dg, dσ: (5·T·R + 2·R)·elt.
+(3·T·R + R)·elt; backward reads grad, z, g, σ and writes dz, dg, dσ: (5·T·R + 2·R)·elt. The table's
+``H100 roof µs`` is that at 3.0 TB/s; target (issue 8): fwd and bwd ≤ 1.5× it. Paper estimate of the
+kernels (no GPU yet): forward and the backward's main kernel stream 16-byte vectors at ~6 instructions
+per 8 elements (memory bound); the backward adds the dσ partial sums, ≤ 256 fp32 rows of R written and
+read again (T=65536, R=4096 bf16: 8 MB on 2.7 GB, +0.3 %), and a column-sum kernel of R/32 blocks
+(256 threads each, ≤ 32 loads per thread) instead of one thread per column chaining ~partial-rows
+dependent L2 loads (the old column_sum: ~20-35 µs) -> ≈ 1.0-1.1× roofline on paper.
 """
 from __future__ import annotations
 
@@ -96,7 +102,8 @@ def _workload(T: int, R: int, dtype: torch.dtype, device: torch.device, backward
         impls=impls,
         ours=OURS,
         bytes_moved=fwd_bytes + (bwd_bytes if backward else 0),
-        params={"pass": kind, "T": T, "R": R, "dtype": _DTYPE_NAMES[dtype], "elt_size": elt},
+        params={"pass": kind, "T": T, "R": R, "dtype": _DTYPE_NAMES[dtype], "elt_size": elt,
+                "target": "≤ 1.5× roof" if device.type == "cuda" or not extra else ""},
     )
 
 

@@ -2,7 +2,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <string_view>
-#include <type_traits>
 
 #include "torch_glue.h"
 #include "kernels/router.cuh"
@@ -29,38 +28,30 @@ template <class A> A threshold(double top_p) {
   return t < A(1) ? t : std::nextafter(A(1), A(0));
 }
 
-// MOKERNELS_ROUTER_RANK_AFTER: arg-max rounds before a row switches to selection by rank (unset: the
-// kernel's default, max(8, N/8)). Read per call, so tests and benchmarks can switch it at run time.
-int rank_after_rounds() {
-  const char* s = std::getenv("MOKERNELS_ROUTER_RANK_AFTER");
-  if (s == nullptr || *s == '\0') return -1;
-  const long v = std::strtol(s, nullptr, 10);
-  return v < 0 ? -1 : (v > INT32_MAX ? INT32_MAX : static_cast<int>(v));
+// N limit of the forward kernels: kMaxN (fp64: kMaxN / 2, the sort kernel's shared memory).
+int64_t kernel_max_n(c10::ScalarType st) { return st == at::kDouble ? max_n<double>() : max_n<float>(); }
+
+void check_n(const char* op, const char* what, int64_t n, c10::ScalarType st) {
+  TORCH_CHECK_VALUE(n >= 1 && n <= kernel_max_n(st), op, ": ", what, " must have 1 <= N <= ", kernel_max_n(st), " experts for ",
+                    st, ", got N = ", n);
 }
 
 void check_logits(const char* op, const at::Tensor& logits) {
   check_device(op, "logits", logits, logits);
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be [T, N], got ", logits.sizes());
-  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxN, op, ": logits must have 1 <= N <= ", kMaxN,
-                    " experts, got N = ", logits.size(1));
+  check_n(op, "logits", logits.size(1), logits.scalar_type());
 }
 
-void check_temperature(const char* op, double temperature) {
+// τ > 0 and finite, and r = 1/τ (rounded once to the accumulation type) finite and > 0 (router rule 1).
+void check_temperature(const char* op, double temperature, c10::ScalarType st) {
   TORCH_CHECK_VALUE(temperature > 0.0 && temperature < INFINITY, op, ": temperature must be > 0 and finite, got ",
                     temperature);
-}
-
-// r = fl_A(1/τ) (router rule 1, shared with the reference): 1/τ in fp64, rounded once to the
-// accumulation type A; the kernels multiply by r (no division). τ and r must be finite in A and r > 0.
-template <class A> A inv_temperature(const char* op, double temperature) {
-  // fp32: doubles from FLT_MAX + half an ulp up round to inf (that tie goes to the even inf); compared in
-  // double so that no out-of-range conversion happens.
-  const double lim = std::is_same_v<A, double> ? INFINITY : std::ldexp(2.0 - std::ldexp(1.0, -24), 127);
-  const double r = 1.0 / temperature;
-  const bool ok = temperature > 0.0 && temperature < lim && r < lim && static_cast<A>(r) > A(0);
-  TORCH_CHECK_VALUE(ok, op, ": temperature must be > 0 with temperature and 1/temperature finite and nonzero in ",
-                    std::is_same_v<A, double> ? "float64" : "float32", ", got ", temperature);
-  return static_cast<A>(r);
+  const bool ok = st == at::kDouble ? std::isfinite(1.0 / temperature)
+                                    : (static_cast<float>(temperature) < INFINITY &&
+                                       std::isfinite(inv_temperature<float>(temperature)) &&
+                                       inv_temperature<float>(temperature) > 0.0f);
+  TORCH_CHECK_VALUE(ok, op, ": temperature ", temperature, " and 1/temperature must be finite and > 0 in the ",
+                    "accumulation type of ", st);
 }
 
 using FwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -72,19 +63,19 @@ struct SelectOptions {
   bool dense;
 };
 
-SelectOptions check_select(const char* op, double temperature, double top_p, int64_t kmax, std::string_view renorm,
-                           bool dense) {
-  check_temperature(op, temperature);
+SelectOptions check_select(const char* op, c10::ScalarType st, double temperature, double top_p, int64_t kmax,
+                           std::string_view renorm, bool dense) {
+  check_temperature(op, temperature, st);
   TORCH_CHECK_VALUE(kmax >= 1 && kmax <= INT32_MAX, op, ": kmax must be >= 1, got ", kmax);
   TORCH_CHECK_VALUE(top_p >= 0.0, op, ": top_p must be >= 0, got ", top_p);
   return {temperature, top_p, static_cast<int>(kmax), parse_renorm(op, renorm), dense};
 }
 
-// Allocates the outputs (like `like`: device, dtype) and launches the forward kernel on the logit
-// source make_src(TypeTag<T>) gives for the element type T.
-template <class MakeSrc>
+// Allocates the outputs (like `like`: device, dtype) and calls launch(tag, FwdOut<T>) for the element
+// type T of `like`.
+template <class Launch>
 FwdOutputs run_fwd(const char* op, const at::Tensor& like, int64_t T, int64_t N, const SelectOptions& o,
-                   MakeSrc make_src) {
+                   Launch launch) {
   at::Tensor ids = at::empty({T, o.kmax}, like.options().dtype(at::kInt));
   at::Tensor weights = at::empty({T, o.kmax}, like.options());
   at::Tensor counts = at::empty({T}, like.options().dtype(at::kInt));
@@ -92,11 +83,9 @@ FwdOutputs run_fwd(const char* op, const at::Tensor& like, int64_t T, int64_t N,
   if (T == 0) return {ids, weights, counts, dense_out};
   dispatch_float(op, like.scalar_type(), [&](auto tag) {
     using T_ = typename decltype(tag)::type;
-    using A = acc_t<T_>;
-    check_launch(op, launch_fwd<T_>(make_src(tag), ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
-                                    o.dense ? ptr<T_>(dense_out) : nullptr, T, static_cast<int>(N), o.kmax,
-                                    inv_temperature<A>(op, o.temperature), threshold<A>(o.top_p), o.renorm,
-                                    rank_after_rounds(), current_stream()));
+    const FwdOut<T_> out{ptr<int32_t>(ids), ptr<T_>(weights), ptr<int32_t>(counts),
+                         o.dense ? ptr<T_>(dense_out) : nullptr};
+    check_launch(op, launch(tag, out));
   });
   return {ids, weights, counts, dense_out};
 }
@@ -106,20 +95,21 @@ FwdOutputs run_fwd(const char* op, const at::Tensor& like, int64_t T, int64_t N,
 FwdOutputs route_fwd(const at::Tensor& logits_in, double temperature, double top_p, int64_t kmax,
                      std::string_view renorm, bool dense) {
   check_logits(kFwd, logits_in);
-  const SelectOptions o = check_select(kFwd, temperature, top_p, kmax, renorm, dense);
+  const SelectOptions o = check_select(kFwd, logits_in.scalar_type(), temperature, top_p, kmax, renorm, dense);
   DeviceGuard guard(logits_in);
   const at::Tensor logits = logits_in.contiguous();
-  const int64_t N = logits.size(1);
-  return run_fwd(kFwd, logits, logits.size(0), N, o, [&](auto tag) {
+  const int64_t T = logits.size(0), N = logits.size(1);
+  return run_fwd(kFwd, logits, T, N, o, [&](auto tag, auto out) {
     using T_ = typename decltype(tag)::type;
-    return MemoryLogits<T_>{ptr<T_>(logits), static_cast<int>(N)};
+    return launch_fwd<T_, T_>(ptr<T_>(logits), out, T, static_cast<int>(N), o.kmax, o.temperature,
+                              threshold<acc_t<T_>>(o.top_p), o.renorm, current_stream());
   });
 }
 
 constexpr const char* kCos = "mokernels.route_cosine_fwd";
 
 // route_cosine_fwd(h [T,r], keys [N,r], temperature, eps, top_p, kmax, renorm, dense): route_fwd on
-// the logits cos(h_t, keys_i), formed inside the kernel.
+// the logits cos(h_t, keys_i), formed by cosine_logits_kernel into an fp32 (fp64) [T,N] workspace.
 FwdOutputs route_cosine_fwd(const at::Tensor& h_in, const at::Tensor& keys_in, double temperature, double eps,
                             double top_p, int64_t kmax, std::string_view renorm, bool dense) {
   check_device(kCos, "h", h_in, h_in);
@@ -127,16 +117,19 @@ FwdOutputs route_cosine_fwd(const at::Tensor& h_in, const at::Tensor& keys_in, d
   TORCH_CHECK_VALUE(h_in.dim() == 2, kCos, ": h must be [T, r], got ", h_in.sizes());
   TORCH_CHECK_VALUE(keys_in.dim() == 2 && keys_in.size(1) == h_in.size(1), kCos, ": keys must be [N, r] with r = ",
                     h_in.size(1), ", got ", keys_in.sizes());
-  TORCH_CHECK_VALUE(keys_in.size(0) >= 1 && keys_in.size(0) <= kMaxN, kCos, ": keys must have 1 <= N <= ", kMaxN,
-                    " rows, got N = ", keys_in.size(0));
+  check_n(kCos, "keys", keys_in.size(0), h_in.scalar_type());
   check_dtype(kCos, "keys", keys_in, h_in.scalar_type());
   TORCH_CHECK_VALUE(eps > 0.0, kCos, ": eps must be > 0, got ", eps);
-  const SelectOptions o = check_select(kCos, temperature, top_p, kmax, renorm, dense);
+  const SelectOptions o = check_select(kCos, h_in.scalar_type(), temperature, top_p, kmax, renorm, dense);
   DeviceGuard guard(h_in);
   const at::Tensor h = h_in.contiguous(), keys = keys_in.contiguous();
-  return run_fwd(kCos, h, h.size(0), keys.size(0), o, [&](auto tag) {
+  const int64_t T = h.size(0), N = keys.size(0);
+  at::Tensor ws = at::empty({T, N}, h.options().dtype(h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  return run_fwd(kCos, h, T, N, o, [&](auto tag, auto out) {
     using T_ = typename decltype(tag)::type;
-    return CosineLogits<T_>{ptr<T_>(h), ptr<T_>(keys), static_cast<int>(h.size(1)), static_cast<acc_t<T_>>(eps)};
+    return launch_cosine_fwd<T_>(ptr<T_>(h), ptr<T_>(keys), ptr<acc_t<T_>>(ws), out, T, static_cast<int>(N),
+                                 static_cast<int>(h.size(1)), static_cast<acc_t<T_>>(eps), o.kmax, o.temperature,
+                                 threshold<acc_t<T_>>(o.top_p), o.renorm, current_stream());
   });
 }
 
@@ -145,8 +138,11 @@ FwdOutputs route_cosine_fwd(const at::Tensor& h_in, const at::Tensor& keys_in, d
 at::Tensor route_bwd(const at::Tensor& grad_w_in, const std::optional<at::Tensor>& grad_dense_in,
                      const at::Tensor& logits_in, const at::Tensor& ids_in, double temperature,
                      std::string_view renorm) {
-  check_logits(kBwd, logits_in);
-  check_temperature(kBwd, temperature);
+  check_device(kBwd, "logits", logits_in, logits_in);
+  TORCH_CHECK_VALUE(logits_in.dim() == 2, kBwd, ": logits must be [T, N], got ", logits_in.sizes());
+  TORCH_CHECK_VALUE(logits_in.size(1) >= 1 && logits_in.size(1) <= kBwdMaxN, kBwd, ": logits must have 1 <= N <= ",
+                    kBwdMaxN, " experts (larger N: route_bwd_reference), got N = ", logits_in.size(1));
+  check_temperature(kBwd, temperature, logits_in.scalar_type());
   const int rn = parse_renorm(kBwd, renorm);
   const int64_t T = logits_in.size(0), N = logits_in.size(1);
   check_device(kBwd, "ids", ids_in, logits_in);
@@ -175,8 +171,7 @@ at::Tensor route_bwd(const at::Tensor& grad_w_in, const std::optional<at::Tensor
     using T_ = typename decltype(tag)::type;
     check_launch(kBwd, launch_bwd<T_>(ptr<T_>(grad_w), has_dense ? ptr<T_>(grad_dense) : nullptr, ptr<T_>(logits),
                                       ptr<int32_t>(ids), ptr<T_>(dlogits), T, static_cast<int>(N),
-                                      static_cast<int>(kmax), inv_temperature<acc_t<T_>>(kBwd, temperature), rn,
-                                      current_stream()));
+                                      static_cast<int>(kmax), temperature, rn, current_stream()));
   });
   return dlogits;
 }

@@ -4,6 +4,8 @@
 //    registered as CPU kernels of the `mokernels_emu` ops, running the same kernel source on CPU).
 #pragma once
 
+#include <cstdlib>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -30,8 +32,13 @@ constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
 constexpr const char* kKernelDeviceName = "CPU (emulated kernel)";
 inline cudaStream_t current_stream() { return nullptr; }
 // A small fixed "GPU" of 2 SMs: emulated grids are deterministic, and modest test shapes already
-// exercise multi-block grids and the grid-stride loops.
-inline int num_sms() { return 2; }
+// exercise multi-block grids and the grid-stride loops. MOKERNELS_EMU_NUM_SMS overrides it (read per
+// call), so tests can check that results do not depend on the SM count.
+inline int num_sms() {
+  const char* s = std::getenv("MOKERNELS_EMU_NUM_SMS");
+  const int v = (s != nullptr && *s != '\0') ? std::atoi(s) : 2;
+  return v >= 1 ? v : 2;
+}
 struct DeviceGuard { explicit DeviceGuard(const at::Tensor&) {} };
 #else
 constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;

@@ -8,6 +8,7 @@
 #     compile_commands.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # Build from a copy (tracked + untracked, not ignored files): setup.py writes mokernels/_build_config.py
@@ -24,15 +25,7 @@ whl=$(ls "$work"/cuda/mokernels-*.whl)
 echo "built $(basename "$whl")"
 case "$(basename "$whl")" in *torch2.14*) ;; *) echo "wheel version lacks the torch tag"; exit 1 ;; esac
 (cd "$work/cuda" && python -m zipfile -e "$whl" x >/dev/null)
-# cuobjdump: next to the real nvcc (the nvcc on PATH may be a wrapper script; nvcc says where it
-# lives), else on PATH, else the copy inside triton's wheel (a torch dependency).
-find_cuobjdump() {
-  local bindir
-  bindir=$(nvcc -dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)
-  if [ -x "$bindir/cuobjdump" ]; then echo "$bindir/cuobjdump"; return; fi
-  if command -v cuobjdump >/dev/null; then command -v cuobjdump; return; fi
-  python -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))"
-}
+find_cuobjdump() { bash "$repo/scripts/find_cuobjdump.sh"; }
 elfs=$("$(find_cuobjdump)" --list-elf "$work"/cuda/x/mokernels/_C*.so | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')
 echo "cubins in the wheel: $elfs"
 [ "$elfs" = "sm_80 " ] || { echo "expected only sm_80 cubins"; exit 1; }

@@ -310,3 +310,21 @@ def test_issue9_cuda_path_wrapper_on_cpu():
     z, s, g = _f64((3,), 4, 5)
     assert torch.autograd.gradcheck(RO._RankOneScaleFn.apply, (z, s, g))
     assert torch.autograd.gradgradcheck(RO._RankOneScaleFn.apply, (z, s, g))
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype,lead,R", [(torch.float32, (4500,), 3), (torch.bfloat16, (3001,), 40),
+                                          (torch.float32, (700,), 2100), (torch.float64, (1030,), 12)])
+def test_emulated_dsigma_bits_independent_of_sm_count(emu_ops, monkeypatch, dtype, lead, R):
+    """dσ is summed over fixed row chunks chosen from the shape alone; the SM count (hence the grid)
+    only decides which block sums which chunk, so dσ is bitwise equal on every GPU (issue 8)."""
+    z, s, g = make(lead, R, dtype)
+    grad = torch.randn_like(z)
+    outs = []
+    for sms in ("1", "2", "3", "7", "132"):
+        monkeypatch.setenv("MOKERNELS_EMU_NUM_SMS", sms)
+        outs.append(emu_ops.rank_one_scale_backward(grad, z, s, g))
+    for dz, ds, dg in outs[1:]:
+        assert torch.equal(ds, outs[0][1]) and torch.equal(dz, outs[0][0]) and torch.equal(dg, outs[0][2])
+    torch.testing.assert_close(outs[0][1], rank_one_scale_backward_reference(grad, z, s, g)[1],
+                               **dsigma_tol(dtype, z.numel() // R))

@@ -474,8 +474,8 @@ def test_emu_t_zero_and_bad_args():
     assert r.ids.shape == (0, 2) and r.dense.shape == (0, 5)
     with pytest.raises(ValueError, match="renorm"):
         emu.ops().route_fwd(torch.zeros(2, 3), 1.0, 1.0, 3, "l2", False)
-    with pytest.raises(ValueError, match="N <= 1024"):
-        emu.ops().route_fwd(torch.zeros(1, 1025), 1.0, 1.0, 3, "sum", False)
+    with pytest.raises(ValueError, match="N <= 4096"):
+        emu.ops().route_fwd(torch.zeros(1, 4097), 1.0, 1.0, 3, "sum", False)
     with pytest.raises(ValueError, match="ids"):
         emu.ops().route_bwd(torch.zeros(2, 3), None, torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.int64), 1.0, "sum")
 

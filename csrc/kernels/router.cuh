@@ -1,296 +1,632 @@
-// Fused router (METHODS.md §2): p = softmax(x) per row with x = z·r, r = fl(1/τ) (no division), keep
-// the shortest prefix of the descending order of x (ties: lower expert index first) whose mass reaches
-// top_p, at most kmax experts,
-// renormalise ("sum" | "softmax" | "none"), and write the compact form (ids [T,kmax] int32 with -1
-// padding, weights [T,kmax], counts [T]) plus, optionally, dense weights [T,N].
+// Fused router (METHODS.md §2, selection rules: the agreed spec in router_rules / mokernels/ops/router.py):
+// x = z·r (r = 1/τ rounded once to the accumulation type A; τ == 1: x = z, no multiply), order by x
+// descending with ties -> lower expert index, e_i = exp(x_i - max x), S = Σ e; keep the shortest prefix
+// of that order whose sequential running sum of e reaches fl_A(top_p·S) (top_p >= 1: all live experts,
+// no sums), at least 1, at most kmax; p = e/S; renormalise ("sum" | "softmax" | "none"); write the
+// compact form (ids [T,kmax] int32 with -1 padding, weights [T,kmax], counts [T]) and optionally the
+// dense weights [T,N]. Experts with x = -inf are masked. Rows with a NaN or +inf in x, or only -inf,
+// are invalid: count 0, ids -1, weights 0, dense 0 (and a zero gradient).
 //
-// Design
-//  * One *group* of GROUP lanes per row (GROUP = next power of two >= N, at most 32): small N packs
-//    32/GROUP rows into a warp, so N = 8 does not leave 3/4 of every warp idle. Lane g of a group
-//    holds experts i = v*GROUP + g, v < VPL, in registers (VPL = ceil(N/GROUP) rounded up to a power
-//    of two; N <= 32*32 = 1024). Loads are coalesced across the group. Max / sum are butterfly
-//    reductions that stop at GROUP (common/reduce.cuh); all in fp32 (fp64 for fp64).
-//  * Selection (/work/briefs router rules, shared with the reference): order by x descending, ties ->
-//    lower index — by x, not by p, which underflows to 0 for several experts at small τ; the top-p cut
-//    compares the unnormalised running sum Σ e (in that order) with fl(top_p · S). Two paths, both
-//    deterministic and cutting the same prefix (only the rank pass's summation order differs), no sort,
-//    no shared memory:
-//    (a) repeated group arg-max rounds: each marks its winner taken and adds its probability to the
-//        running mass; stop when the mass reaches top_p, after kmax experts, or when no candidate is
-//        left. ~VPL compares + 2·log2(GROUP)+1 shuffles per *kept* expert: cheapest for the few
-//        experts routers keep (top-k with k <= 8, top-p with ~2 kept). top_k is this path with no
-//        mass at all (the top-k fast path); p >= 1 ("keep all") never accumulates the mass either.
-//    (b) rows still selecting after rank_after rounds (default max(8, N/8)) finish by rank: every
-//        expert counts the experts ahead of it and their mass (N broadcasts + N·VPL compares,
-//        whatever is kept), kept iff rank < kmax and mass ahead < top_p. This bounds the worst
-//        case (keep-all at N = 1024: ~1K broadcasts instead of ~11K shuffles).
-//    Not chosen: a register bitonic sort (O(N log² N) exchanges for every row, also when two experts
-//    are kept) and a bisection threshold search over p (~32 group reductions per row, and the kept
-//    set still needs ordering for the compact output). The rank_after crossover is a shuffle-count
-//    estimate, not a measurement (no GPU was available): MOKERNELS_ROUTER_RANK_AFTER (0: always
-//    rank, large: always rounds) and the top-p 0.95 workloads of benchmarks/bench_router.py are there
-//    to measure it. Both paths and their mix in one warp run in every emulated test run.
-//  * The logits come from a source functor: MemoryLogits (a [T,N] tensor) or CosineLogits (SAMoRA:
-//    cos(h_t, k_i) formed in registers from codes h [T,r] and keys k [N,r] — the [T,N] logits are never
-//    written and no [T,N,r] intermediate exists).
-//  * Experts whose logit is -inf are masked: never selected (so counts may be < top_k).
-//  * A row with a NaN, a +inf, or only -inf logits is *invalid*: the kernel writes count 0, ids -1,
-//    weights 0 (and a dense row of 0) — never garbage; its gradient is 0. (The Python op rejects such
-//    rows on the host in eager mode; this is the fallback under torch.compile / graph capture.)
-//  * Backward (selection held fixed, read back from ids): recompute p from the logits (cheaper than
-//    saving a [T,N] fp32 tensor), gradient through the renormalisation to p_sel, then
-//    dz_i = p_i (g_i - Σ_l g_l p_l) · r with g scattered to the owning lane by group broadcasts.
+// Forward kernels (launch_fwd picks one per call from N and kmax; all emulated-tested against the
+// reference in tests/test_router_kernels.py):
+//
+//  route_fwd_topk<TI, TO, K, LPR> — the common case: N <= 256 and min(kmax, N) <= K in {2, 8, 16}.
+//    * LPR = next_pow2(ceil(N / 8)) lanes per row (1..32), each lane owns 8 *contiguous* logits,
+//      loaded first, all of them, as 16-byte vectors (bf16/fp16: 1 LDG.E.128, fp32: 2, fp64: 4; rows
+//      whose start is not 16-byte aligned use scalar loads, still all issued before any math). N = 8
+//      is one thread per row (no shuffles); 128 / LPR rows per block of 128 threads.
+//    * x = z·r (skipped for τ == 1), no division anywhere in the selection.
+//    * Each lane sorts its 8 keys in registers with a 19-comparator odd-even merge network; a key
+//      orders (x desc, index asc): for fp32 the 64-bit integer (monotone(x bits) << 32 | ~index), so
+//      one unsigned compare is the whole order (fp64: (x, index) pairs). -0 is keyed as +0 (equal x).
+//    * The group merges the lanes' sorted lists: round j takes the group max of the lanes' heads
+//      (log2(LPR) 64-bit shuffle steps), the owning lane pops its head; after round 0, m = x_0 is the
+//      row max and one pass over the registers gives S (8 exp per lane). The rounds run the top-p prefix
+//      rule sequentially (e_j = exp(x_j - m), running sum vs fl(top_p·S)) and stop when every row of
+//      the warp is done (ballot), so top-2 costs 2 rounds whatever K is.
+//    * Winner j is kept by lane j mod LPR, which writes ids[j] / weights[j] (coalesced); the dense row
+//      is written by the owners of the experts (kept bitmask per lane).
+//    Paper roofline, H100 (3.0 TB/s), bf16, T = 65536, N = 64, top-p 0.6, max_k 8: bytes per row =
+//    128 (logits) + 8·4 + 8·2 (ids, weights) + 4 (count) = 180 B -> 11.8 MB -> 3.9 µs. Instructions per
+//    lane: ~25 load/convert/key, ~115 sort network, ~30 S pass, ~25 per merge round (3 shuffle steps on
+//    64-bit keys, pop, running sum, exp) x ~3 rounds, ~20 writes: ~265 -> ~66 warp-instructions per row
+//    (4 rows per warp) -> 4.3 M warp-instructions = ~3.2 µs on 132 SMs x 4 schedulers x 1.75 GHz if
+//    one issues per cycle per scheduler: issue and memory time are comparable, both under the 8 µs
+//    target. N = 8 (1 thread/row): 16 B + outputs per row, ~200 instructions per row / 32 rows per
+//    warp. Registers (nvcc 13.0, sm_80 / sm_90a, scripts/sass_report.py; budget 64, no spill, checked
+//    in CI for fp16/bf16/fp32): bf16 K=8 (max_k 8) LPR=8 (N=64) 56 / 48, K=2 (top-2) 48 / 40, N=8
+//    (LPR=1) 48 / 48, the largest K=16 LPR=2 64 / 64 (the winner slots); no local memory. fp64 (not
+//    hot) 72-115 registers with small spills on some instances.
+//
+//  route_fwd_sort<TI, TO> — everything else up to N = 4096 (fp64: 2048): keep-many rows (kmax > 16,
+//    or wide top-p with uncapped kmax) and large N. One block of 256 threads per row: the keys of the
+//    row in shared memory (next_pow2(N) x 8 B, fp64 x 16 B), a bitonic sort (log2²(N)/2 barrier steps),
+//    e_j in shared memory, S and the renorm sums by fixed-order block reductions, the top-p prefix by
+//    one thread's sequential scan of the sorted e (the rule's summation order), stopping at the cut.
+//    Bytes per row: N·elt in, outputs; N = 256 top-p 0.95: 36 bitonic barrier steps (~1.5 K cycles)
+//    + ~240 dependent adds of the scan (~2.5 K cycles) -> ~4-5 K cycles per row, 8 blocks (rows) per
+//    SM in flight -> ~160 µs at T = 65536 on an H100 (estimate; latency bound, 3 KB smem per row; the
+//    roofline is 45 µs). The peer is torch's softmax + segmented sort + cumsum. A warp-per-row variant
+//    (or a radix select of the cut) is the next step if a GPU run shows it matters.
+//    Registers: 32 (fp64 48), dynamic smem next_pow2(N)·12 B (fp64 24 B) <= 48 KB.
+//
+//  cosine_logits_kernel — SAMoRA: cos(h_t, k_i) in A into a [T, N] workspace that the kernels above
+//    then route (the keys of a 32-expert chunk transposed in shared memory with their norms, computed
+//    once per block; |h_t|² once per row; h tile of 32 rows staged in shared memory). Writing and
+//    reading the fp32 [T, N] logits costs 8·N bytes per row more than a fully fused kernel (N = 8,
+//    r = 8 bf16: 16 B of h + 64 B workspace + the router's outputs per row; fusing it into
+//    route_fwd_topk is the next step). ~2·r FMA per (row, expert) from shared memory, conflict-free;
+//    registers 40 (fp64 64 / 48), static smem 17 KB (fp64 34 KB), sm_80 / sm_90a.
+//
+// Backward (route_bwd_kernel, N <= 1024): selection held fixed (read back from ids), p recomputed from
+// the logits (x = z·r), the kept experts' p fetched from the owning lane by shuffle (no re-read, no
+// exp per kept expert), gradient through the renormalisation, dz_i = r·p_i (g_i - Σ_l g_l p_l).
+// Per row: N·elt read (the logits, once), kmax·(4 + elt) (ids, grads), N·elt written; ~N/GROUP
+// exp per lane, ~VPL shuffles per kept slot chunk, 2·GROUP shuffles per chunk for the scatter.
+// Registers (bf16, sm_80 / sm_90a): N <= 64: 40 / 39, N = 1024 (VPL 32): 96 / 95, not hot; the
+// register-resident [VPL] row is the old layout (a vectorised layout like route_fwd_topk's is open).
 #pragma once
 
 #include <climits>
+#include <cstring>
+#include <type_traits>
 
 #include "common/dtype.cuh"
 #include "common/reduce.cuh"
+#include "common/vec.cuh"
 #include "common/warp.cuh"
 
 namespace mk::router {
 
 enum Renorm : int { kSum = 0, kSoftmax = 1, kNone = 2 };
 
-constexpr int kThreads = 128;
-constexpr int kMaxN = 1024;
+constexpr int kThreads = 128;       // route_fwd_topk, route_bwd_kernel
+constexpr int kSortThreads = 256;   // route_fwd_sort: one block per row
+constexpr int kLaneElems = 8;       // route_fwd_topk: contiguous logits per lane
+constexpr int kTopkMaxN = 32 * kLaneElems;  // 256
+constexpr int kTopkMaxK = 16;
+constexpr int kMaxN = 4096;         // forward, fp16/bf16/fp32 (fp64: kMaxN / 2)
+constexpr int kBwdMaxN = 1024;      // backward kernel
+constexpr int kSortSmemBytes = 48 * 1024;
 
-// Logit sources for RowStats::load / the forward kernel.
-template <class T> struct MemoryLogits {  // logits [rows, n] in memory
-  const T* __restrict__ z;
-  int n;
-  MK_DEVICE acc_t<T> operator()(int64_t row, int i) const { return to_acc(z[row * n + i]); }
+template <class A> constexpr int max_n() { return sizeof(A) == 8 ? kMaxN / 2 : kMaxN; }
+
+// ---- order keys: (x desc, index asc) as one comparable value ----
+
+MK_DEVICE uint32_t float_bits(float x) {
+#if defined(MOKERNELS_EMULATION)
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#else
+  return __float_as_uint(x);
+#endif
+}
+MK_DEVICE float bits_float(uint32_t u) {
+#if defined(MOKERNELS_EMULATION)
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#else
+  return __uint_as_float(u);
+#endif
+}
+
+template <class A> struct Order;
+
+// fp32: monotone uint32 of the float bits (sign flips all bits of negatives, sets the top bit of
+// positives) in the high word, ~index in the low word: a larger key = larger x, then lower index.
+// 0 is "no expert" (every real key has a non-zero high word). Only non-NaN x > -inf are keyed.
+template <> struct Order<float> {
+  using Key = uint64_t;
+  MK_DEVICE static Key none() { return 0; }
+  MK_DEVICE static Key make(float x, int i) {
+    uint32_t u = float_bits(x == 0.0f ? 0.0f : x);  // -0 == +0: the same key, ties by index
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return (static_cast<uint64_t>(u) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+  }
+  MK_DEVICE static bool is_none(Key k) { return k == 0; }
+  MK_DEVICE static bool gt(Key a, Key b) { return a > b; }
+  MK_DEVICE static bool eq(Key a, Key b) { return a == b; }
+  MK_DEVICE static float x(Key k) {
+    const uint32_t u = static_cast<uint32_t>(k >> 32);
+    return bits_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+  }
+  MK_DEVICE static int idx(Key k) { return static_cast<int>(0xffffffffu - static_cast<uint32_t>(k)); }
+  MK_DEVICE static Key shfl(Key k, int m) { return shfl_xor(k, m); }
 };
 
-// Cosine logits cos(h_row, k_i) = <h, k_i> / (max(|h|, eps) max(|k_i|, eps)) from codes h [rows, r]
-// and keys k [n, r], formed in registers: no [rows, n] logits and no [rows, n, r] intermediate.
-// Each lane computes its own experts' dots; h's row is re-read per expert (same addresses across the
-// group: broadcast loads from L1), so r should be small (routers: r <= 64).
-template <class T> struct CosineLogits {
-  const T* __restrict__ h;
-  const T* __restrict__ k;
-  int r;
-  acc_t<T> eps;
-  MK_DEVICE acc_t<T> operator()(int64_t row, int i) const {
-    using A = acc_t<T>;
-    const T* hr = h + row * r;
-    const T* kr = k + static_cast<int64_t>(i) * r;
-    A hk = A(0), hh = A(0), kk = A(0);
-    for (int j = 0; j < r; ++j) {
-      const A a = to_acc(hr[j]), b = to_acc(kr[j]);
-      hk += a * b;
-      hh += a * a;
-      kk += b * b;
-    }
-    const A nh = sqrt_acc(hh), nk = sqrt_acc(kk);
-    return hk / ((nh > eps ? nh : eps) * (nk > eps ? nk : eps));
-  }
+// fp64: no room for the index next to 64 float bits: (x, index) pairs.
+template <> struct Order<double> {
+  struct Key {
+    double x;
+    int i;
+  };
+  MK_DEVICE static Key none() { return {-infinity<double>(), INT_MAX}; }
+  MK_DEVICE static Key make(double x, int i) { return {x == 0.0 ? 0.0 : x, i}; }
+  MK_DEVICE static bool is_none(Key k) { return k.i == INT_MAX; }
+  MK_DEVICE static bool gt(Key a, Key b) { return a.x > b.x || (a.x == b.x && a.i < b.i); }
+  MK_DEVICE static bool eq(Key a, Key b) { return a.i == b.i; }
+  MK_DEVICE static double x(Key k) { return k.x; }
+  MK_DEVICE static int idx(Key k) { return k.i; }
+  MK_DEVICE static Key shfl(Key k, int m) { return {shfl_xor(k.x, m), shfl_xor(k.i, m)}; }
 };
 
-// Loads the row into registers and computes the softmax statistics. Every lane of the warp calls it.
-// x = z·r is formed first (r = fl(1/τ), computed once on the host; r == 1 multiplies exactly) and then
-// the max of x subtracted.
-template <class T, int GROUP, int VPL>
-struct RowStats {
-  using A = acc_t<T>;
-  A x[VPL];        // x = z·r (the order key), -inf for masked and out-of-row slots
-  A e[VPL];        // exp(x - max x), 0 for masked (-inf) and out-of-row slots
-  uint32_t live = 0;  // bit v: a real expert of a valid row whose logit is not -inf (selectable)
-  A mx = A(0);     // max of x
-  A sum = A(0);    // S = Σ e
-  A inv_sum = A(0);
-  bool valid = false;  // active row with no NaN/+inf and at least one finite logit
+template <class O> MK_DEVICE void cas_desc(typename O::Key& a, typename O::Key& b) {
+  const typename O::Key x = a, y = b;
+  const bool sw = O::gt(y, x);
+  a = sw ? y : x;
+  b = sw ? x : y;
+}
 
-  // `src(row, i)` gives logit i of the row (fp32/fp64): read from memory or computed (cosine).
-  template <class Src>
-  MK_DEVICE void load(const Src& src, int64_t row, bool active, int n, A inv_t, int glane) {
-    A m = -infinity<A>();  // a NaN or +inf anywhere makes the row's max +inf: one reduction finds both
+// Descending sort of the 8 keys of a lane in registers: Batcher's odd-even merge sort, 19
+// compare-exchanges written out (loops over a comparator table left the keys in local memory).
+template <class O> MK_DEVICE void sort8_desc(typename O::Key (&k)[8]) {
+  cas_desc<O>(k[0], k[1]); cas_desc<O>(k[2], k[3]); cas_desc<O>(k[4], k[5]); cas_desc<O>(k[6], k[7]);
+  cas_desc<O>(k[0], k[2]); cas_desc<O>(k[1], k[3]); cas_desc<O>(k[4], k[6]); cas_desc<O>(k[5], k[7]);
+  cas_desc<O>(k[1], k[2]); cas_desc<O>(k[5], k[6]);
+  cas_desc<O>(k[0], k[4]); cas_desc<O>(k[1], k[5]); cas_desc<O>(k[2], k[6]); cas_desc<O>(k[3], k[7]);
+  cas_desc<O>(k[2], k[4]); cas_desc<O>(k[3], k[5]);
+  cas_desc<O>(k[1], k[2]); cas_desc<O>(k[3], k[4]); cas_desc<O>(k[5], k[6]);
+}
+
+template <class T> MK_DEVICE T neg_inf() { return from_acc<T>(-infinity<acc_t<T>>()); }
+
+// The 8 logits of a lane, [p, p + avail) of the row (avail <= 0: none), -inf beyond; every load is
+// issued before any of them is used. vec_ok: p is 16-byte aligned and avail a multiple of the vector.
+template <class T, int E> MK_DEVICE void load_lane(T (&raw)[E], const T* p, int avail, bool vec_ok) {
+  const T ninf = neg_inf<T>();
+  if (vec_ok) {
+    constexpr int V = kVec16<T> < E ? kVec16<T> : E;
 #pragma unroll
-    for (int v = 0; v < VPL; ++v) {
-      const int i = v * GROUP + glane;
-      x[v] = -infinity<A>();
-      if (active && i < n) {
-        x[v] = src(row, i) * inv_t;
-        if (x[v] != x[v]) m = infinity<A>();
-        else if (x[v] > m) m = x[v];
-      }
-    }
-    m = group_reduce<GROUP>(m, MaxOp{});
-    valid = active && m > -infinity<A>() && m < infinity<A>();
-    mx = m;
-    A part = A(0);  // this lane's part of S
-#pragma unroll
-    for (int v = 0; v < VPL; ++v) {
-      const bool lv = valid && x[v] > -infinity<A>();
-      live |= static_cast<uint32_t>(lv) << v;
-      e[v] = lv ? exp_acc(x[v] - m) : A(0);
-      part += e[v];
-    }
-    sum = group_reduce<GROUP>(part, SumOp{});
-    inv_sum = valid ? A(1) / sum : A(0);
-  }
-
-  // Probability of expert `id` (any lane may ask for any id of its row): re-read from global/L1.
-  MK_DEVICE A prob_of(const T* __restrict__ logits, int64_t row, int n, int id, A inv_t) const {
-    return exp_acc(to_acc(logits[row * n + id]) * inv_t - mx) * inv_sum;
-  }
-};
-
-template <class T, int GROUP, int VPL, class Src>
-MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
-    route_fwd_kernel(Src src, int32_t* __restrict__ ids, T* __restrict__ weights,
-                     int32_t* __restrict__ counts, T* __restrict__ dense, int64_t rows, int n, int kmax,
-                     acc_t<T> inv_t, acc_t<T> top_p, int renorm, int rank_after) {
-  using A = acc_t<T>;
-  const int glane = lane_id() & (GROUP - 1);
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / GROUP) + threadIdx.x / GROUP;
-  const bool active = row < rows;
-
-  RowStats<T, GROUP, VPL> st;
-  st.load(src, row, active, n, inv_t, glane);
-
-  // ---- selection: repeated group arg-max ----
-  uint32_t taken = 0;
-  int rank[VPL];
-#pragma unroll
-  for (int v = 0; v < VPL; ++v) rank[v] = 0;
-  int count = 0;
-  A cum = A(0), s_sel = A(0), z_soft = A(0), p_first = A(0);
-  const bool use_p = top_p < A(1);  // p >= 1 keeps everything: no cumulative sum at all
-  const A thr = top_p * st.sum;     // the cut compares unnormalised mass: Σ_prefix e >= fl(top_p · S)
-  bool done = !st.valid || kmax <= 0;
-  // `rounds` is warp-uniform, so the short-circuit never splits the warp at the ballot.
-  for (int rounds = 0; rounds < rank_after && ballot(!done) != 0u; ++rounds) {
-    A bk = -infinity<A>();  // the largest x among untaken live slots (live x > -inf)
-    int bi = INT_MAX;       // INT_MAX: no candidate on this lane
-#pragma unroll
-    for (int v = 0; v < VPL; ++v)
-      if ((((st.live & ~taken) >> v) & 1u) && st.x[v] > bk) {  // ascending v: ties keep the lower index
-        bk = st.x[v];
-        bi = v * GROUP + glane;
-      }
-    group_argmax<GROUP>(bk, bi);
-    if (!done) {
-      if (bi == INT_MAX) {
-        done = true;  // no candidate left (masked experts, or kmax > live experts)
+    for (int v = 0; v < E / V; ++v) {
+      Vec<T, V> x;
+      if (v * V < avail) {
+        x = load_vec<V>(p + v * V);
       } else {
-        if ((bi & (GROUP - 1)) == glane) {
-          const int vw = bi / GROUP;
 #pragma unroll
-          for (int v = 0; v < VPL; ++v)
-            if (v == vw) {
-              taken |= 1u << v;
-              rank[v] = count;
-            }
-        }
-        const A ek = exp_acc(bk - st.mx);  // the winner's e, bit-identical to its owner's e[v]
-        const A pk = ek * st.inv_sum;
-        if (count == 0) p_first = pk;  // the largest kept probability
-        s_sel += ek;
-        z_soft += exp_acc(pk - p_first);
-        ++count;
-        // The mass is summed unnormalised, sequentially in the order, and compared with fl(top_p · S)
-        // (router rule 4, as the reference does): uniform rows (p = k/N) cut at the same expert on
-        // every path and dtype.
-        if (use_p) cum += ek;
-        if (count >= kmax || (use_p && cum >= thr)) done = true;
+        for (int i = 0; i < V; ++i) x.v[i] = ninf;
       }
+#pragma unroll
+      for (int i = 0; i < V; ++i) raw[v * V + i] = x.v[i];
     }
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) raw[j] = j < avail ? p[j] : ninf;
   }
+}
 
-  // ---- large kept sets: selection by rank, for the rows still selecting after rank_after rounds ----
-  // rank_i = #live experts ahead of i in the order (key desc, index asc), ahead_i = their mass. Expert i
-  // is kept iff rank_i < kmax and (no top-p or ahead_i < top_p): the same prefix as the rounds above
-  // (up to the summation order of the mass). Costs N broadcasts + N·VPL compares per lane, whatever
-  // is kept, instead of ~2·log2(GROUP)+1 shuffles per kept expert. Deterministic per row: whether a
-  // row takes this path depends only on its own kept count.
-  if (ballot(!done) != 0u) {  // warp-uniform
-    // rank[] is reused for the rank of each expert (rows already done keep their rounds' ranks).
-    A ahead[VPL];
+// x = z·r in A (τ == 1: unit, x = z exactly).
+template <class A, class T> MK_DEVICE A scaled(T z, A r, bool unit) {
+  const A x = to_acc(z);
+  return unit ? x : x * r;
+}
+
+// The renormalised weight of a kept expert from its e = exp(x - m).
+template <class A> struct Renormer {
+  int renorm;
+  A inv_s, inv_sel, inv_z;
+  MK_DEVICE A operator()(A e) const {
+    if (renorm == kSum) return e * inv_sel;
+    if (renorm == kSoftmax) return exp_acc(e * inv_s - inv_s) * inv_z;  // softmax over p_sel, max p = 1/S
+    return e * inv_s;
+  }
+};
+
+// Forward outputs and options shared by the forward kernels.
+template <class TO> struct FwdOut {
+  int32_t* __restrict__ ids;
+  TO* __restrict__ weights;
+  int32_t* __restrict__ counts;
+  TO* __restrict__ dense;  // null: no dense output
+};
+template <class A> struct FwdOpts {
+  int64_t rows;
+  int n, kmax;
+  A r;        // 1/τ rounded once to A
+  bool unit;  // τ == 1: x = z
+  A top_p;    // >= 1: keep all
+  int renorm;
+};
+
+// sass-budget: mk::router::route_fwd_topk<__nv_bfloat16,*> block=128 regs<=64 spill=0 hot
+// sass-budget: mk::router::route_fwd_topk<__half,*> block=128 regs<=64 spill=0 hot
+// sass-budget: mk::router::route_fwd_topk<float,*> block=128 regs<=64 spill=0 hot
+// sass-budget: mk::router::route_fwd_topk<double,*> block=128 regs<=128
+template <class TI, class TO, int K, int LPR>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
+    route_fwd_topk(const TI* __restrict__ z, FwdOut<TO> out, FwdOpts<acc_t<TO>> o, bool vec_ok) {
+  using A = acc_t<TO>;
+  using O = Order<A>;
+  using Key = typename O::Key;
+  constexpr int E = kLaneElems;
+  constexpr int KL = K < E ? K : E;              // a lane never contributes more than E winners
+  constexpr int SLOTS = (K + LPR - 1) / LPR;     // winners kept per lane (winner j -> lane j % LPR)
+  static_assert(LPR > 1 || K <= E, "one lane per row: the winners are its sorted list");
+  static_assert(LPR >= 1 && LPR <= 32 && (LPR & (LPR - 1)) == 0, "LPR: power of two <= 32");
+  const int glane = lane_id() & (LPR - 1);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / LPR) + threadIdx.x / LPR;
+  const bool active = row < o.rows;
+  const int base = glane * E;
+  const int n = o.n;
+
+  // 1. every load of the lane first
+  TI raw[E];
+  load_lane<TI, E>(raw, z + (active ? row : 0) * n + base, active ? n - base : 0, vec_ok);
+
+  // 2. keys, NaN/+inf check, per-lane sort
+  bool bad = false;
+  Key list[E];
 #pragma unroll
-    for (int v = 0; v < VPL; ++v) {
-      if (!done) rank[v] = 0;
-      ahead[v] = A(0);
+  for (int j = 0; j < E; ++j) {
+    const A x = scaled(raw[j], o.r, o.unit);
+    bad = bad || x != x || x == infinity<A>();
+    list[j] = x > -infinity<A>() ? O::make(x, base + j) : O::none();
+  }
+  static_assert(E == 8, "sort8_desc sorts 8 keys per lane");
+  sort8_desc<O>(list);
+  bad = group_reduce<LPR>(static_cast<int>(bad), MaxOp{}) != 0;
+
+  auto group_max = [&](Key k) {
+#pragma unroll
+    for (int m = LPR / 2; m > 0; m >>= 1) {
+      const Key other = O::shfl(k, m);
+      if (O::gt(other, k)) k = other;
     }
-    const int gbase = lane_id() & ~(GROUP - 1);
-    for (int src = 0; src < GROUP; ++src) {
+    return k;
+  };
+
+  // 3. round 0 gives the row max m; S = Σ exp(x - m) over the lane's registers, then the group
+  Key w = group_max(list[0]);
+  const bool valid = active && !bad && !O::is_none(w);
+  const A m = valid ? O::x(w) : A(0);
+  A s = A(0);
 #pragma unroll
-      for (int v2 = 0; v2 < VPL; ++v2) {
-        const bool lo = ((st.live >> v2) & 1u) != 0u;
-        const A ko = shfl_idx(lo ? st.x[v2] : -infinity<A>(), gbase + src);
-        const A eo = shfl_idx(lo ? st.e[v2] : A(0), gbase + src);
-        const int io = v2 * GROUP + src;
-        if (!done) {
+  for (int j = 0; j < E; ++j) s += exp_acc(scaled(raw[j], o.r, o.unit) - m);  // masked: exp(-inf) = 0
+  s = group_reduce<LPR>(s, SumOp{});
+  const A inv_s = valid ? A(1) / s : A(0);
+  const bool use_p = o.top_p < A(1);
+  const A thr = o.top_p * s;  // fl_A(top_p · S)
+
+  // 4. merge rounds: winner j = the group max of the heads; the top-p prefix rule, in order
+  bool done = !valid;
+  int count = 0;
+  A s_sel = A(0), z_soft = A(0);
+  A wx[SLOTS];   // LPR > 1 only
+  int wi[SLOTS];
 #pragma unroll
-          for (int v = 0; v < VPL; ++v)
-            if (ko > st.x[v] || (ko == st.x[v] && io < v * GROUP + glane)) {  // non-live v are never kept
-              ++rank[v];
-              ahead[v] += eo;
-            }
+  for (int q = 0; q < SLOTS; ++q) {
+    wx[q] = A(0);
+    wi[q] = -1;
+  }
+  uint32_t kept = 0;  // bit j: this lane's logit base + j was selected
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    if (j > 0) {
+      if (ballot(!done) == 0u) break;  // warp-uniform
+      if constexpr (LPR == 1) w = list[j];  // one lane per row: its sorted list is the order
+      else w = group_max(list[0]);
+    }
+    if (!done) {
+      if (O::is_none(w)) {
+        done = true;  // no live expert left
+      } else {
+        const A xw = O::x(w);
+        const A e = exp_acc(xw - m);
+        if constexpr (LPR == 1) {
+          kept |= 1u << (O::idx(w) - base);
+        } else {
+          if ((j & (LPR - 1)) == glane) {
+            wx[j / LPR] = xw;
+            wi[j / LPR] = O::idx(w);
+          }
+          if (O::eq(list[0], w)) {  // the owner pops its head
+            kept |= 1u << (O::idx(w) - base);
+#pragma unroll
+            for (int i = 0; i + 1 < KL; ++i) list[i] = list[i + 1];
+            list[KL - 1] = O::none();
+          }
         }
+        count = j + 1;
+        s_sel += e;  // the running sum, sequential in the order
+        if (o.renorm == kSoftmax) z_soft += exp_acc(e * inv_s - inv_s);
+        if (count >= o.kmax || (use_p && s_sel >= thr)) done = true;
       }
-    }
-    int kept = 0;
-#pragma unroll
-    for (int v = 0; v < VPL; ++v)
-      if (((st.live >> v) & 1u) && rank[v] < kmax && (!use_p || ahead[v] < thr)) ++kept;
-    kept = group_reduce<GROUP>(kept, SumOp{});
-    A s_loc = A(0), z_loc = A(0);
-    if (!done) {
-      count = kept > 0 ? kept : 1;  // top_p = 0 still keeps the top expert
-      p_first = st.inv_sum;         // the top expert's e is exp(0) = 1
-      taken = 0;
-#pragma unroll
-      for (int v = 0; v < VPL; ++v)
-        if (((st.live >> v) & 1u) && rank[v] < count) {
-          taken |= 1u << v;
-          s_loc += st.e[v];
-          z_loc += exp_acc(st.e[v] * st.inv_sum - p_first);
-        }
-    }
-    s_loc = group_reduce<GROUP>(s_loc, SumOp{});
-    z_loc = group_reduce<GROUP>(z_loc, SumOp{});
-    if (!done) {
-      s_sel = s_loc;
-      z_soft = z_loc;
-      done = true;
     }
   }
   if (!active) return;  // no collective below
 
-  // ---- renormalised weights, compact + dense writes ----
-  const A inv_sel = s_sel > A(0) ? A(1) / s_sel : A(0);
-  const A inv_z = z_soft > A(0) ? A(1) / z_soft : A(0);
-  const int64_t cbase = row * kmax;
+  // 5. writes: winner j by lane j % LPR (coalesced), pads, count, dense by the owners
+  const Renormer<A> wt{o.renorm, inv_s, s_sel > A(0) ? A(1) / s_sel : A(0), z_soft > A(0) ? A(1) / z_soft : A(0)};
+  const int64_t cb = row * o.kmax;
 #pragma unroll
-  for (int v = 0; v < VPL; ++v) {
-    const int i = v * GROUP + glane;
-    if (i >= n) continue;
-    A w = A(0);
-    if ((taken >> v) & 1u) {
-      if (renorm == kSum) w = st.e[v] * inv_sel;
-      else if (renorm == kSoftmax) w = exp_acc(st.e[v] * st.inv_sum - p_first) * inv_z;
-      else w = st.e[v] * st.inv_sum;
-      ids[cbase + rank[v]] = i;
-      weights[cbase + rank[v]] = from_acc<T>(w);
+  for (int q = 0; q < SLOTS; ++q) {
+    const int j = q * LPR + glane;
+    if (j < o.kmax) {
+      const bool k = j < count;
+      int id;
+      A xw;
+      if constexpr (LPR == 1) {  // winner q is list[q] (K <= E here)
+        id = O::idx(list[q]);
+        xw = O::x(list[q]);
+      } else {
+        id = wi[q];
+        xw = wx[q];
+      }
+      out.ids[cb + j] = k ? id : -1;
+      out.weights[cb + j] = from_acc<TO>(k ? wt(exp_acc(xw - m)) : A(0));
     }
-    if (dense != nullptr) dense[row * n + i] = from_acc<T>(w);
   }
-  for (int j = count + glane; j < kmax; j += GROUP) {
-    ids[cbase + j] = -1;
-    weights[cbase + j] = from_acc<T>(A(0));
+  for (int j = SLOTS * LPR + glane; j < o.kmax; j += LPR) {
+    out.ids[cb + j] = -1;
+    out.weights[cb + j] = from_acc<TO>(A(0));
   }
-  if (glane == 0) counts[row] = count;
+  if (glane == 0) out.counts[row] = count;
+  if (out.dense != nullptr) {
+    TO* d = out.dense + row * n + base;
+#pragma unroll
+    for (int j = 0; j < E; ++j)
+      if (base + j < n)
+        d[j] = from_acc<TO>(((kept >> j) & 1u) ? wt(exp_acc(scaled(raw[j], o.r, o.unit) - m)) : A(0));
+  }
 }
+
+// Sum over the block (kSortThreads threads), in a fixed order; every thread gets the result.
+// `red` holds one value per warp; the trailing barrier lets the caller reuse it at once.
+template <class V> MK_DEVICE V block_sum(V v, V* red) {
+  constexpr int kWarps = kSortThreads / kWarpSize;
+  v = warp_reduce(v, SumOp{});
+  if (lane_id() == 0) red[threadIdx.x / kWarpSize] = v;
+  block_sync();
+  V t = V(0);
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) t += red[w];
+  block_sync();
+  return t;
+}
+
+// Dynamic shared memory of route_fwd_sort for row length n: keys and e of next_pow2(n) slots.
+template <class A> inline size_t sort_smem_bytes(int np) {
+  return static_cast<size_t>(np) * (sizeof(typename Order<A>::Key) + sizeof(A));
+}
+
+// One block per row: keys sorted in shared memory, the top-p cut by a sequential scan (see the header).
+// sass-budget: mk::router::route_fwd_sort<*> block=256 smem=49152 regs<=64 spill=0
+template <class TI, class TO>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
+    route_fwd_sort(const TI* __restrict__ z, FwdOut<TO> out, FwdOpts<acc_t<TO>> o, int np) {
+  using A = acc_t<TO>;
+  using O = Order<A>;
+  using Key = typename O::Key;
+  constexpr int kWarps = kSortThreads / kWarpSize;
+  MK_DYNAMIC_SHARED(unsigned char, smem);
+  Key* keys = reinterpret_cast<Key*>(smem);
+  A* ev = reinterpret_cast<A*>(smem + static_cast<size_t>(np) * sizeof(Key));
+  MK_SHARED_ARRAY(A, red_a, kWarps);
+  MK_SHARED_ARRAY(int, red_i, kWarps);
+  MK_SHARED_ARRAY(int, cut, 1);
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  const int n = o.n;
+  const TI* zr = z + row * n;
+
+  // keys of the row (-inf and the padding to np: none), NaN/+inf flag
+  int bad = 0;
+  for (int i = tid; i < np; i += kSortThreads) {
+    Key k = O::none();
+    if (i < n) {
+      const A x = scaled(zr[i], o.r, o.unit);
+      if (x != x || x == infinity<A>()) bad = 1;
+      if (x > -infinity<A>()) k = O::make(x, i);
+    }
+    keys[i] = k;
+  }
+  bad = block_sum(bad, red_i);  // also the barrier after the key writes
+
+  // bitonic sort, descending
+  for (int kk = 2; kk <= np; kk <<= 1) {
+    for (int j = kk >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < np; i += kSortThreads) {
+        const int l = i ^ j;
+        if (l > i) {
+          const Key a = keys[i], b = keys[l];
+          if ((i & kk) == 0 ? O::gt(b, a) : O::gt(a, b)) {
+            keys[i] = b;
+            keys[l] = a;
+          }
+        }
+      }
+      block_sync();
+    }
+  }
+
+  const Key top = keys[0];
+  const bool valid = bad == 0 && !O::is_none(top);
+  const A m = valid ? O::x(top) : A(0);
+  A s = A(0);
+  int live = 0;
+  for (int i = tid; i < np; i += kSortThreads) {
+    const Key k = keys[i];
+    const A e = O::is_none(k) ? A(0) : exp_acc(O::x(k) - m);
+    ev[i] = e;
+    s += e;
+    live += O::is_none(k) ? 0 : 1;
+  }
+  s = block_sum(s, red_a);  // also the barrier after the ev writes
+  live = block_sum(live, red_i);
+  const A inv_s = valid ? A(1) / s : A(0);
+  const int cap = o.kmax < live ? o.kmax : live;
+  if (tid == 0) {
+    int c = valid ? cap : 0;
+    if (valid && o.top_p < A(1)) {  // the shortest prefix whose sequential running sum reaches top_p·S
+      const A thr = o.top_p * s;
+      A cum = A(0);
+      for (int j = 0; j < cap; ++j) {
+        cum += ev[j];
+        if (cum >= thr) {
+          c = j + 1;
+          break;
+        }
+      }
+    }
+    cut[0] = c;
+  }
+  block_sync();
+  const int count = cut[0];
+  A ss = A(0), zs = A(0);
+  for (int j = tid; j < count; j += kSortThreads) {
+    ss += ev[j];
+    if (o.renorm == kSoftmax) zs += exp_acc(ev[j] * inv_s - inv_s);
+  }
+  ss = block_sum(ss, red_a);
+  zs = block_sum(zs, red_a);
+  const Renormer<A> wt{o.renorm, inv_s, ss > A(0) ? A(1) / ss : A(0), zs > A(0) ? A(1) / zs : A(0)};
+  const int64_t cb = row * o.kmax;
+  for (int j = tid; j < o.kmax; j += kSortThreads) {
+    const bool k = j < count;
+    out.ids[cb + j] = k ? O::idx(keys[j]) : -1;
+    out.weights[cb + j] = from_acc<TO>(k ? wt(ev[j]) : A(0));
+  }
+  if (tid == 0) out.counts[row] = count;
+  if (out.dense != nullptr) {
+    const Key last = count > 0 ? keys[count - 1] : O::none();
+    for (int i = tid; i < n; i += kSortThreads) {
+      const A x = scaled(zr[i], o.r, o.unit);
+      // kept iff its key is not below the last kept key (keys are unique)
+      const bool k = count > 0 && x > -infinity<A>() && !O::gt(last, O::make(x, i));
+      out.dense[row * n + i] = from_acc<TO>(k ? wt(exp_acc(x - m)) : A(0));
+    }
+  }
+}
+
+// ---- cosine logits (SAMoRA) ----
+
+constexpr int kCosExperts = 32, kCosRows = 32, kCosY = 8, kCosChunk = 64;
+
+// out[t, i] = <h_t, k_i> / (max(|h_t|, eps) · max(|k_i|, eps)) in A. Block (32 experts) x (8 rows at
+// a time, 32 rows in all); r walked in chunks of 64: the chunk of the 32 keys transposed and the
+// chunk of the 32 h rows staged in shared memory (padded: conflict-free reads), each thread 4 dots.
+// |h_t|² and |k_i|² accumulate in the same pass (once per row and key per block).
+// sass-budget: mk::router::cosine_logits_kernel<*> block=256 regs<=64 spill=0
+template <class T>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(kCosExperts* kCosY)
+    cosine_logits_kernel(const T* __restrict__ h, const T* __restrict__ keys, acc_t<T>* __restrict__ out,
+                         int64_t rows, int n, int rdim, acc_t<T> eps) {
+  using A = acc_t<T>;
+  constexpr int KR = kCosRows / kCosY;
+  constexpr int KS = kCosExperts + 1, HS = kCosChunk + 1;  // padded row strides: conflict-free
+  MK_SHARED_ARRAY(A, ks, kCosChunk * KS);  // [j][expert]
+  MK_SHARED_ARRAY(A, hs, kCosRows * HS);   // [row][j]
+  MK_SHARED_ARRAY(A, inv_k, kCosExperts);
+  MK_SHARED_ARRAY(A, inv_h, kCosRows);
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kCosExperts + tx;
+  const int e0 = blockIdx.x * kCosExperts;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kCosRows;
+  A dot[KR], hh[KR], kk[KR];
+#pragma unroll
+  for (int k = 0; k < KR; ++k) dot[k] = hh[k] = kk[k] = A(0);
+  for (int c0 = 0; c0 < rdim; c0 += kCosChunk) {
+    const int rc = rdim - c0 < kCosChunk ? rdim - c0 : kCosChunk;
+    block_sync();  // the previous chunk is consumed
+    for (int idx = tid; idx < kCosExperts * rc; idx += kCosExperts * kCosY) {
+      const int e = idx / rc, j = idx % rc;
+      ks[j * KS + e] = e0 + e < n ? to_acc(keys[static_cast<int64_t>(e0 + e) * rdim + c0 + j]) : A(0);
+      hs[e * HS + j] = r0 + e < rows ? to_acc(h[(r0 + e) * rdim + c0 + j]) : A(0);  // kCosRows == kCosExperts
+    }
+    block_sync();
+#pragma unroll
+    for (int k = 0; k < KR; ++k) {
+      const int q = ty + k * kCosY;
+      for (int j = tx; j < rc; j += kCosExperts) {
+        hh[k] += hs[q * HS + j] * hs[q * HS + j];
+        kk[k] += ks[j * KS + q] * ks[j * KS + q];
+      }
+      A d = dot[k];
+      for (int j = 0; j < rc; ++j) d += hs[q * HS + j] * ks[j * KS + tx];
+      dot[k] = d;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < KR; ++k) {
+    const A a = warp_reduce(hh[k], SumOp{}), b = warp_reduce(kk[k], SumOp{});
+    if (tx == 0) {
+      const A nh = sqrt_acc(a), nk = sqrt_acc(b);
+      inv_h[ty + k * kCosY] = A(1) / (nh > eps ? nh : eps);
+      inv_k[ty + k * kCosY] = A(1) / (nk > eps ? nk : eps);
+    }
+  }
+  block_sync();
+  const int e = e0 + tx;
+#pragma unroll
+  for (int k = 0; k < KR; ++k) {
+    const int q = ty + k * kCosY;
+    if (r0 + q < rows && e < n) out[(r0 + q) * n + e] = dot[k] * inv_h[q] * inv_k[tx];
+  }
+}
+static_assert(kCosRows == kCosExperts, "cosine staging loop loads one h row per key row");
+
+// ---- backward ----
+
+// The row in registers (expert i = v·GROUP + lane, v < VPL), x = z·r, and its softmax statistics.
+// Every lane of the warp calls it.
+template <class T, int GROUP, int VPL>
+struct RowStats {
+  using A = acc_t<T>;
+  A e[VPL];           // exp(x - max x), 0 for masked (-inf) and out-of-row slots
+  A inv_sum = A(0);
+  bool valid = false;  // active row with no NaN/+inf and at least one finite logit
+
+  MK_DEVICE void load(const T* __restrict__ z, int64_t row, bool active, int n, A r, bool unit, int glane) {
+    A x[VPL];
+    A m = -infinity<A>();  // a NaN or +inf anywhere makes the row's max +inf: one reduction finds both
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {  // all loads first
+      const int i = v * GROUP + glane;
+      x[v] = active && i < n ? to_acc(z[row * n + i]) : -infinity<A>();
+    }
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+      if (!unit) x[v] *= r;
+      if (x[v] != x[v]) m = infinity<A>();
+      else if (x[v] > m) m = x[v];
+    }
+    m = group_reduce<GROUP>(m, MaxOp{});
+    valid = active && m > -infinity<A>() && m < infinity<A>();
+    A sum = A(0);
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+      e[v] = valid && x[v] > -infinity<A>() ? exp_acc(x[v] - m) : A(0);
+      sum += e[v];
+    }
+    sum = group_reduce<GROUP>(sum, SumOp{});
+    inv_sum = valid ? A(1) / sum : A(0);
+  }
+
+  // p of expert `id` (any id of the row, or -1: 0) from the lane that holds it: VPL shuffles, no
+  // memory access, no exp. A collective: every lane of the warp calls it.
+  MK_DEVICE A prob_of(int id, int gbase) const {
+    const int src = gbase + (id >= 0 ? (id & (GROUP - 1)) : 0);
+    const int vw = id >= 0 ? id / GROUP : -1;
+    A p = A(0);
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+      const A t = shfl_idx(e[v], src);
+      if (v == vw) p = t;
+    }
+    return p * inv_sum;
+  }
+};
 
 // dlogits from the gradients of the compact weights (grad_w [T,kmax]) and, optionally, of the dense
 // weights (grad_dense [T,N], may be null), the selection read from ids (entries outside [0, N) are
-// "no expert").
+// "no expert"). ids and grad_w are read once per kept slot (kmax <= GROUP: once in all).
+// Bytes per row: N·elt (logits) + kmax·(4 + elt) + N·elt (dlogits) [+ kmax·elt gathered grad_dense].
+// sass-budget: mk::router::route_bwd_kernel<*> block=128 regs<=255
 template <class T, int GROUP, int VPL>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     route_bwd_kernel(const T* __restrict__ grad_w, const T* __restrict__ grad_dense, const T* __restrict__ logits,
                      const int32_t* __restrict__ ids, T* __restrict__ dlogits, int64_t rows, int n, int kmax,
-                     acc_t<T> inv_t, int renorm) {
+                     acc_t<T> r, bool unit, int renorm) {
   using A = acc_t<T>;
   const int glane = lane_id() & (GROUP - 1);
   const int gbase = lane_id() & ~(GROUP - 1);
@@ -298,50 +634,65 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   const bool active = row < rows;
 
   RowStats<T, GROUP, VPL> st;
-  st.load(MemoryLogits<T>{logits, n}, row, active, n, inv_t, glane);
+  st.load(logits, row, active, n, r, unit, glane);
   const int64_t cbase = row * kmax;
+
+  // Slot j = j0 + glane of each chunk of GROUP slots: its id, g = dL/dw_j (+ dense), p_j.
+  struct Slot {
+    int id;
+    A g, p;
+  };
+  auto slot = [&](int j0) {  // warp-uniform call (kmax is the same for every row)
+    const int j = j0 + glane;
+    Slot s{-1, A(0), A(0)};
+    if (active && j < kmax) {
+      const int id = ids[cbase + j];
+      if (id >= 0 && id < n) {
+        s.id = id;
+        s.g = to_acc(grad_w[cbase + j]);
+        if (grad_dense != nullptr) s.g += to_acc(grad_dense[row * n + id]);
+      }
+    }
+    s.p = st.prob_of(s.id, gbase);
+    if (s.id < 0) s.p = A(0);
+    return s;
+  };
+  const bool one_chunk = kmax <= GROUP;
+  const Slot s0 = slot(0);  // the only chunk when kmax <= GROUP: ids/grads/p loaded once
 
   // Pass A: S = Σ p_sel, pmax = max p_sel.
   A S = A(0), pmax = A(0);
-  if (st.valid)
-    for (int j = glane; j < kmax; j += GROUP) {
-      const int id = ids[cbase + j];
-      if (id < 0 || id >= n) continue;
-      const A pj = st.prob_of(logits, row, n, id, inv_t);
-      S += pj;
-      pmax = pj > pmax ? pj : pmax;
-    }
+  for (int j0 = 0; j0 < kmax; j0 += GROUP) {
+    const Slot s = j0 == 0 ? s0 : slot(j0);
+    S += s.p;
+    pmax = s.p > pmax ? s.p : pmax;
+  }
   S = group_reduce<GROUP>(S, SumOp{});
   pmax = group_reduce<GROUP>(pmax, MaxOp{});
   const bool rowok = st.valid && S > A(0);
 
-  auto grad_of = [&](int j, int id) -> A {
-    A g = to_acc(grad_w[cbase + j]);
-    if (grad_dense != nullptr) g += to_acc(grad_dense[row * n + id]);
-    return g;
-  };
-
   // Pass B: the sums the renormalisation's gradient needs.
   A sgp = A(0), zs = A(0), a1 = A(0), a2 = A(0), a3 = A(0);
-  if (rowok)
-    for (int j = glane; j < kmax; j += GROUP) {
-      const int id = ids[cbase + j];
-      if (id < 0 || id >= n) continue;
-      const A pj = st.prob_of(logits, row, n, id, inv_t), gw = grad_of(j, id);
-      sgp += gw * pj;
+  for (int j0 = 0; j0 < kmax; j0 += GROUP) {
+    const Slot s = one_chunk ? s0 : slot(j0);
+    if (rowok && s.id >= 0) {
+      sgp += s.g * s.p;
       if (renorm == kSoftmax) {
-        const A ep = exp_acc(pj - pmax);
+        const A ep = exp_acc(s.p - pmax);
         zs += ep;
-        a1 += ep * gw;
-        a2 += ep * gw * pj;
-        a3 += ep * pj;
+        a1 += ep * s.g;
+        a2 += ep * s.g * s.p;
+        a3 += ep * s.p;
       }
     }
+  }
   sgp = group_reduce<GROUP>(sgp, SumOp{});
-  zs = group_reduce<GROUP>(zs, SumOp{});
-  a1 = group_reduce<GROUP>(a1, SumOp{});
-  a2 = group_reduce<GROUP>(a2, SumOp{});
-  a3 = group_reduce<GROUP>(a3, SumOp{});
+  if (renorm == kSoftmax) {  // uniform
+    zs = group_reduce<GROUP>(zs, SumOp{});
+    a1 = group_reduce<GROUP>(a1, SumOp{});
+    a2 = group_reduce<GROUP>(a2, SumOp{});
+    a3 = group_reduce<GROUP>(a3, SumOp{});
+  }
   // g_j = dL/dp_j for the kept experts; c = Σ_l g_l p_l.
   //   none:    g = gw                              c = Σ gw p
   //   sum:     g = (gw - D) / S,  D = Σ gw p / S     c = 0 (w is invariant to scaling p)
@@ -364,24 +715,18 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   for (int v = 0; v < VPL; ++v) gacc[v] = A(0);
   if (ballot(rowok) != 0u) {  // warp-uniform
     for (int j0 = 0; j0 < kmax; j0 += GROUP) {
-      const int j = j0 + glane;
-      int id = -1;
+      const Slot s = one_chunk ? s0 : slot(j0);
       A g = A(0);
-      if (rowok && j < kmax) {
-        id = ids[cbase + j];
-        if (id >= 0 && id < n) {
-          const A pj = st.prob_of(logits, row, n, id, inv_t), gw = grad_of(j, id);
-          if (renorm == kNone) g = gw;
-          else if (renorm == kSum) g = (gw - D) * inv_s;
-          else g = exp_acc(pj - pmax) * inv_z * (gw - D);
-        } else {
-          id = -1;
-        }
+      const int id = rowok ? s.id : -1;
+      if (id >= 0) {
+        if (renorm == kNone) g = s.g;
+        else if (renorm == kSum) g = (s.g - D) * inv_s;
+        else g = exp_acc(s.p - pmax) * inv_z * (s.g - D);
       }
       const int lim = kmax - j0 < GROUP ? kmax - j0 : GROUP;  // warp-uniform
-      for (int r = 0; r < lim; ++r) {
-        const int bid = shfl_idx(id, gbase + r);
-        const A bg = shfl_idx(g, gbase + r);
+      for (int q = 0; q < lim; ++q) {
+        const int bid = shfl_idx(id, gbase + q);
+        const A bg = shfl_idx(g, gbase + q);
         if (bid >= 0 && (bid & (GROUP - 1)) == glane) {
           const int vw = bid / GROUP;
 #pragma unroll
@@ -397,13 +742,14 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     const int i = v * GROUP + glane;
     if (i >= n) continue;
     const A p = st.e[v] * st.inv_sum;
-    dlogits[row * n + i] = from_acc<T>(rowok ? p * (gacc[v] - c) * inv_t : A(0));
+    const A d = p * (gacc[v] - c);
+    dlogits[row * n + i] = from_acc<T>(rowok ? (unit ? d : d * r) : A(0));
   }
 }
 
-// ---- launchers (raw pointers; contiguous row-major; rows >= 1, 1 <= n <= kMaxN, kmax >= 1) ----
+// ---- launchers (raw pointers; contiguous row-major; rows >= 1, kmax >= 1) ----
 
-// Calls f(GROUP, VPL) as integral constants for row length n.
+// Calls f(GROUP, VPL) as integral constants for row length n <= kBwdMaxN.
 template <class F> inline void dispatch_shape(int n, F&& f) {
   using std::integral_constant;
   if (n <= 1) return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
@@ -419,37 +765,89 @@ template <class F> inline void dispatch_shape(int n, F&& f) {
   return f(integral_constant<int, 32>{}, integral_constant<int, 32>{});
 }
 
-template <int GROUP> inline dim3 grid_for(int64_t rows) {
-  return dim3(static_cast<unsigned>(ceil_div(rows, kThreads / GROUP)));
+// Lanes per row of route_fwd_topk for row length n (<= kTopkMaxN): next_pow2(ceil(n / 8)).
+inline int topk_lanes(int n) {
+  int l = 1;
+  while (l * kLaneElems < n) l *= 2;
+  return l;
 }
 
-// Default number of arg-max rounds before a row switches to selection by rank: max(8, N/8). Not
-// measured (no GPU yet): the rounds cost ~11 shuffles per kept expert (GROUP = 32), the rank pass
-// ~N broadcasts plus N·VPL compares, so rounds win for the few experts routers usually keep and rank
-// wins for large kept sets. Override with MOKERNELS_ROUTER_RANK_AFTER (0: always by rank; a large
-// value: never) and measure with benchmarks/bench_router.py.
-inline int default_rank_after(int n) { return n / 8 > 8 ? n / 8 : 8; }
+// The forward kernel for (n, kmax): route_fwd_topk when n <= 256 and min(kmax, n) <= 16, else
+// route_fwd_sort. Exposed so tests/benchmarks can name the path.
+enum class FwdPath { kTopk, kSort };
+inline FwdPath fwd_path(int n, int kmax) {
+  const int ke = kmax < n ? kmax : n;
+  return n <= kTopkMaxN && ke <= kTopkMaxK ? FwdPath::kTopk : FwdPath::kSort;
+}
 
-// Src: MemoryLogits<T> or CosineLogits<T>. rank_after < 0: default_rank_after(n).
-template <class T, class Src>
-cudaError_t launch_fwd(Src src, int32_t* ids, T* weights, int32_t* counts, T* dense, int64_t rows, int n, int kmax,
-                       acc_t<T> inv_t, acc_t<T> top_p, int renorm, int rank_after, cudaStream_t stream) {
-  if (rank_after < 0) rank_after = default_rank_after(n);
-  dispatch_shape(n, [&](auto G, auto V) {
-    auto kernel = route_fwd_kernel<T, decltype(G)::value, decltype(V)::value, Src>;
-    MK_LAUNCH(kernel, grid_for<decltype(G)::value>(rows), dim3(kThreads), 0, stream, src, ids, weights, counts, dense,
-              rows, n, kmax, inv_t, top_p, renorm, rank_after);
-  });
+// r = 1/τ in fp64, rounded once to A (the caller checked that it is finite and > 0).
+template <class A> inline A inv_temperature(double temperature) { return static_cast<A>(1.0 / temperature); }
+
+// z: [rows, n] logits of type TI (TO, or acc_t<TO> for the cosine workspace); outputs of type TO.
+template <class TI, class TO>
+cudaError_t launch_fwd(const TI* z, FwdOut<TO> out, int64_t rows, int n, int kmax, double temperature,
+                       acc_t<TO> top_p, int renorm, cudaStream_t stream) {
+  using A = acc_t<TO>;
+  static_assert(std::is_same_v<TI, TO> || std::is_same_v<TI, A>, "logits: the output type or its accumulation type");
+  const FwdOpts<A> o{rows, n, kmax, inv_temperature<A>(temperature), temperature == 1.0, top_p, renorm};
+  if (fwd_path(n, kmax) == FwdPath::kTopk) {
+    const int ke = kmax < n ? kmax : n;
+    const int lpr = topk_lanes(n);
+    const bool vec_ok = pick_vec<TI>(n, {z}) == kVec16<TI>;
+    const dim3 grid(static_cast<unsigned>(ceil_div(rows, kThreads / lpr)));
+    auto with_k = [&](auto K) {
+      auto with_l = [&](auto L) {
+        // K = 16 means min(kmax, n) > 8, so n > 8 and LPR >= 2: no one-lane instance (it would need
+        // 16 winner slots in one thread's registers)
+        constexpr int LPR = decltype(K)::value > kLaneElems && decltype(L)::value == 1 ? 2 : decltype(L)::value;
+        auto kernel = route_fwd_topk<TI, TO, decltype(K)::value, LPR>;
+        MK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, z, out, o, vec_ok);
+      };
+      using std::integral_constant;
+      switch (lpr) {
+        case 1: return with_l(integral_constant<int, 1>{});
+        case 2: return with_l(integral_constant<int, 2>{});
+        case 4: return with_l(integral_constant<int, 4>{});
+        case 8: return with_l(integral_constant<int, 8>{});
+        case 16: return with_l(integral_constant<int, 16>{});
+        default: return with_l(integral_constant<int, 32>{});
+      }
+    };
+    if (ke <= 2) with_k(std::integral_constant<int, 2>{});
+    else if (ke <= 8) with_k(std::integral_constant<int, 8>{});
+    else with_k(std::integral_constant<int, 16>{});
+  } else {
+    int np = 1;
+    while (np < n) np *= 2;
+    auto kernel = route_fwd_sort<TI, TO>;
+    MK_LAUNCH(kernel, dim3(static_cast<unsigned>(rows)), dim3(kSortThreads), sort_smem_bytes<A>(np), stream, z, out,
+              o, np);
+  }
   return last_launch_error();
+}
+
+// Cosine routing: the [rows, n] logits in A into `ws` (caller-allocated), then launch_fwd on them.
+template <class T>
+cudaError_t launch_cosine_fwd(const T* h, const T* keys, acc_t<T>* ws, FwdOut<T> out, int64_t rows, int n, int rdim,
+                              acc_t<T> eps, int kmax, double temperature, acc_t<T> top_p, int renorm,
+                              cudaStream_t stream) {
+  auto kernel = cosine_logits_kernel<T>;
+  const dim3 grid(static_cast<unsigned>(ceil_div(n, kCosExperts)), static_cast<unsigned>(ceil_div(rows, kCosRows)));
+  MK_LAUNCH(kernel, grid, dim3(kCosExperts, kCosY), 0, stream, h, keys, ws, rows, n, rdim, eps);
+  if (cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
+  return launch_fwd<acc_t<T>, T>(ws, out, rows, n, kmax, temperature, top_p, renorm, stream);
 }
 
 template <class T>
 cudaError_t launch_bwd(const T* grad_w, const T* grad_dense, const T* logits, const int32_t* ids, T* dlogits,
-                       int64_t rows, int n, int kmax, acc_t<T> inv_t, int renorm, cudaStream_t stream) {
+                       int64_t rows, int n, int kmax, double temperature, int renorm, cudaStream_t stream) {
+  using A = acc_t<T>;
   dispatch_shape(n, [&](auto G, auto V) {
-    auto kernel = route_bwd_kernel<T, decltype(G)::value, decltype(V)::value>;
-    MK_LAUNCH(kernel, grid_for<decltype(G)::value>(rows), dim3(kThreads), 0, stream, grad_w, grad_dense, logits,
-              ids, dlogits, rows, n, kmax, inv_t, renorm);
+    constexpr int GROUP = decltype(G)::value;
+    auto kernel = route_bwd_kernel<T, GROUP, decltype(V)::value>;
+    MK_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(rows, kThreads / GROUP))), dim3(kThreads), 0, stream,
+              grad_w, grad_dense, logits, ids, dlogits, rows, n, kmax, inv_temperature<A>(temperature),
+              temperature == 1.0, renorm);
   });
   return last_launch_error();
 }

@@ -14,6 +14,7 @@ constexpr int kLd = 24;  // padded smem row (elements): 48 bytes keeps every ldm
 static_assert((kLd * 2) % 16 == 0, "ldmatrix rows must be 16-byte aligned");
 static_assert(kLd >= kTile, "padded row holds a tile row");
 
+// sass-budget: mk::tile_gemm::* block=32 regs<=128 spill=0
 template <class T, bool B_KN>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(32)
     tile_gemm_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ c, int M, int N, int K) {

@@ -34,7 +34,8 @@ Semantics (the reference :func:`route_reference` is the executable spec):
 
 Public functions: :func:`route` (logits), :func:`route_cosine` (SAMoRA: codes ``h`` and keys, the
 cosine logits formed inside the kernel), :func:`route_segments` (one row per sentence, broadcast to
-its tokens by offsets, no host sync). CUDA kernel: ``csrc/kernels/router.cuh`` (N <= 1024 experts;
+its tokens by offsets, no host sync). CUDA kernels: ``csrc/kernels/router.cuh`` (N <= 4096 experts, fp64 2048;
+backward N <= 1024;
 larger N runs the reference composition on the GPU). CPU tensors run the reference.
 """
 from __future__ import annotations
@@ -52,7 +53,12 @@ from ._checks import (acc_dtype, autocast_like, can_sync, expect, expect_dtype, 
 
 _OP = "route"
 RENORMS = ("sum", "softmax", "none")
-MAX_EXPERTS_KERNEL = 1024  # the CUDA kernel's limit on N (one warp per row, 32 values per lane)
+MAX_EXPERTS_KERNEL = 4096  # the CUDA forward kernels' limit on N (fp64: 2048; shared-memory sort kernel)
+MAX_EXPERTS_KERNEL_BWD = 1024  # the CUDA backward kernel's limit on N (larger N: route_bwd_reference)
+
+
+def _kernel_max_n(dtype: torch.dtype) -> int:
+    return MAX_EXPERTS_KERNEL // 2 if dtype == torch.float64 else MAX_EXPERTS_KERNEL
 
 
 class Routing(NamedTuple):
@@ -196,8 +202,8 @@ def route(
         dense [..., N] or None)`` with ``kmax = top_k or max_k or N``; ids in descending-logit order
         (ties: lower index), -1 pads. The compact form feeds the multi-adapter GEMM's mixture form.
     Differentiable in ``logits`` (selection held fixed): reverse mode, double backward, forward mode.
-    CUDA tensors run the fused kernel (N <= 1024; larger N runs the reference composition); CPU
-    tensors run :func:`route_reference`.
+    CUDA tensors run the fused kernels (N <= 4096, fp64 2048; larger N runs the reference
+    composition); CPU tensors run :func:`route_reference`.
     """
     expect(isinstance(logits, Tensor) and logits.dim() >= 1, _OP, "logits must be a [..., N] tensor")
     expect_dtype(_OP, "logits", logits)
@@ -224,7 +230,7 @@ def route(
             row = int(_first(_bad_rows(z, r)))  # one fused pass, one host sync
             if row >= 0:
                 _raise_bad_row(row)
-        if N > MAX_EXPERTS_KERNEL and dev not in ("cpu", "meta"):  # beyond the kernel: the reference
+        if N > _kernel_max_n(z.dtype) and dev not in ("cpu", "meta"):  # beyond the kernel: the reference
             ids, w, counts, d, _ = _route_core(z, r, p, kmax, renorm, dense)
         elif eager and grad_or_tangent(z):
             ids, w, counts, d = _RouteFn.apply(z, float(temperature), p, kmax, renorm, dense)
@@ -295,7 +301,7 @@ def route_cosine(
             raise ValueError(f"mokernels.{_OP}: h row {hrow} (flattened) has a NaN or inf, "
                              f"or a squared norm that overflows {acc}")
         expect(not kb, _OP, f"keys have a NaN or inf, or a squared norm that overflows {acc}")
-    if N > MAX_EXPERTS_KERNEL and hh.device.type not in ("cpu", "meta"):  # beyond the kernel: the composition
+    if N > _kernel_max_n(hh.dtype) and hh.device.type not in ("cpu", "meta"):  # beyond the kernel: the composition
         z = cosine_logits_reference(hh, keys, float(eps))
         ids, w, counts, d, _ = _route_core(z, rr, p, kmax, renorm, dense)
         w, d = w.to(h.dtype), d.to(h.dtype)
@@ -471,7 +477,7 @@ def _route_core(z: Tensor, r: float, top_p: float, kmax: int, renorm: str, dense
     m = vals[:, :1]  # the row max (NaN sorts first; +inf / all -inf give a non-finite max)
     valid = torch.isfinite(m)
     if z.device.type != "cpu" or not bool(valid.all()):  # keep invalid rows finite (and their gradient 0);
-        # off CPU unconditionally: no host sync in the N > 1024 GPU fallback (graph capture, compile)
+        # off CPU unconditionally: no host sync in the N > 4096 (fp64 2048) GPU fallback (graph capture, compile)
         x = torch.where(valid, x, 0.0)
         m = torch.where(valid, m, 0.0)
     if top_p < 1.0 or renorm != "sum":
@@ -495,7 +501,7 @@ def _route_core(z: Tensor, r: float, top_p: float, kmax: int, renorm: str, dense
                 reached |= hit
                 if bool(reached.all()):
                     break
-        else:  # the GPU fallback for N > 1024 (no kernel to agree with): a parallel scan
+        else:  # the GPU fallback for N > 4096 (no kernel to agree with): a parallel scan
             cs = torch.cumsum(ed, -1)
             count = torch.minimum((cs < thr[:, None]).sum(-1) + 1, count)
     count = torch.where(valid, count, 0)
@@ -718,7 +724,7 @@ def _route_grad(g_w, g_dense, logits, ids, temperature, renorm, dense):
     if g_w is None:
         g_w = torch.zeros(ids.shape, dtype=logits.dtype, device=logits.device)
     gd = g_dense if (dense and g_dense is not None) else None
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or logits.shape[-1] > MAX_EXPERTS_KERNEL_BWD:  # double backward / beyond the kernel
         return route_bwd_reference(g_w, gd, logits, ids, temperature, renorm)
     return torch.ops.mokernels.route_bwd(g_w.contiguous(), None if gd is None else gd.contiguous(), logits, ids,
                                          temperature, renorm)
@@ -732,8 +738,8 @@ def _cosine_grad(ctx_need, g_w, g_dense, h, keys, ids, temperature, eps, renorm,
         z = cosine_logits_reference(hh, kk, eps)  # [T, N] fp32: one GEMM, recomputed
         gw = torch.zeros(ids.shape, dtype=z.dtype, device=z.device) if g_w is None else g_w.to(z.dtype)
         gd = g_dense.to(z.dtype) if (dense and g_dense is not None) else None
-        if create_graph:
-            dz = route_bwd_reference(gw, gd, z, ids, temperature, renorm)
+        if create_graph or z.shape[-1] > MAX_EXPERTS_KERNEL_BWD:  # double backward / beyond the kernel
+            dz = route_bwd_reference(gw, gd, z if create_graph else z.detach(), ids, temperature, renorm)
         else:
             dz = torch.ops.mokernels.route_bwd(gw.contiguous(), None if gd is None else gd.contiguous(), z.detach(),
                                                ids, temperature, renorm)
