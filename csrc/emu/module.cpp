@@ -7,6 +7,7 @@
 #include "../rank_one.cu"
 #include "../tile_gemm.cu"
 #include "../router.cu"
+#include "../lora.cu"
 
 #include "planted.h"
 #include "selftest.h"
