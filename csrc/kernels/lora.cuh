@@ -73,9 +73,17 @@ template <class T> inline int staged_x_bytes(int d_in, int r, int k, bool shared
   return x + smem_tail_bytes<T>(r, k, shared_a) <= kMaxSmem ? static_cast<int>(x) : 0;
 }
 
-// sass-budget: mk::lora::decode_kernel block=128 regs<=64 spill=0 hot
+// 8 blocks of 128 threads per SM (<= 64 registers, half occupancy): with only the 128-thread bound,
+// ptxas (CUDA 13.0) targeted 32-40 registers on sm_90a and spilled (fp16 VEC=8, fp64 VEC=2).
+#if defined(MOKERNELS_EMULATION)
+#define MK_LORA_BOUNDS
+#else
+#define MK_LORA_BOUNDS __launch_bounds__(kThreads, 8)
+#endif
+
+// sass-budget: mk::lora::decode_kernel block=128 smem=8264 regs<=64 spill=0 hot
 template <class T, int VEC>
-MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads) decode_kernel(const Args<T> a) {
+MK_GLOBAL void MK_LORA_BOUNDS decode_kernel(const Args<T> a) {
   using Acc = acc_t<T>;
   using V = Vec<T, VEC>;
   const int64_t t = blockIdx.x;
