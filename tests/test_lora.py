@@ -635,3 +635,65 @@ def test_emulated_forward_fiber_order():
            "-k", "emulated_matches_reference and (float32 or bfloat16) or emulated_shared"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+
+def _to_cuda(v):
+    if v is None:
+        return None
+    if isinstance(v, Routing):
+        return Routing(*(_to_cuda(t) for t in v))
+    if isinstance(v, tuple):
+        return tuple(_to_cuda(t) for t in v)
+    return v.cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,N,r,d_in,d_out", EMU_SHAPES + [((32,), 26, 16, 4096, 4096), ((300,), 100, 64, 1000, 520)])
+def test_cuda_matches_reference(form, dtype, lead, N, r, d_in, d_out):
+    A, B, scale = weights(N, r, d_in, d_out, dtype)
+    x = torch.randn(*lead, d_in).to(dtype)
+    base = torch.randn(*lead, d_out).to(dtype)
+    kw, _ = make_form(form, lead, N, k=2, S=3)
+    want = lora_apply(x, A, B, scale, base_out=base, **kw)
+    kwc = {n: _to_cuda(v) for n, v in kw.items()}
+    got = lora_apply(x.cuda(), A.cuda(), B.cuda(), scale.cuda(), base_out=base.cuda(), **kwc)
+    torch.testing.assert_close(got.cpu(), want, **KERNEL_TOL[dtype])
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync_without_validation_and_graph_capture():
+    A, B, scale = weights(8, 16, 256, 128, torch.bfloat16, device="cuda")
+    scale = scale.cuda().float()
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(-1, 8, (32,), device="cuda", dtype=torch.int32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = lora_apply(x, A, B, scale, ids=ids, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y2 = lora_apply(x, A, B, scale, ids=ids)  # validation skipped under capture
+    ids.copy_(torch.randint(-1, 8, (32,), device="cuda", dtype=torch.int32))
+    g.replay()
+    torch.testing.assert_close(y2, lora_apply(x, A, B, scale, ids=ids), **KERNEL_TOL[torch.bfloat16])
+    assert y.shape == (32, 128)
+
+
+@pytest.mark.cuda
+def test_cuda_shared_and_gradients():
+    N, r, d_in, d_out = 4, 8, 64, 32
+    x = torch.randn(6, d_in, device="cuda", dtype=torch.float64, requires_grad=True)
+    A = torch.randn(r, d_in, device="cuda", dtype=torch.float64, requires_grad=True)
+    B = torch.randn(N, d_out, r, device="cuda", dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, N, device="cuda", dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: lora_shared_apply(*a[:3], 0.5, weights=a[3]), (x, A, B, w))
+    ref = lora_shared_apply(x.detach().cpu(), A.detach().cpu(), B.detach().cpu(), 0.5, weights=w.detach().cpu())
+    torch.testing.assert_close(lora_shared_apply(x, A, B, 0.5, weights=w).detach().cpu(), ref)

@@ -22,6 +22,13 @@ from torch import Tensor, nn
 from ..ops.lora import lora_apply
 
 
+def _check_config(num_adapters: int, r: int, dropout: float) -> None:
+    if not (isinstance(num_adapters, int) and num_adapters >= 1 and isinstance(r, int) and 1 <= r <= 128):
+        raise ValueError(f"MultiLoRALinear: need num_adapters >= 1 and 1 <= r <= 128, got {num_adapters}, {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"MultiLoRALinear: dropout must be in [0, 1), got {dropout}")
+
+
 class MultiLoRALinear(nn.Module):
     """N LoRA adapters over one linear layer.
 
@@ -38,10 +45,7 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, num_adapters: int, r: int, *, alpha: Optional[float] = None,
                  dropout: float = 0.0, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        if num_adapters < 1 or not (1 <= r <= 128):
-            raise ValueError(f"MultiLoRALinear: need num_adapters >= 1 and 1 <= r <= 128, got {num_adapters}, {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MultiLoRALinear: dropout must be in [0, 1), got {dropout}")
+        _check_config(num_adapters, r, dropout)
         kw = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.num_adapters, self.r = in_features, out_features, num_adapters, r
         self.alpha = float(r if alpha is None else alpha)
@@ -72,11 +76,8 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"MultiLoRALinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         m = cls.__new__(cls)
         nn.Module.__init__(m)
+        _check_config(num_adapters, r, dropout)
         m.in_features, m.out_features, m.num_adapters, m.r = linear.in_features, linear.out_features, num_adapters, r
-        if num_adapters < 1 or not (1 <= r <= 128):
-            raise ValueError(f"MultiLoRALinear: need num_adapters >= 1 and 1 <= r <= 128, got {num_adapters}, {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MultiLoRALinear: dropout must be in [0, 1), got {dropout}")
         m.alpha = float(r if alpha is None else alpha)
         m.weight = linear.weight
         m.bias = linear.bias

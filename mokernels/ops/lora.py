@@ -253,12 +253,13 @@ def _routing(lead: torch.Size, N: int, forms: dict, device, acc, validate: bool,
     return T, rt
 
 
-def _prepare(x, A, B, scale, forms: dict, base_out, validate: bool, op: str):
+def _prepare(x, A, B, scale, forms: dict, base_out, validate: bool, op: str, base_name: str = "base_out"):
     N, r, d_in, d_out = _check_weights(x, A, B, op)
     lead = x.shape[:-1]
+    base = _check_base(base_out, lead, d_out, x, op, base_name)
     T, rt = _routing(lead, N, forms, x.device, acc_dtype(x.dtype), validate, op)
     s = _scale_tensor(scale, N, x, op)
-    return lead, T, d_out, rt, s, _check_base(base_out, lead, d_out, x, op)
+    return lead, T, d_out, rt, s, base
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def lora_apply_(
     dtype and contiguous (e.g. the base layer's output). Returns ``out``. Arguments as :func:`lora_apply`.
     Not differentiable (use :func:`lora_apply` with ``base_out=`` for training)."""
     forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
-    lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_")
+    lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
     expect(out.is_contiguous(), "lora_apply_", "out must be contiguous (it is updated in place)")
     torch.ops.mokernels.lora_apply_(o2, x.reshape(T, x.shape[-1]), A, B, s, i, w, off)
     return out
