@@ -27,7 +27,8 @@ metadata is checked in one fused device pass with one host sync (ids in ``[-1, N
 starting at 0, sorted, ending at T, finite weights) and a bad argument raises ValueError naming it.
 Under ``torch.compile``, CUDA-graph capture or ``validate=False`` nothing is checked on the host; the
 kernels and the reference then treat an invalid id (``< 0`` or ``>= N``), and a token outside every
-segment, as "no adapter" — never an out-of-bounds access. Shapes and dtypes are always checked
+segment, as "no adapter" — never an out-of-bounds access. A slot whose weight is exactly 0 is
+skipped by the kernel like a ``-1`` (its adapter is not read). Shapes and dtypes are always checked
 (no sync).
 
 Dtypes: x, A, B share one dtype (fp16, bf16, fp32, fp64); accumulation in fp32 (fp64 for fp64);
@@ -174,6 +175,7 @@ def _scale_tensor(scale, N: int, like: Tensor, op: str) -> Tensor:
     expect(isinstance(scale, Tensor) and tuple(scale.shape) in ((N,), ()), op,
            f"scale must be a float or a [N] = [{N}] tensor, got {list(scale.shape) if isinstance(scale, Tensor) else scale!r}")
     expect_dtype(op, "scale", scale)
+    expect(scale.device == like.device, op, f"scale is on {scale.device} but the activations are on {like.device}")
     return scale.detach().to(acc).expand(N).contiguous()
 
 
