@@ -163,6 +163,12 @@ if _flag("MOKERNELS_BUILD_EMU", "1") and not emu_incs:
 
 ext_modules = [ext_c]
 sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+# Compile-only flags of the sanitizer build, after Python's CFLAGS (extra_compile_args come last):
+#  -fno-wrapv: Python's CFLAGS carry -fwrapv, which defines signed overflow and so switches UBSan's
+#    signed-integer-overflow check off; the last of -fwrapv/-fno-wrapv wins.
+#  -ftrivial-auto-var-init=pattern: an uninitialised local (a register on the GPU) holds a 0xFE..
+#    pattern instead of whatever the fresh, zeroed fiber stack had (a forgotten `acc = 0` looked right).
+sanitize_cc = ["-ftrivial-auto-var-init=pattern", "-fno-wrapv"]
 for name, module_src, shim_src, flags, link in (
     ("mokernels._emu", "csrc/emu/module.cpp", "csrc/emu/shim.cpp", ["-O2"], []),
     ("mokernels._emu_asan", "csrc/emu/module_asan.cpp", "csrc/emu/shim_asan.cpp", ["-O1", "-g"] + sanitize, sanitize),
@@ -173,7 +179,10 @@ for name, module_src, shim_src, flags, link in (
                 name,
                 sources=[module_src, shim_src],
                 include_dirs=[csrc],
-                extra_compile_args={"cxx": flags + ["-DMOKERNELS_EMULATION", "-Wno-unknown-pragmas"] + [f"-I{i}" for i in emu_incs]},
+                extra_compile_args={
+                    "cxx": flags + ["-DMOKERNELS_EMULATION", "-Wno-unknown-pragmas"] + [f"-I{i}" for i in emu_incs]
+                    + (sanitize_cc if name.endswith("asan") else [])
+                },
                 extra_link_args=link,
             )
         )

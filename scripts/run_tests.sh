@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The test command: set up + build (scripts/setup_env.sh), run the whole suite (emulated kernels
-# included; CUDA tests run where a GPU is present), then the emulated-kernel tests again under the
-# ASan/UBSan build of the emulator (our CPU stand-in for compute-sanitizer). Extra args go to the
-# first pytest run.
+# The test command: set up + build (scripts/setup_env.sh), then the passes below, each timed.
+#   pass 1  the whole suite (emulated kernels included, default schedule: reverse-first warps/lanes;
+#           CUDA tests run where a GPU is present). Extra args go to this pytest run.
+#   pass 2  the emulated tests again, forward-first warps/lanes and the grid's blocks last to first
+#           (MOKERNELS_EMU_SCHEDULE=forward MOKERNELS_EMU_BLOCK_ORDER=reverse): a missing barrier or
+#           a dependence on block order that one schedule hides, the other shows.
+#   pass 3  the emulated tests under the ASan/UBSan build of the emulator (our CPU stand-in for
+#           compute-sanitizer; -fno-wrapv, pattern-initialised locals), fibers forward-first.
+#   (H7b: the TSan race pass and the mutation suite go in the marked place below.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MOKERNELS_BUILD_EMU_ASAN=${MOKERNELS_BUILD_EMU_ASAN:-1}
@@ -10,7 +15,28 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . "${MOKERNELS_VENV:-.venv}/bin/activate"
 export MOKERNELS_REQUIRE_EMU=1
-python -m pytest tests "$@"
-echo "mokernels: emulated kernels under AddressSanitizer + UBSan (fibers scheduled forward-first)"
-LD_PRELOAD="$(python -m mokernels.emu --preload)" ASAN_OPTIONS=detect_leaks=0 MOKERNELS_EMU_ASAN=1 \
+
+timings=()
+# run_pass NAME CMD...: runs one pass, prints and records its wall time (a failing pass stops the script).
+run_pass() {
+  local name=$1 t0
+  shift
+  echo "mokernels: pass $name"
+  t0=$(date +%s)
+  "$@"
+  timings+=("pass $name: $(( $(date +%s) - t0 )) s")
+  echo "${timings[-1]}"
+}
+
+run_pass "1 (pytest, all tests)" python -m pytest tests "$@"
+run_pass "2 (emulated, forward-first fibers, blocks reversed)" \
+  env MOKERNELS_EMU_SCHEDULE=forward MOKERNELS_EMU_BLOCK_ORDER=reverse \
+  python -m pytest -m emu tests -q -p no:cacheprovider
+run_pass "3 (emulated under ASan/UBSan, forward-first fibers)" \
+  env LD_PRELOAD="$(python -m mokernels.emu --preload)" ASAN_OPTIONS=detect_leaks=0 MOKERNELS_EMU_ASAN=1 \
   MOKERNELS_EMU_SCHEDULE=forward python -m pytest -m emu tests -q -p no:cacheprovider
+
+# ---- H7b (issue 7): the TSan race pass and the mutation suite go here, each as a run_pass. ----
+# ---- end of H7b's section ----
+
+printf '%s\n' "mokernels: test pass times" "${timings[@]}"

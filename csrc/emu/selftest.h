@@ -11,6 +11,7 @@
 #include "../torch_glue.h"
 #include "../kernels/common/mma.cuh"
 #include "../kernels/common/warp.cuh"
+#include "selftest_kernels.cuh"
 
 namespace mk::selftest {
 
@@ -34,7 +35,7 @@ MK_GLOBAL void warp_ops_kernel(const float* x, float* out) {
 // Threads t >= keep return at once; the rest meet at two barriers (exited threads are dropped) and
 // read a neighbour through shared memory: out[t] = x[(t + 1) % keep] for t < keep.
 MK_GLOBAL void early_exit_kernel(const float* x, float* out, int keep) {
-  MK_SHARED float s[1024];
+  MK_SHARED_ARRAY(float, s, 1024);
   const int t = threadIdx.x;
   if (t >= keep) return;
   s[t] = x[t];
@@ -75,9 +76,49 @@ MK_GLOBAL void missing_barrier_kernel(const float* x, float* out) {
   out[t] = smem[(t + n - 1) % n] + smem[(t + 1) % n];
 }
 
+// Warp-serial scheduling: each warp writes its slots of shared memory, does a warp collective, then
+// reads the slot of the thread 32 places on (the other warp). Without a block barrier between the write
+// and the read (sync = false) that is a race a collective does not fix: the emulator must give a
+// wrong (poisoned) answer. out[t] = x[(t + 32) % n] + 0 * (warp sum of x).
+MK_GLOBAL void cross_warp_read_kernel(const float* x, float* out, bool sync) {
+  MK_DYNAMIC_SHARED(float, smem);
+  const int t = threadIdx.x, n = blockDim.x;
+  smem[t] = x[t];
+  const float sum = warp_reduce(x[t], SumOp{});
+  if (sync) block_sync();
+  out[t] = smem[(t + kWarpSize) % n] + 0.f * sum;
+}
+
+// Static shared memory is poisoned in every block: each of the grid's blocks reads its array before
+// writing it, then writes it (a GPU gives garbage, the emulator NaN; with function-local statics the
+// second block would read the first block's values). out[block, t] = s[t] before any write = NaN.
+MK_GLOBAL void static_shared_uninit_kernel(const float* x, float* out) {
+  MK_SHARED_ARRAY(float, s, 1024);
+  const int t = threadIdx.x;
+  out[blockIdx.x * blockDim.x + t] = s[t];  // BUG (planted): read before written
+  block_sync();
+  s[t] = x[t];
+}
+
+// Barrier identity: even and odd threads wait at two different __syncthreads (undefined behaviour on a
+// GPU; sm_70+ may even let it "work"). helper = true: both branches call one helper that holds the
+// barrier (one call site: legal when every thread calls it). out[t] = x[t ^ 1] through shared memory.
+MK_DEVICE void barrier_helper() { block_sync(); }
+MK_GLOBAL void barrier_sites_kernel(const float* x, float* out, bool helper) {
+  MK_SHARED_ARRAY(float, s, 1024);
+  const int t = threadIdx.x;
+  s[t] = x[t];
+  if (t % 2 == 0) {
+    if (helper) barrier_helper(); else block_sync();
+  } else {
+    if (helper) barrier_helper(); else block_sync();
+  }
+  out[t] = s[t ^ 1];
+}
+
 // Misuse: ldmatrix from a row address that is not 16-byte aligned.
 MK_GLOBAL void misaligned_ldmatrix_kernel(float* out) {
-  MK_SHARED_ALIGNED(16) __half tile[8 * 16 + 8];
+  MK_SHARED_ARRAY_ALIGNED(16, __half, tile, 8 * 16 + 8);
   const int lane = lane_id();
   for (int i = lane; i < 8 * 16 + 8; i += 32) tile[i] = __float2half(static_cast<float>(i));
   block_sync();
@@ -92,8 +133,46 @@ MK_GLOBAL void throwing_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// x = A [32, K] then B [16, K] flattened (K = x.numel() / 48, a multiple of 16); returns C [32, 16].
+inline at::Tensor run_two_warp_gemm(const at::Tensor& x, int mode) {
+  const int64_t K = x.numel() / 48;
+  TORCH_CHECK_VALUE(K >= 16 && K % 16 == 0 && K * 48 == x.numel(), "_selftest: gemm x must hold 48 * K, K % 16 == 0");
+  at::Tensor c = at::zeros({32, 16}, x.options());
+  auto k = two_warp_gemm_kernel;
+  MK_LAUNCH(k, dim3(1), dim3(64), 0, nullptr, ptr<float>(x), ptr<float>(x) + 32 * K, ptr<float>(c),
+            static_cast<int>(K), mode);
+  return c;
+}
+
+// x: stages * 256 floats; which = "cp_async_<ca4|ca8|ca16|cg16>_<mode>".
+inline at::Tensor run_cp_async(const at::Tensor& x, const std::string& which) {
+  const int64_t stages = x.numel() / 256;
+  TORCH_CHECK_VALUE(stages >= 1 && stages * 256 == x.numel(), "_selftest: cp_async x must hold 256 * stages");
+  at::Tensor out = at::zeros_like(x);
+  const std::string kind = which.substr(9, which.rfind('_') - 9);
+  const int mode = std::stoi(which.substr(which.rfind('_') + 1));
+  auto k = cp_async_pipeline_kernel<16, false>;
+  if (kind == "ca4") k = cp_async_pipeline_kernel<4, false>;
+  else if (kind == "ca8") k = cp_async_pipeline_kernel<8, false>;
+  else if (kind == "cg16") k = cp_async_pipeline_kernel<16, true>;
+  else TORCH_CHECK_VALUE(kind == "ca16", "_selftest: unknown cp.async kind ", kind);
+  MK_LAUNCH(k, dim3(1), dim3(64), 0, nullptr, ptr<float>(x), ptr<float>(out), static_cast<int>(stages), mode);
+  return out;
+}
+
 inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous().to(at::kFloat);
+  if (which.rfind("cp_async_zfill", 0) == 0) {
+    TORCH_CHECK_VALUE(x.numel() == 256, "_selftest: cp_async_zfill x must hold 256 floats");
+    at::Tensor out = at::zeros_like(x);
+    auto k = cp_async_zfill_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(64), 0, nullptr, ptr<float>(x), ptr<float>(out), which == "cp_async_zfill_misaligned");
+    return out;
+  }
+  if (which.rfind("cp_async_", 0) == 0) return run_cp_async(x, which);
+  if (which == "two_warp_gemm") return run_two_warp_gemm(x, 0);
+  if (which == "two_warp_gemm_no_raw_barrier") return run_two_warp_gemm(x, 1);
+  if (which == "two_warp_gemm_no_war_barrier") return run_two_warp_gemm(x, 2);
   const int64_t n = x.numel();
   TORCH_CHECK_VALUE(n >= 1 && n <= 1024, "_selftest: x must have 1..1024 elements");
   const unsigned threads = static_cast<unsigned>(n);
@@ -119,6 +198,17 @@ inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
   } else if (which == "missing_barrier") {
     auto k = missing_barrier_kernel;
     MK_LAUNCH(k, dim3(1), dim3(threads), n * sizeof(float), nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "cross_warp_read" || which == "cross_warp_read_synced") {
+    auto k = cross_warp_read_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), n * sizeof(float), nullptr, ptr<float>(x), ptr<float>(out),
+              which == "cross_warp_read_synced");
+  } else if (which == "static_shared_uninit") {
+    out = at::zeros({2, n}, x.options());
+    auto k = static_shared_uninit_kernel;
+    MK_LAUNCH(k, dim3(2), dim3(threads), 0, nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "barrier_sites" || which == "barrier_in_helper") {
+    auto k = barrier_sites_kernel;
+    MK_LAUNCH(k, dim3(1), dim3(threads), 0, nullptr, ptr<float>(x), ptr<float>(out), which == "barrier_in_helper");
   } else if (which == "misaligned_ldmatrix") {
     auto k = misaligned_ldmatrix_kernel;
     MK_LAUNCH(k, dim3(1), dim3(32), 0, nullptr, ptr<float>(out));
