@@ -2,10 +2,13 @@
 // (mokernels/ops/lora.py) turns the five routing forms into these canonical arguments and validates
 // the metadata in eager mode; here every shape, dtype and device is checked again (the ops are public
 // through torch.ops), never the metadata values: the kernel treats invalid ids as "no adapter".
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "torch_glue.h"
 #include "kernels/lora.cuh"
+#include "kernels/lora_prefill.cuh"
 
 namespace mk::lora {
 namespace {
@@ -17,6 +20,25 @@ constexpr const char* kShared = "mokernels.lora_shared_apply";
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Kernel choice: MOKERNELS_LORA_PATH = auto (default: the tensor-core prefill kernel when it can run and
+// the segments average >= 32 tokens, else the SIMT decode kernel) | decode | prefill (forced: an error
+// where the prefill kernel cannot run these arguments, so tests know which kernel ran). Host values only
+// (T, S): no sync.
+template <class T>
+bool use_prefill(const char* op, const Args<T>& a) {
+  const char* env = std::getenv("MOKERNELS_LORA_PATH");
+  const std::string mode = env != nullptr ? env : "";
+  const char* why = prefill_unsupported(a);
+  if (mode == "prefill") {
+    TORCH_CHECK_VALUE(why == nullptr, op, ": MOKERNELS_LORA_PATH=prefill but ", why);
+    return true;
+  }
+  if (mode == "decode") return false;
+  TORCH_CHECK_VALUE(mode.empty() || mode == "auto", op, ": MOKERNELS_LORA_PATH must be auto, decode or prefill, got '",
+                    mode, "'");
+  return why == nullptr && a.tokens >= static_cast<int64_t>(prefill::kMinTokensPerSegment) * a.segs;
+}
 
 // Checks every argument and launches. scale: [N] tensor (per adapter) or nullopt (scale_value).
 void run(const char* op, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
@@ -118,7 +140,10 @@ void run(const char* op, const at::Tensor& x_in, const at::Tensor& A_in, const a
     a.shared_a = shared_a;
     a.accumulate = accumulate;
     a.x_bytes = staged_x_bytes<T_>(a.d_in, r32, k32, shared_a);
-    check_launch(op, launch<T_>(a, num_sms(), current_stream()));
+    if (use_prefill(op, a))
+      check_launch(op, launch_prefill<T_>(a, num_sms(), current_stream()));
+    else
+      check_launch(op, launch<T_>(a, num_sms(), current_stream()));
   });
 }
 
