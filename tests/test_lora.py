@@ -602,6 +602,115 @@ def test_emulated_many_tokens_and_wide_k(emu_ops):
                                lora_apply_reference(x, A, B, s, ids, w, None, None), rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------------
+# The emulated tensor-core prefill kernel (segments, segment mixtures) vs the reference
+
+PREFILL_CASES = [  # (segment lengths, r, d_in, d_out, k): lengths around the 16-row mma and 64-token tile
+    ([1, 15, 16, 17], 8, 72, 40, 1),  # cp.async path; d_in not a multiple of the 32-wide K step
+    ([64, 130], 16, 40, 70, 1),  # full, partial and multi-tile segments; d_out not a multiple of 32
+    ([17, 3], 1, 36, 9, 1),  # r = 1 and d_in % 8 != 0: synchronous element loads
+    ([70, 5, 16], 24, 64, 50, 2),  # segment mixture: 2 adapters concatenated along K (r16 = 32)
+    ([20], 128, 32, 20, 1),  # r = 128: H is 128 wide
+    ([33, 0, 9], 8, 16, 300, 4),  # an empty segment; d_out split over grid.y; k * r16 = 64
+]
+
+
+def _prefill_args(lens, r, d_in, d_out, k, dtype, N=3, none_segment=True):
+    T, S, N = sum(lens), len(lens), max(N, k + 1)
+    off = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    A, B, scale = weights(N, r, d_in, d_out, dtype)
+    x = torch.randn(T, d_in).to(dtype)
+    ids = torch.stack([torch.randperm(N)[:k] for _ in range(S)]).int()
+    if none_segment and S > 1:
+        ids[1] = -1  # a segment without adapter
+    w = torch.rand(S, k) if k > 1 else None
+    base = torch.randn(T, d_out).to(dtype)
+    return x, A, B, scale.float(), ids, w, off, base
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lens,r,d_in,d_out,k", PREFILL_CASES)
+def test_emulated_prefill_matches_reference(emu_ops, monkeypatch, dtype, lens, r, d_in, d_out, k):
+    monkeypatch.setenv("MOKERNELS_LORA_PATH", "prefill")
+    x, A, B, s, ids, w, off, base = _prefill_args(lens, r, d_in, d_out, k, dtype)
+    tol = {n: v * max(k, 1) for n, v in KERNEL_TOL[dtype].items()}
+    want = lora_apply_reference(x, A, B, s, ids, w, off, base)
+    got = emu_ops.lora_apply(x, A, B, s, ids, w, off, base)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(emu_ops.lora_apply(x, A, B, s, ids, w, off, None),
+                               lora_apply_reference(x, A, B, s, ids, w, off, None), **tol)
+    out = base.clone()
+    emu_ops.lora_apply_(out, x, A, B, s, ids, w, off)
+    torch.testing.assert_close(out, want, **tol)
+    # tokens of the segment without adapter get exactly the base
+    if len(lens) > 1:
+        torch.testing.assert_close(got[lens[0]:lens[0] + lens[1]], base[lens[0]:lens[0] + lens[1]], rtol=0, atol=0)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_prefill_misaligned_pointers_and_error_bound(emu_ops, monkeypatch, dtype):
+    """Shifted A/B (no cp.async: element loads) still right; the error vs fp64 stays within 2x the
+    same-dtype torch composition's (ARCHITECTURE rule), though H is rounded to the dtype for the expand."""
+    monkeypatch.setenv("MOKERNELS_LORA_PATH", "prefill")
+    A, B, scale = weights(3, 16, 64, 48, dtype, offset=1)
+    x = torch.randn(40, 64).to(dtype)
+    off = torch.tensor([0, 23, 40], dtype=torch.int32)
+    ids = torch.tensor([[2], [0]], dtype=torch.int32)
+    got = emu_ops.lora_apply(x, A, B, scale.float(), ids, None, off, None)
+    torch.testing.assert_close(got, lora_apply_reference(x, A, B, scale.float(), ids, None, off), **KERNEL_TOL[dtype])
+    tok = [2] * 23 + [0] * 17
+    exact = naive(x, A, B, scale, [[(i, 1.0)] for i in tok])
+    comp = torch.stack([scale[i].item() * (B[i] @ (A[i] @ x[t])) for t, i in enumerate(tok)])
+    assert (got.double() - exact).abs().max() <= 2 * (comp.double() - exact).abs().max()
+
+
+@pytest.mark.emu
+def test_emulated_prefill_gaps_and_invalid_metadata(emu_ops, monkeypatch):
+    """Offsets that leave tokens uncovered give those tokens the base; garbage offsets and ids stay in
+    bounds (the ASan pass checks the accesses) and finite."""
+    monkeypatch.setenv("MOKERNELS_LORA_PATH", "prefill")
+    x, A, B, s, ids, w, _, base = _prefill_args([40, 30], 8, 32, 24, 1, torch.bfloat16, none_segment=False)
+    off = torch.tensor([5, 20, 50], dtype=torch.int32)  # tokens 0-4 and 50-69 outside every segment
+    want = lora_apply_reference(x, A, B, s, ids, None, off, base)
+    torch.testing.assert_close(emu_ops.lora_apply(x, A, B, s, ids, None, off, base), want, **KERNEL_TOL[torch.bfloat16])
+    bad_ids = torch.tensor([[7], [-(2**31)]], dtype=torch.int32)
+    for o in ([50, 2, 90], [-7, 100, 300], [0, -3, 70], [69, 70, 70]):
+        y = emu_ops.lora_apply(x, A, B, s, ids, None, torch.tensor(o, dtype=torch.int32), base)
+        assert torch.isfinite(y.float()).all()
+        torch.testing.assert_close(emu_ops.lora_apply(x, A, B, s, bad_ids, None, torch.tensor(o, dtype=torch.int32), base),
+                                   base, rtol=0, atol=0)
+
+
+@pytest.mark.emu
+def test_emulated_path_switch(emu_ops, monkeypatch):
+    """auto takes the prefill kernel when segments average >= 32 tokens (bitwise its result: it rounds
+    H to bf16, the decode kernel keeps h in fp32), the decode kernel otherwise; a forced prefill path
+    that cannot run is an error, not a silent fallback."""
+    long_ = _prefill_args([64, 40], 16, 64, 32, 1, torch.bfloat16, none_segment=False)
+    short = _prefill_args([5, 9, 2], 16, 64, 32, 1, torch.bfloat16, none_segment=False)
+    res = {}
+    for mode in ("decode", "prefill", "auto"):
+        monkeypatch.setenv("MOKERNELS_LORA_PATH", mode)
+        res[mode] = [emu_ops.lora_apply(*args) for args in (long_, short)]
+    assert not torch.equal(res["decode"][0], res["prefill"][0])  # the two kernels are distinguishable
+    assert torch.equal(res["auto"][0], res["prefill"][0])
+    assert torch.equal(res["auto"][1], res["decode"][1])
+    monkeypatch.setenv("MOKERNELS_LORA_PATH", "prefill")
+    x, A, B, s, ids, w, off, base = long_
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        emu_ops.lora_apply(x.float(), A.float(), B.float(), s, ids, w, off, None)
+    with pytest.raises(ValueError, match="needs segments"):
+        emu_ops.lora_apply(x, A, B, s, ids.repeat(52, 1)[:104], None, None, None)
+    with pytest.raises(ValueError, match="k \\* ceil16"):
+        emu_ops.lora_apply(x, A, B, s, torch.zeros(2, 9, dtype=torch.int32), None, off, None)
+    monkeypatch.setenv("MOKERNELS_LORA_PATH", "fastest")
+    with pytest.raises(ValueError, match="auto, decode or prefill"):
+        emu_ops.lora_apply(x, A, B, s, ids, w, off, None)
+
+
 KERNEL_BAD = [
     ("ids dtype", lambda a: {**a, "ids": a["ids"].long()}, "ids must have dtype"),
     ("ids rows", lambda a: {**a, "ids": a["ids"][:2]}, "ids must be"),
@@ -632,7 +741,7 @@ def test_emulated_forward_fiber_order():
     process, so a subprocess)."""
     env = dict(os.environ, MOKERNELS_EMU_SCHEDULE="forward")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "emu",
-           "-k", "emulated_matches_reference and (float32 or bfloat16) or emulated_shared"]
+           "-k", "emulated_matches_reference and (float32 or bfloat16) or emulated_shared or emulated_prefill"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
