@@ -5,15 +5,18 @@ Workloads (full mode): decode 32 tokens with ids uniform over 26 / 100 adapters;
 128 tokens over 26 / 100 adapters; a training step (fwd+bwd) on the prefill shape.
 
 Impls, each the whole layer (base GEMM included):
-* ``mokernels``: ``F.linear`` then ``lora_apply(..., base_out=base)`` (the fused SIMT decode kernel on a
-  GPU — it is also what prefill runs until the tensor-core path lands; on CPU the reference);
+* ``mokernels``: ``F.linear`` then ``lora_apply(..., base_out=base)`` (on a GPU the automatic switch picks
+  the fused SIMT decode kernel for the decode rows and the tensor-core prefill kernel — mma.sync, shrink
+  and expand fused per 64-token segment tile — for the prefill and segment-mixture rows, whose segments
+  average 128 >= 32 tokens; on CPU the reference);
 * ``base nn.Linear``: the frozen layer alone (the floor; the issue's targets are ratios to it);
 * ``single LoRA (2 matmuls)``: one adapter for every token, ``base + s·(x Aᵀ) Bᵀ`` (what the routed
   layer should approach);
 * ``gather+bmm``: per-token gather of A/B rows and two bmm (decode peers do this);
 * ``torch._grouped_mm``: segments as groups (CUDA bf16 only, prefill/segment shapes);
 * PEFT (LoraModel, ``adapter_names=``) is not installed here: listed in ``params`` as skipped.
-On CPU quick mode the shapes shrink (d=256) and a tiny workload adds the emulated kernel (logic only).
+On CPU quick mode the shapes shrink (d=256) and two tiny workloads add the emulated kernels (logic only):
+the decode kernel (fp32, per-token ids) and the tensor-core prefill kernel (bf16, 2 segments of 128).
 On CPU every number describes the reference path, not GPU performance.
 
 bytes_moved (ideal, per call): W + x + y + the used adapters' A and B (+ base bias ignored).
@@ -145,9 +148,13 @@ def _emu(inp):
 
     def run():
         t = inp()
-        ids = t["tok_ids"].to(torch.int32)[:, None]
+        base = F.linear(t["x"], t["W"])
         with torch.no_grad():
-            return ops.lora_apply(t["x"], t["A"], t["B"], t["scale"], ids, None, None, F.linear(t["x"], t["W"]))
+            if "segments" in t["kw"]:  # segments average 128 tokens: the automatic switch takes the prefill kernel
+                off, sid = t["kw"]["segments"]
+                return ops.lora_apply(t["x"], t["A"], t["B"], t["scale"], sid.to(torch.int32)[:, None], None, off, base)
+            ids = t["tok_ids"].to(torch.int32)[:, None]
+            return ops.lora_apply(t["x"], t["A"], t["B"], t["scale"], ids, None, None, base)
 
     return run
 
@@ -196,4 +203,6 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
 
         if emu.available():
             ws.append(_workload(device, torch.float32, "decode T=4 N=8 d=64 (emulated)", 4, 64, 8, 8, "decode", emu=True))
+            ws.append(_workload(device, bf16, "prefill T=256 S=2x128 N=4 d=64 bf16 (emulated)", 256, 64, 16, 4,
+                                "segments", emu=True))
     return ws

@@ -148,6 +148,8 @@ def test_lora_quick_workloads_run_and_agree():
     for w in bench_lora.workloads(torch.device("cpu"), quick=True):
         outs = {label: fn() for label, fn in w.impls.items()}
         assert set(outs) >= {bench_lora.OURS, bench_lora.BASE}
+        ours = outs[bench_lora.OURS]
+        tol = 2e-2 if isinstance(ours, torch.Tensor) and ours.dtype == torch.bfloat16 else 1e-4  # emulated prefill row
         for peer in (bench_lora.GATHER, bench_lora.EMU):
             if peer in outs:
-                torch.testing.assert_close(outs[peer], outs[bench_lora.OURS], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(outs[peer], outs[bench_lora.OURS], rtol=tol, atol=tol)
