@@ -685,6 +685,20 @@ def test_emulated_prefill_gaps_and_invalid_metadata(emu_ops, monkeypatch):
 
 
 @pytest.mark.emu
+@pytest.mark.parametrize("S", [40, 70])
+def test_emulated_prefill_many_segments(emu_ops, monkeypatch, S):
+    """More than 32 pieces (segments and the gaps between them): warp 0 finds each block's tile over
+    several 32-piece steps; random lengths, empty segments among them."""
+    monkeypatch.setenv("MOKERNELS_LORA_PATH", "prefill")
+    gen = torch.Generator().manual_seed(S)
+    lens = torch.randint(0, 20, (S,), generator=gen)
+    lens[S // 2] = 150  # one multi-tile segment in the middle
+    x, A, B, s, ids, w, off, base = _prefill_args(lens.tolist(), 8, 16, 24, 1, torch.bfloat16, N=5)
+    want = lora_apply_reference(x, A, B, s, ids, None, off, base)
+    torch.testing.assert_close(emu_ops.lora_apply(x, A, B, s, ids, None, off, base), want, **KERNEL_TOL[torch.bfloat16])
+
+
+@pytest.mark.emu
 def test_emulated_path_switch(emu_ops, monkeypatch):
     """auto takes the prefill kernel when segments average >= 32 tokens (bitwise its result: it rounds
     H to bf16, the decode kernel keeps h in fp32), the decode kernel otherwise; a forced prefill path

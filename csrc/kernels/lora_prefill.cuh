@@ -5,7 +5,7 @@
 //   y[t, :] = (base[t, :] | y[t, :] | 0) + Σ_j coef_j · B[id_j] (A[id_j] x[t])     (as lora.cuh)
 //
 // One block (4 warps, 128 threads) per (M-tile of <= 64 tokens of one segment, chunk of d_out):
-//   0. tile metadata on the device, no host sync: thread 0 walks the segments once and finds the tile
+//   0. tile metadata on the device, no host sync: warp 0 walks the segments (32 per step) and finds the tile
 //      whose index is blockIdx.x among the pieces [gap before segment 0][segment 0][gap]...[segment S-1]
 //      [gap to T] (offsets clamped into [0, T] and made monotone, so any offsets stay in bounds and every
 //      token lies in exactly one piece); the grid is the upper bound ceil(T/64) + 2S + 1, blocks past
@@ -86,40 +86,63 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
   MK_SHARED_ARRAY(float, scoef, kMaxSlots);
   const int64_t T_ = a.tokens;
 
-  // 0. which tile (see the header); thread 0 alone, then broadcast
-  if (threadIdx.x == 0) {
-    const int64_t b = blockIdx.x;
-    int64_t cur = 0, first = 0, m0 = 0, m1 = 0;
+  // 0. which tile (see the header): warp 0 walks the pieces 32 at a time, one per lane (max-scan of the
+  // clamped ends, sum-scan of their tile counts, ballot for the piece holding tile blockIdx.x)
+  const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
+  if (warp == 0) {
+    const int64_t b = blockIdx.x, np = 2 * static_cast<int64_t>(a.segs) + 1;
+    int64_t cur = 0, first = 0, m0 = 0, m1 = 0;  // end of the pieces walked so far, their tiles
     int row = -2;
-    for (int p = 0; p <= 2 * a.segs && row == -2; ++p) {
-      const int s = p / 2;
-      int64_t end = T_;
-      if (p % 2 == 0 && s < a.segs) end = std::min(T_, std::max(cur, static_cast<int64_t>(a.offsets[s])));
-      if (p % 2 == 1) end = std::min(T_, std::max(cur, static_cast<int64_t>(a.offsets[s + 1])));
-      const int64_t n = ceil_div(end - cur, kBM);
-      if (b < first + n) {
-        row = p % 2 == 1 ? s : -1;
-        m0 = cur + (b - first) * kBM;
-        m1 = std::min(end, m0 + kBM);
+    for (int64_t p0 = 0; p0 < np; p0 += kWarpSize) {
+      const int64_t p = p0 + lane, s = p / 2;
+      int64_t end = cur;
+      if (p < np) {
+        const int64_t raw = p % 2 == 1 ? a.offsets[s + 1] : (s < a.segs ? a.offsets[s] : T_);
+        end = std::min(T_, std::max(cur, raw));
       }
-      first += n;
-      cur = end;
+      for (int d = 1; d < kWarpSize; d *= 2) {
+        const int64_t v = shfl_idx(end, lane - d);
+        if (lane >= d) end = std::max(end, v);
+      }
+      int64_t start = shfl_idx(end, lane - 1);
+      if (lane == 0) start = cur;
+      const int64_t n = ceil_div(end - start, kBM);
+      int64_t incl = n;
+      for (int d = 1; d < kWarpSize; d *= 2) {
+        const int64_t v = shfl_idx(incl, lane - d);
+        if (lane >= d) incl += v;
+      }
+      const uint32_t hit = ballot(b >= first + incl - n && b < first + incl);
+      if (hit != 0) {  // warp-uniform
+        int L = 0;
+        while (((hit >> L) & 1u) == 0) ++L;
+        const int64_t ps = shfl_idx(p, L), st = shfl_idx(start, L), en = shfl_idx(end, L);
+        const int64_t f = shfl_idx(first + incl - n, L);
+        row = ps % 2 == 1 ? static_cast<int>(ps / 2) : -1;
+        m0 = st + (b - f) * kBM;
+        m1 = std::min(en, m0 + kBM);
+        break;
+      }
+      first += shfl_idx(incl, kWarpSize - 1);
+      cur = shfl_idx(end, kWarpSize - 1);
     }
-    int nv = 0;
-    for (int j = 0; row >= 0 && j < a.k; ++j) {
-      const int id = a.ids[static_cast<int64_t>(row) * a.k + j];
-      if (id < 0 || id >= a.N) continue;
-      const float c = (a.weights != nullptr ? a.weights[static_cast<int64_t>(row) * a.k + j] : 1.f) *
-                      (a.scale != nullptr ? a.scale[id] : a.scale_value);
-      if (c == 0.f) continue;
-      meta[4 + nv] = id;
-      scoef[nv] = c;
-      ++nv;
+    if (lane == 0) {
+      int nv = 0;
+      for (int j = 0; row >= 0 && j < a.k; ++j) {
+        const int id = a.ids[static_cast<int64_t>(row) * a.k + j];
+        if (id < 0 || id >= a.N) continue;
+        const float c = (a.weights != nullptr ? a.weights[static_cast<int64_t>(row) * a.k + j] : 1.f) *
+                        (a.scale != nullptr ? a.scale[id] : a.scale_value);
+        if (c == 0.f) continue;
+        meta[4 + nv] = id;
+        scoef[nv] = c;
+        ++nv;
+      }
+      meta[0] = static_cast<int32_t>(m0);
+      meta[1] = static_cast<int32_t>(m1);
+      meta[2] = row;
+      meta[3] = nv;
     }
-    meta[0] = static_cast<int32_t>(m0);
-    meta[1] = static_cast<int32_t>(m1);
-    meta[2] = row;
-    meta[3] = nv;
   }
   block_sync();
   const int64_t m0 = meta[0], m1 = meta[1];
@@ -137,7 +160,6 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
     return;
   }
 
-  const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
   const int r = a.r, r16 = static_cast<int>(ceil_div(r, 16)) * 16, KH = nv * r16, d_in = a.d_in;
   const T zero = from_acc<T>(0.f);
 
