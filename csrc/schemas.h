@@ -23,6 +23,17 @@ inline void define_schemas(torch::Library& m) {
   // Cosine router (SAMoRA): route_fwd on logits cos(h [T,r], keys [N,r]) (norms clamped at eps), formed
   // inside the kernel. Backward: route_bwd on the recomputed cosine logits, then through cos (Python).
   m.def("route_cosine_fwd(Tensor h, Tensor keys, float temperature, float eps, float top_p, int kmax, str renorm, bool dense) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Segmented multi-adapter LoRA (METHODS.md §1, mokernels/ops/lora.py). x [T,d_in], A [N,r,d_in],
+  // B [N,d_out,r] (x's dtype), scale [N] fp32 (fp64 for fp64). Routing rows R: tokens (offsets None)
+  // or segments (offsets [S+1] int32, token t in row s iff offsets[s] <= t < offsets[s+1]); ids [R,k]
+  // int32 (ids outside [0,N) = no adapter), weights [R,k] fp32/fp64 or None (= 1).
+  // y = base_out + sum_j w_j scale[id_j] B[id_j] A[id_j] x  -> [T,d_out] (x's dtype).
+  m.def("lora_apply(Tensor x, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets, Tensor? base_out) -> Tensor");
+  // In place (inference): out [T,d_out] += the same delta.
+  m.def("lora_apply_(Tensor(a!) out, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets) -> ()");
+  // Shared A [r,d_in], experts B [N,d_out,r]: y = base_out + scale * sum_i w[t,i] B_i (A x[t]); weights
+  // dense [T,N] (ids None) or compact [T,k] with ids [T,k] int32 (-1 pads); weights fp32 (fp64).
+  m.def("lora_shared_apply(Tensor x, Tensor A, Tensor B, float scale, Tensor? ids, Tensor weights, Tensor? base_out) -> Tensor");
   // Test kernel for the mma.sync / ldmatrix wrappers: fp32 [M, N] = a [M, K] @ b, with b [N, K]
   // used transposed (b_kn=False) or b [K, N] (b_kn=True); a, b fp16 or bf16.
   m.def("_tile_gemm(Tensor a, Tensor b, bool b_kn=False) -> Tensor");

@@ -7,5 +7,7 @@ from ._ext import build_info
 
 from . import ops  # noqa: E402
 from .ops import rank_one_scale  # noqa: E402
+from . import modules  # noqa: E402
+from .modules import MultiLoRALinear  # noqa: E402
 
-__all__ = ["build_info", "ops", "rank_one_scale"]
+__all__ = ["build_info", "ops", "modules", "rank_one_scale", "MultiLoRALinear"]

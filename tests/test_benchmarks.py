@@ -133,3 +133,23 @@ def test_gpu_report_columns(monkeypatch, tmp_path):
     assert "H100" in text and "% HBM peak" in text and "× vs peer" in text and "2.50×" in text
     assert "NOT GPU performance" not in text
     assert h.family_plot("fake", ms, dev, tmp_path / "fake.png").stat().st_size > 0
+
+
+def test_lora_quick_workloads_run_and_agree():
+    """Every impl of the quick lora workloads runs on CPU; ours and the per-token gather+bmm peer
+    compute the same layer output on the decode workloads, and the emulated kernel matches ours."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import bench_lora
+    finally:
+        sys.path.remove(str(ROOT))
+    for w in bench_lora.workloads(torch.device("cpu"), quick=True):
+        outs = {label: fn() for label, fn in w.impls.items()}
+        assert set(outs) >= {bench_lora.OURS, bench_lora.BASE}
+        ours = outs[bench_lora.OURS]
+        tol = 2e-2 if isinstance(ours, torch.Tensor) and ours.dtype == torch.bfloat16 else 1e-4  # emulated prefill row
+        for peer in (bench_lora.GATHER, bench_lora.EMU):
+            if peer in outs:
+                torch.testing.assert_close(outs[peer], outs[bench_lora.OURS], rtol=tol, atol=tol)

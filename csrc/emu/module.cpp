@@ -13,6 +13,7 @@
 #include "../rank_one.cu"
 #include "../tile_gemm.cu"
 #include "../router.cu"
+#include "../lora.cu"
 
 #include "selftest.h"
 #pragma GCC diagnostic pop

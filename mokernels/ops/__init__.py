@@ -8,4 +8,17 @@ from .router import Routing, route, route_cosine, route_reference, route_segment
 __all__ = ["rank_one_scale", "rank_one_scale_reference", "rank_one_scale_backward_reference"]
 __all__ += ["Routing", "route", "route_cosine", "route_reference", "route_segments"]
 
+from .lora import (  # noqa: E402
+    lora_apply,
+    lora_apply_,
+    lora_apply_reference,
+    lora_expand,
+    lora_shared_apply,
+    lora_shared_apply_reference,
+    lora_shrink,
+)
+
+__all__ += ["lora_apply", "lora_apply_", "lora_shared_apply", "lora_shrink", "lora_expand", "lora_apply_reference",
+            "lora_shared_apply_reference"]
+
 from . import tile_gemm  # noqa: E402,F401  (registers the test op's CPU/fake kernels)

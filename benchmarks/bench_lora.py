@@ -1,0 +1,208 @@
+"""Multi-adapter LoRA layer (issue 10 workloads): ``y = x Wᵀ + Σ_j w_j s_i B_i A_i x``, d=4096, r=16, bf16.
+
+Workloads (full mode): decode 32 tokens with ids uniform over 26 / 100 adapters; prefill 4096 tokens in
+32 segments of 128 (one adapter each, 32 adapters); DLP-LoRA top-2 segment mixture, 32 sentences ×
+128 tokens over 26 / 100 adapters; a training step (fwd+bwd) on the prefill shape.
+
+Impls, each the whole layer (base GEMM included):
+* ``mokernels``: ``F.linear`` then ``lora_apply(..., base_out=base)`` (on a GPU the automatic switch picks
+  the fused SIMT decode kernel for the decode rows and the tensor-core prefill kernel — mma.sync, shrink
+  and expand fused per 64-token segment tile — for the prefill and segment-mixture rows, whose segments
+  average 128 >= 32 tokens; on CPU the reference);
+* ``base nn.Linear``: the frozen layer alone (the floor; the issue's targets are ratios to it);
+* ``single LoRA (2 matmuls)``: one adapter for every token, ``base + s·(x Aᵀ) Bᵀ`` (what the routed
+  layer should approach);
+* ``gather+bmm``: per-token gather of A/B rows and two bmm (decode peers do this);
+* ``torch._grouped_mm``: segments as groups (CUDA bf16 only, prefill/segment shapes);
+* PEFT (LoraModel, ``adapter_names=``) is not installed here: listed in ``params`` as skipped.
+On CPU quick mode the shapes shrink (d=256) and two tiny workloads add the emulated kernels (logic only):
+the decode kernel (fp32, per-token ids) and the tensor-core prefill kernel (bf16, 2 segments of 128).
+On CPU every number describes the reference path, not GPU performance.
+
+bytes_moved (ideal, per call): W + x + y + the used adapters' A and B (+ base bias ignored).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._harness import Workload
+
+FAMILY = "lora"
+OURS = "mokernels"
+BASE = "base nn.Linear"
+SINGLE = "single LoRA (2 matmuls)"
+GATHER = "gather+bmm"
+GROUPED = "torch._grouped_mm"
+EMU = "emulated kernel (logic only)"
+PEFT_NOTE = "installed" if importlib.util.find_spec("peft") else "not installed: skipped"
+
+
+class _Layer:
+    """Inputs built on first use (inside the untimed warm-up)."""
+
+    def __init__(self, device, dtype, T, d, r, N, form, grad=False, seed=0):
+        self.args = (device, dtype, T, d, r, N, form, grad, seed)
+        self._t = None
+
+    def __call__(self):
+        if self._t is None:
+            device, dtype, T, d, r, N, form, grad, seed = self.args
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            mk = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731
+            t = dict(x=mk(T, d), W=mk(d, d, std=d**-0.5), A=mk(N, r, d, std=d**-0.5), B=mk(N, d, r, std=r**-0.5),
+                     scale=torch.full((N,), 2.0, device=device))
+            if form == "decode":
+                ids = torch.randint(0, N, (T,), generator=g)
+                t["kw"] = dict(ids=ids.to(device))
+                t["tok_ids"] = ids.to(device)
+                t["used"] = int(ids.unique().numel())
+            else:
+                S = T // 128
+                off = torch.arange(0, T + 1, 128, dtype=torch.int32)
+                if form == "segments":
+                    sid = torch.randperm(N, generator=g)[:S] if N >= S else torch.randint(0, N, (S,), generator=g)
+                    t["kw"] = dict(segments=(off.to(device), sid.to(device)))
+                    t["tok_ids"] = sid.repeat_interleave(128).to(device)
+                    t["seg_ids"] = sid
+                else:  # DLP top-2 segment mixture
+                    logits = torch.randn(S, N, generator=g)
+                    top = logits.topk(2, dim=-1)
+                    sid, sw = top.indices.to(torch.int32), torch.softmax(top.values, -1)
+                    t["kw"] = dict(segment_mixture=(off.to(device), sid.to(device), sw.to(device)))
+                    t["tok_ids"] = sid[:, 0].repeat_interleave(128).to(device)
+                    t["seg_ids"] = sid[:, 0]
+                t["used"] = int(torch.as_tensor(sid).unique().numel())
+            if grad:
+                for k in ("x", "A", "B"):
+                    t[k].requires_grad_()
+                t["dy"] = mk(T, d)
+            self._t = t
+        return self._t
+
+
+def _ours(inp):
+    from mokernels.ops.lora import lora_apply
+
+    def run():
+        t = inp()
+        base = F.linear(t["x"], t["W"])
+        return lora_apply(t["x"], t["A"], t["B"], t["scale"], base_out=base, validate=False, **t["kw"])
+
+    return run
+
+
+def _base(inp):
+    return lambda: F.linear(inp()["x"], inp()["W"])
+
+
+def _single(inp):
+    def run():
+        t = inp()
+        return F.linear(t["x"], t["W"]) + 2.0 * ((t["x"] @ t["A"][0].T) @ t["B"][0].T)
+
+    return run
+
+
+def _gather(inp):
+    def run():
+        t = inp()
+        ids = t["tok_ids"]
+        h = torch.bmm(t["A"][ids], t["x"][:, :, None])  # [T, r, 1]
+        return F.linear(t["x"], t["W"]) + 2.0 * torch.bmm(t["B"][ids], h)[:, :, 0]
+
+    return run
+
+
+def _grouped(inp):
+    def run():
+        t = inp()
+        x, sid = t["x"], t["seg_ids"].to(x.device)
+        offs = torch.arange(128, x.shape[0] + 1, 128, dtype=torch.int32, device=x.device)
+        h = torch._grouped_mm(x, t["A"][sid].transpose(1, 2), offs=offs)
+        return F.linear(x, t["W"]) + 2.0 * torch._grouped_mm(h, t["B"][sid].transpose(1, 2), offs=offs)
+
+    return run
+
+
+def _train(layer_fn):
+    def make(inp):
+        fwd = layer_fn(inp)
+
+        def run():
+            t = inp()
+            return torch.autograd.grad(fwd(), (t["x"], t["A"], t["B"]), t["dy"], allow_unused=True)
+
+        return run
+
+    return make
+
+
+def _emu(inp):
+    import mokernels.emu as emu
+
+    ops = emu.ops()
+
+    def run():
+        t = inp()
+        base = F.linear(t["x"], t["W"])
+        with torch.no_grad():
+            if "segments" in t["kw"]:  # segments average 128 tokens: the automatic switch takes the prefill kernel
+                off, sid = t["kw"]["segments"]
+                return ops.lora_apply(t["x"], t["A"], t["B"], t["scale"], sid.to(torch.int32)[:, None], None, off, base)
+            ids = t["tok_ids"].to(torch.int32)[:, None]
+            return ops.lora_apply(t["x"], t["A"], t["B"], t["scale"], ids, None, None, base)
+
+    return run
+
+
+def _workload(device, dtype, name, T, d, r, N, form, train=False, emu=False):
+    elt = torch.empty((), dtype=dtype).element_size()
+    inp = _Layer(device, dtype, T, d, r, N, form, grad=train)
+    impls: dict[str, Callable] = {}
+    makers = {OURS: _ours, BASE: _base, SINGLE: _single}
+    if form == "decode":
+        makers[GATHER] = _gather
+    if form == "segments" and device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:
+        makers[GROUPED] = _grouped
+    if emu:
+        makers = {OURS: _ours, BASE: _base, EMU: _emu}
+    for label, fn in makers.items():
+        impls[label] = _train(fn)(inp) if train and label != EMU else fn(inp)
+    # used adapters are known only after the inputs exist: count the expected number instead
+    used = min(N, T if form == "decode" else 2 * (T // 128) if form == "mixture" else T // 128)
+    bytes_moved = (d * d + 2 * T * d + used * 2 * r * d) * elt
+    return Workload(family=FAMILY, name=("train fwd+bwd " if train else "") + name, impls=impls, ours=OURS,
+                    bytes_moved=bytes_moved * (3 if train else 1),
+                    flops=2 * T * d * d * (3 if train else 1),
+                    params=dict(T=T, d=d, r=r, N=N, form=form, dtype=str(dtype).replace("torch.", ""),
+                                peft=PEFT_NOTE, train=train))
+
+
+def workloads(device: torch.device, quick: bool) -> list[Workload]:
+    bf16 = torch.bfloat16
+    if quick:
+        d, Tp = 256, 512
+    else:
+        d, Tp = 4096, 4096
+    r = 16
+    dt = bf16 if device.type == "cuda" else torch.float32  # CPU: bf16 GEMMs are not representative
+    ws = [
+        _workload(device, dt, f"decode T=32 N=26 d={d}", 32, d, r, 26, "decode"),
+        _workload(device, dt, f"decode T=32 N=100 d={d}", 32, d, r, 100, "decode"),
+        _workload(device, dt, f"prefill T={Tp} S={Tp // 128}x128 N=32 d={d}", Tp, d, r, 32, "segments"),
+        _workload(device, dt, f"DLP top-2 seg mixture T={Tp} N=26 d={d}", Tp, d, r, 26, "mixture"),
+        _workload(device, dt, f"DLP top-2 seg mixture T={Tp} N=100 d={d}", Tp, d, r, 100, "mixture"),
+        _workload(device, dt, f"prefill T={Tp} N=32 d={d}", Tp, d, r, 32, "segments", train=True),
+    ]
+    if quick and device.type == "cpu":
+        import mokernels.emu as emu
+
+        if emu.available():
+            ws.append(_workload(device, torch.float32, "decode T=4 N=8 d=64 (emulated)", 4, 64, 8, 8, "decode", emu=True))
+            ws.append(_workload(device, bf16, "prefill T=256 S=2x128 N=4 d=64 bf16 (emulated)", 256, 64, 16, 4,
+                                "segments", emu=True))
+    return ws

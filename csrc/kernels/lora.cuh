@@ -1,0 +1,203 @@
+// Segmented multi-adapter LoRA, decode path (METHODS.md §1): a fused SIMT kernel, shrink -> expand
+// per token, so the rank-r code h = A_id x never leaves the chip.
+//
+//   y[t, :] = (base[t, :] | y[t, :] | 0) + Σ_j coef_j · B[id_j] (A[id_j] x[t])
+//   coef_j = w_j · scale[id_j]      (ids outside [0, N) and tokens outside every segment: skipped)
+//
+// One block (128 threads) per (token, chunk of d_out):
+//   0. the token's routing row (itself, or its segment by binary search over offsets), its k
+//      (id, coef) pairs into shared memory; ids out of range and zero coefficients are dropped, so
+//      A/B of an invalid id are never read;
+//   1. the token's x row is staged in shared memory once (16-byte vectors) when it fits;
+//   2. shrink: one warp per rank row (k·r rows, r for shared A), lanes split d_in with 16-byte
+//      loads of x and A, fp32 accumulation, warp-shuffle reduction -> h [k, r] in shared memory;
+//   3. expand: one thread per output column o; B[id, o, :] is an r-long contiguous row, read with
+//      16-byte vectors along r and dotted with h (shared-memory broadcast); Σ_j in a register; one
+//      write of y (out of place: base + delta; in place: y + delta).
+//
+// Why the d_out split recomputes h instead of a split-K shrink + separate expand (bytes/FLOPs, d=4096,
+// r=16, bf16, 32 decode tokens over 26 adapters): each adapter's A and B are 128 KiB; the unique
+// adapters are 6.5 MiB of HBM traffic (>= 2.2 µs at 3 TB/s) whatever the split. With C chunks per
+// token every chunk re-reads A (from L2 after the first) and 1/C of B: C = 4 -> 32·4·128 KiB = 16 MiB
+// of L2 reads, ~2 µs at H100 L2 bandwidth and overlapped with the HBM stream, and 2·r·d_in = 131 kFLOP
+// of extra shrink per block (negligible). A split-K shrink would save those L2 re-reads but needs a
+// second launch (~2-3 µs on the critical path at decode) and a global round trip of h. So: C chunks
+// chosen on the host to fill about one wave of blocks (C = ceil(SMs / T), at most 8 and at most
+// ceil(d_out / 128)); at T >= SMs every block owns a whole token and h is computed once.
+// Prefill (many tokens per adapter) belongs on tensor cores (not this kernel; it is correct there,
+// just not fast: A is re-read from L2 per token).
+#pragma once
+
+#include <algorithm>
+#include <numeric>
+
+#include "common/dtype.cuh"
+#include "common/vec.cuh"
+#include "common/warp.cuh"
+
+namespace mk::lora {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kMaxRank = 128;
+constexpr int kMaxChunks = 8;
+constexpr size_t kMaxSmem = 48 * 1024;  // dynamic shared memory without an opt-in attribute
+
+template <class T>
+struct Args {
+  using A_ = acc_t<T>;
+  const T* x;            // [T, d_in]
+  const T* A;            // [N, r, d_in], or [r, d_in] when shared_a
+  const T* B;            // [N, d_out, r]
+  const A_* scale;       // [N], or nullptr -> scale_value for every adapter
+  A_ scale_value;
+  const int32_t* ids;    // [R, k]; nullptr: dense (id = j, k = N)
+  const A_* weights;     // [R, k], or nullptr (= 1)
+  const int32_t* offsets;  // [S + 1]: rows are segments; nullptr: rows are tokens
+  const T* base;         // [T, d_out] or nullptr (out of place only)
+  T* y;                  // [T, d_out]
+  int64_t tokens;
+  int d_in, d_out, r, N, k, segs;
+  bool shared_a;         // one A for every adapter: h computed once per token
+  bool accumulate;       // y += delta (in place); else y = base + delta
+  int x_bytes;           // bytes of the staged x row in shared memory (0: read x from global)
+};
+
+// Dynamic shared memory: [x row (x_bytes, 16-aligned)] [h: hrows acc] [coef: k acc] [ids: k int32].
+template <class T> inline size_t smem_tail_bytes(int r, int k, bool shared_a) {
+  const size_t hrows = shared_a ? static_cast<size_t>(r) : static_cast<size_t>(k) * r;
+  return (hrows + k) * sizeof(acc_t<T>) + static_cast<size_t>(k) * sizeof(int32_t);
+}
+template <class T> inline int staged_x_bytes(int d_in, int r, int k, bool shared_a) {
+  const size_t x = (static_cast<size_t>(d_in) * sizeof(T) + 15) / 16 * 16;
+  return x + smem_tail_bytes<T>(r, k, shared_a) <= kMaxSmem ? static_cast<int>(x) : 0;
+}
+
+// 8 blocks of 128 threads per SM (<= 64 registers, half occupancy): with only the 128-thread bound,
+// ptxas (CUDA 13.0) targeted 32-40 registers on sm_90a and spilled (fp16 VEC=8, fp64 VEC=2).
+#if defined(MOKERNELS_EMULATION)
+#define MK_LORA_BOUNDS
+#else
+#define MK_LORA_BOUNDS __launch_bounds__(kThreads, 8)
+#endif
+
+// sass-budget: mk::lora::decode_kernel block=128 smem=8264 regs<=64 spill=0 hot
+template <class T, int VEC>
+MK_GLOBAL void MK_LORA_BOUNDS decode_kernel(const Args<T> a) {
+  using Acc = acc_t<T>;
+  using V = Vec<T, VEC>;
+  const int64_t t = blockIdx.x;
+  MK_DYNAMIC_SHARED(unsigned char, smem);
+  T* xs = reinterpret_cast<T*>(smem);
+  const int hrows = a.shared_a ? a.r : a.k * a.r;
+  Acc* hs = reinterpret_cast<Acc*>(smem + a.x_bytes);
+  Acc* coef = hs + hrows;
+  int32_t* sid = reinterpret_cast<int32_t*>(coef + a.k);
+
+  // 0. routing row of this token; (id, coef) per slot, -1 where nothing is to be done
+  int64_t row = t;
+  bool covered = true;
+  if (a.offsets != nullptr) {  // first segment s with offsets[s + 1] > t (in bounds whatever the offsets)
+    int lo = 0, hi = a.segs;
+    while (lo < hi) {
+      const int mid = lo + (hi - lo) / 2;
+      if (static_cast<int64_t>(a.offsets[mid + 1]) > t) hi = mid; else lo = mid + 1;
+    }
+    covered = lo < a.segs && t >= static_cast<int64_t>(a.offsets[lo]);
+    row = lo;
+  }
+  for (int j = threadIdx.x; j < a.k; j += kThreads) {
+    Acc c = Acc(0);
+    int id = -1;
+    if (covered) {
+      id = a.ids != nullptr ? a.ids[row * a.k + j] : j;
+      if (id >= 0 && id < a.N) {
+        c = (a.weights != nullptr ? a.weights[row * a.k + j] : Acc(1)) * (a.scale != nullptr ? a.scale[id] : a.scale_value);
+      }
+    }
+    if (!(id >= 0 && id < a.N) || c == Acc(0)) id = -1;
+    coef[j] = c;
+    sid[j] = id;
+  }
+  block_sync();
+  bool any = false;
+  for (int j = 0; j < a.k && !any; ++j) any = sid[j] >= 0;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t ostep = static_cast<int64_t>(gridDim.y) * kThreads;
+  T* yrow = a.y + t * a.d_out;
+  if (!any) {  // block-uniform: no adapter for this token
+    if (!a.accumulate)
+      for (int64_t o = o0; o < a.d_out; o += ostep) yrow[o] = a.base != nullptr ? a.base[t * a.d_out + o] : from_acc<T>(Acc(0));
+    return;
+  }
+
+  // 1. stage the x row (16-byte vectors) when it fits
+  const T* xrow = a.x + t * a.d_in;
+  const T* xsrc = xrow;
+  if (a.x_bytes > 0) {
+    for (int v = threadIdx.x * VEC; v < a.d_in; v += kThreads * VEC) store_vec(xs + v, load_vec<VEC>(xrow + v));
+    xsrc = xs;
+    block_sync();
+  }
+
+  // 2. shrink: warp per rank row
+  const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
+  for (int q = warp; q < hrows; q += kWarps) {
+    const int j = a.shared_a ? 0 : q / a.r, rr = a.shared_a ? q : q % a.r;
+    if (!a.shared_a && sid[j] < 0) continue;  // warp-uniform
+    const T* arow = a.A + ((a.shared_a ? int64_t(0) : static_cast<int64_t>(sid[j]) * a.r) + rr) * a.d_in;
+    Acc s = Acc(0);
+    for (int v = lane * VEC; v < a.d_in; v += kWarpSize * VEC) {
+      const V xv = load_vec<VEC>(xsrc + v), av = load_vec<VEC>(arow + v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) s += to_acc(xv.v[i]) * to_acc(av.v[i]);
+    }
+    s = warp_reduce(s, SumOp{});
+    if (lane == 0) hs[q] = s;
+  }
+  block_sync();
+
+  // 3. expand: thread per output column, B rows vectorised along r
+  for (int64_t o = o0; o < a.d_out; o += ostep) {
+    Acc acc = Acc(0);
+    for (int j = 0; j < a.k; ++j) {
+      const int id = sid[j];
+      if (id < 0) continue;
+      const T* brow = a.B + (static_cast<int64_t>(id) * a.d_out + o) * a.r;
+      const Acc* h = hs + (a.shared_a ? 0 : j * a.r);
+      Acc d = Acc(0);
+      for (int v = 0; v < a.r; v += VEC) {
+        const V bv = load_vec<VEC>(brow + v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) d += to_acc(bv.v[i]) * h[v + i];
+      }
+      acc += coef[j] * d;
+    }
+    const Acc prev = a.accumulate ? to_acc(yrow[o]) : (a.base != nullptr ? to_acc(a.base[t * a.d_out + o]) : Acc(0));
+    yrow[o] = from_acc<T>(prev + acc);
+  }
+}
+
+// Chunks of d_out per token (grid.y): about one wave of blocks, see the header comment.
+inline int chunks_for(int64_t tokens, int d_out, int num_sms) {
+  const int64_t by_sms = ceil_div(num_sms, std::max<int64_t>(tokens, 1));
+  const int64_t by_cols = ceil_div(d_out, kThreads);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({by_sms, by_cols, kMaxChunks})));
+}
+
+// Launcher: a.tokens > 0, a.d_out > 0, 1 <= a.r <= kMaxRank, all arrays contiguous; a.x_bytes from
+// staged_x_bytes; the caller checked x_bytes + smem_tail_bytes <= kMaxSmem.
+template <class T>
+cudaError_t launch(const Args<T>& a, int num_sms, cudaStream_t stream) {
+  const int n = std::gcd(a.d_in, a.r);
+  const int vec = pick_vec<T>(n, {a.x, a.A, a.B});
+  const size_t smem = static_cast<size_t>(a.x_bytes) + smem_tail_bytes<T>(a.r, a.k, a.shared_a);
+  const dim3 grid(static_cast<unsigned>(a.tokens), static_cast<unsigned>(chunks_for(a.tokens, a.d_out, num_sms)));
+  dispatch_vec<T>(vec, [&](auto V) {
+    auto kernel = decode_kernel<T, decltype(V)::value>;
+    MK_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, a);
+  });
+  return last_launch_error();
+}
+
+}  // namespace mk::lora

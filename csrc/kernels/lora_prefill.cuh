@@ -1,0 +1,307 @@
+// Segmented multi-adapter LoRA, prefill path (METHODS.md §1): a grouped tensor-core GEMM over segments,
+// shrink and expand fused in one kernel, for fp16/bf16 when many tokens share an adapter (segments and
+// segment mixtures: every token of a segment uses the segment's k adapters).
+//
+//   y[t, :] = (base[t, :] | y[t, :] | 0) + Σ_j coef_j · B[id_j] (A[id_j] x[t])     (as lora.cuh)
+//
+// One block (4 warps, 128 threads) per (M-tile of <= 64 tokens of one segment, chunk of d_out):
+//   0. tile metadata on the device, no host sync: warp 0 walks the segments (32 per step) and finds the tile
+//      whose index is blockIdx.x among the pieces [gap before segment 0][segment 0][gap]...[segment S-1]
+//      [gap to T] (offsets clamped into [0, T] and made monotone, so any offsets stay in bounds and every
+//      token lies in exactly one piece); the grid is the upper bound ceil(T/64) + 2S + 1, blocks past
+//      the last tile exit. Gap tiles and tiles without a valid adapter write y = base (out of place).
+//   1. shrink, per valid slot j: h_j [64, r16] = x_tile [64, d_in] · A_j[r, d_in]ᵀ with mma.sync
+//      m16n8k16 (warp w owns token rows 16w..16w+15, all r16 = ceil16(r) rank columns, fp32
+//      accumulators), x and A tiles of 32 columns of d_in brought by cp.async (zero-filled edges)
+//      into a double buffer: the copy of step k+1 is in flight while step k is multiplied
+//      (wait_group<1>, block_sync after the wait and before a stage is overwritten). coef_j · h_j is
+//      rounded to the activation dtype into shared memory at columns [j·r16, (j+1)·r16): H [64, KH],
+//      KH = k_valid · r16 <= 128 — the k adapters of a segment mixture become one GEMM with K = KH.
+//   2. expand: y_tile [64, 32] += H · Bcatᵀ per 32 output columns, Bcat [32, KH] = the rows of every
+//      B_j (r contiguous elements each, zero-padded to r16) again double buffered through cp.async;
+//      the epilogue adds base (or y in place) and writes y once.
+// Inputs whose rows are not 16-byte aligned (d_in or r not a multiple of 8, shifted pointers) take the
+// same kernel with synchronous element loads into the tiles (ASYNC = false): slower, same math.
+//
+// FLOP/byte argument (d = 4096, r = 16, bf16, 4096 tokens in 32 segments of 128): per 64-token tile the
+// shrink is 2·64·16·4096 = 8.4 MFLOP over 64·4096·2 = 512 KiB of x (A, 128 KiB, stays in L2 across the
+// segment's tiles), the expand 8.4 MFLOP over 512 KiB of base read + y written: ~16 FLOP/byte, far below
+// the H100's ~300 FLOP/byte ridge, so the kernel is memory bound like the base GEMM's epilogue and its
+// floor is one read of x, one read of base and one write of y (~100 MiB: ~35 µs at 3 TB/s, vs the base
+// GEMM's ~186 µs). The tensor cores matter because the SIMT decode kernel would re-read A and B per token
+// (64x the L2 traffic) and spend 2·r·(d_in + d_out) FMAs per token on CUDA cores. h never leaves the chip.
+// Splitting d_out over grid.y (to fill the SMs when there are few tiles) recomputes the shrink per chunk.
+#pragma once
+
+#include "common/async.cuh"
+#include "common/mma.cuh"
+#include "lora.cuh"
+
+namespace mk::lora {
+
+namespace prefill {
+constexpr int kBlock = 128;
+constexpr int kBM = 64;                        // tokens per tile: 16 rows per warp
+constexpr int kBK = 32;                        // d_in columns per shrink step
+constexpr int kBN = 32;                        // d_out columns per expand step
+constexpr int kMaxKH = 128;                    // k_valid · ceil16(r): H's width
+constexpr int kMaxSlots = kMaxKH / 16;         // adapters per segment on this path
+constexpr int kLdS = kBK + 8;                  // padded rows (elements): 80 bytes, 16-byte aligned
+constexpr int kLdH = kMaxKH + 8;               // 272 bytes
+constexpr int kStage = (kBM + kMaxKH) * kLdS;  // one shrink stage: x tile [64][kLdS], A tile [r16][kLdS]
+constexpr int kMinTokensPerSegment = 32;       // auto switch: average tokens per segment for this path
+static_assert(2 * kBN * kLdH <= 2 * kStage, "the expand's B stages reuse the shrink's buffer");
+static_assert((kLdS * 2) % 16 == 0 && (kLdH * 2) % 16 == 0 && (kStage * 2) % 16 == 0, "16-byte rows");
+}  // namespace prefill
+
+// Host: can this path run these arguments? (nullptr: yes; else the reason, for a forced path's error)
+template <class T> inline const char* prefill_unsupported(const Args<T>& a) {
+  if constexpr (sizeof(T) != 2) {
+    return "the tensor-core prefill path takes fp16/bf16 activations";
+  } else {
+    if (a.offsets == nullptr) return "the tensor-core prefill path needs segments (offsets)";
+    if (a.ids == nullptr || a.shared_a) return "the tensor-core prefill path does not take shared A";
+    if (static_cast<int64_t>(a.k) * ceil_div(a.r, 16) * 16 > prefill::kMaxKH)
+      return "the tensor-core prefill path needs k * ceil16(r) <= 128";
+    return nullptr;
+  }
+}
+
+// At least 2 blocks of 128 threads per SM (<= 255 registers): with only the 128-thread bound ptxas
+// (CUDA 13.0) capped the sm_90a element-load variant at 128 registers and spilled 16 bytes. 48 KiB of
+// static shared memory per block allows 4 blocks per SM on sm_90 (H100), 3 on sm_80 (A100).
+#if defined(MOKERNELS_EMULATION)
+#define MK_LORA_PREFILL_BOUNDS
+#else
+#define MK_LORA_PREFILL_BOUNDS __launch_bounds__(prefill::kBlock, 2)
+#endif
+
+// sass-budget: mk::lora::prefill_kernel block=128 regs<=160 spill=0 hot
+template <class T, bool ASYNC>
+MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
+  using namespace prefill;
+  MK_SHARED_ARRAY_ALIGNED(16, T, stage, 2 * kStage);
+  MK_SHARED_ARRAY_ALIGNED(16, T, hs, kBM * kLdH);
+  MK_SHARED_ARRAY(int32_t, meta, 4 + kMaxSlots);  // m0, m1, row (-1 gap, -2 past the end), k_valid, ids
+  MK_SHARED_ARRAY(float, scoef, kMaxSlots);
+  const int64_t T_ = a.tokens;
+
+  // 0. which tile (see the header): warp 0 walks the pieces 32 at a time, one per lane (max-scan of the
+  // clamped ends, sum-scan of their tile counts, ballot for the piece holding tile blockIdx.x)
+  const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
+  if (warp == 0) {
+    const int64_t b = blockIdx.x, np = 2 * static_cast<int64_t>(a.segs) + 1;
+    int64_t cur = 0, first = 0, m0 = 0, m1 = 0;  // end of the pieces walked so far, their tiles
+    int row = -2;
+    for (int64_t p0 = 0; p0 < np; p0 += kWarpSize) {
+      const int64_t p = p0 + lane, s = p / 2;
+      int64_t end = cur;
+      if (p < np) {
+        const int64_t raw = p % 2 == 1 ? a.offsets[s + 1] : (s < a.segs ? a.offsets[s] : T_);
+        end = std::min(T_, std::max(cur, raw));
+      }
+      for (int d = 1; d < kWarpSize; d *= 2) {
+        const int64_t v = shfl_idx(end, lane - d);
+        if (lane >= d) end = std::max(end, v);
+      }
+      int64_t start = shfl_idx(end, lane - 1);
+      if (lane == 0) start = cur;
+      const int64_t n = ceil_div(end - start, kBM);
+      int64_t incl = n;
+      for (int d = 1; d < kWarpSize; d *= 2) {
+        const int64_t v = shfl_idx(incl, lane - d);
+        if (lane >= d) incl += v;
+      }
+      const uint32_t hit = ballot(b >= first + incl - n && b < first + incl);
+      if (hit != 0) {  // warp-uniform
+        int L = 0;
+        while (((hit >> L) & 1u) == 0) ++L;
+        const int64_t ps = shfl_idx(p, L), st = shfl_idx(start, L), en = shfl_idx(end, L);
+        const int64_t f = shfl_idx(first + incl - n, L);
+        row = ps % 2 == 1 ? static_cast<int>(ps / 2) : -1;
+        m0 = st + (b - f) * kBM;
+        m1 = std::min(en, m0 + kBM);
+        break;
+      }
+      first += shfl_idx(incl, kWarpSize - 1);
+      cur = shfl_idx(end, kWarpSize - 1);
+    }
+    if (lane == 0) {
+      int nv = 0;
+      for (int j = 0; row >= 0 && j < a.k; ++j) {
+        const int id = a.ids[static_cast<int64_t>(row) * a.k + j];
+        if (id < 0 || id >= a.N) continue;
+        const float c = (a.weights != nullptr ? a.weights[static_cast<int64_t>(row) * a.k + j] : 1.f) *
+                        (a.scale != nullptr ? a.scale[id] : a.scale_value);
+        if (c == 0.f) continue;
+        meta[4 + nv] = id;
+        scoef[nv] = c;
+        ++nv;
+      }
+      meta[0] = static_cast<int32_t>(m0);
+      meta[1] = static_cast<int32_t>(m1);
+      meta[2] = row;
+      meta[3] = nv;
+    }
+  }
+  block_sync();
+  const int64_t m0 = meta[0], m1 = meta[1];
+  const int nv = meta[3];
+  if (meta[2] == -2) return;  // block-uniform: past the last tile
+  const int64_t cw = ceil_div(ceil_div(a.d_out, gridDim.y), kBN) * kBN;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * cw, c1 = std::min<int64_t>(a.d_out, c0 + cw);
+  if (c0 >= c1) return;
+  if (nv == 0) {  // gap or no adapter: the base passes through
+    if (!a.accumulate)
+      for (int64_t e = threadIdx.x; e < (m1 - m0) * (c1 - c0); e += kBlock) {
+        const int64_t t = m0 + e / (c1 - c0), o = c0 + e % (c1 - c0);
+        a.y[t * a.d_out + o] = a.base != nullptr ? a.base[t * a.d_out + o] : from_acc<T>(0.f);
+      }
+    return;
+  }
+
+  const int r = a.r, r16 = static_cast<int>(ceil_div(r, 16)) * 16, KH = nv * r16, d_in = a.d_in;
+  const T zero = from_acc<T>(0.f);
+
+  // 1. shrink, slot by slot, into H
+  for (int j = 0; j < nv; ++j) {
+    const T* Aj = a.A + static_cast<int64_t>(meta[4 + j]) * r * d_in;
+    auto load = [&](int s, int k0) {  // x rows [m0, m0+64) and A_j rows [0, r16), columns [k0, k0+32)
+      T* sx = stage + s * kStage;
+      T* sa = sx + kBM * kLdS;
+      if constexpr (ASYNC) {
+        for (int c = threadIdx.x; c < (kBM + r16) * (kBK / 8); c += kBlock) {
+          const int row = c / (kBK / 8), col = (c % (kBK / 8)) * 8, kg = k0 + col;
+          if (row < kBM) {
+            const bool ok = m0 + row < m1 && kg < d_in;
+            cp_async_cg_zfill<16>(sx + row * kLdS + col, ok ? a.x + (m0 + row) * d_in + kg : a.x, ok ? 16 : 0);
+          } else {
+            const int rr = row - kBM;
+            const bool ok = rr < r && kg < d_in;
+            cp_async_cg_zfill<16>(sa + rr * kLdS + col, ok ? Aj + static_cast<int64_t>(rr) * d_in + kg : Aj, ok ? 16 : 0);
+          }
+        }
+      } else {
+        for (int e = threadIdx.x; e < (kBM + r16) * kBK; e += kBlock) {
+          const int row = e / kBK, col = e % kBK, kg = k0 + col;
+          if (row < kBM)
+            sx[row * kLdS + col] = (m0 + row < m1 && kg < d_in) ? a.x[(m0 + row) * d_in + kg] : zero;
+          else
+            sa[(row - kBM) * kLdS + col] = (row - kBM < r && kg < d_in) ? Aj[static_cast<int64_t>(row - kBM) * d_in + kg] : zero;
+        }
+      }
+    };
+    float acc[kMaxKH / 8][4] = {};
+    const int nk = static_cast<int>(ceil_div(d_in, kBK));
+    load(0, 0);
+    cp_async_commit_group();
+    for (int kt = 0; kt < nk; ++kt) {
+      if (kt + 1 < nk) load((kt + 1) & 1, (kt + 1) * kBK);
+      cp_async_commit_group();
+      cp_async_wait_group<1>();  // step kt's tiles have landed (this thread's copies)
+      block_sync();              // ... and every thread's
+      const T* sx = stage + (kt & 1) * kStage;
+      const T* sa = sx + kBM * kLdS;
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        uint32_t af[4];
+        ldmatrix<4>(af, &sx[(warp * 16 + lane % 16) * kLdS + kk + (lane / 16) * 8]);
+#pragma unroll
+        for (int np = 0; np < kMaxKH / 16; ++np) {
+          if (np * 16 >= r16) break;
+          uint32_t bf[4];
+          ldmatrix<4>(bf, &sa[(np * 16 + lane % 8 + (lane / 16) * 8) * kLdS + kk + ((lane / 8) % 2) * 8]);
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+          mma_m16n8k16<T>(acc[2 * np], af, b0, acc[2 * np]);
+          mma_m16n8k16<T>(acc[2 * np + 1], af, b1, acc[2 * np + 1]);
+        }
+      }
+      block_sync();  // the next step's copies overwrite the other stage; the one after, this one
+    }
+    const float cj = scoef[j];
+#pragma unroll
+    for (int nt = 0; nt < kMaxKH / 8; ++nt) {
+      if (nt * 8 >= r16) break;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const RowCol rc = mma_c_coord(lane, i);
+        hs[(warp * 16 + rc.row) * kLdH + j * r16 + nt * 8 + rc.col] = from_acc<T>(cj * acc[nt][i]);
+      }
+    }
+  }
+  block_sync();  // H complete (each warp reads only its own rows, but the stage buffer is reused below)
+
+  // 2. expand: 32 output columns per step, B tiles double buffered
+  auto load_b = [&](int s, int64_t o0) {  // Bcat rows [o0, o0+32), columns [0, KH)
+    T* sb = stage + s * (kBN * kLdH);
+    if constexpr (ASYNC) {
+      for (int c = threadIdx.x; c < kBN * (KH / 8); c += kBlock) {
+        const int row = c / (KH / 8), col = (c % (KH / 8)) * 8, j = col / r16, q = col - j * r16;
+        const int64_t o = o0 + row;
+        const bool ok = o < c1 && q < r;
+        const T* src = a.B + (static_cast<int64_t>(meta[4 + j]) * a.d_out + (ok ? o : 0)) * r + (ok ? q : 0);
+        cp_async_cg_zfill<16>(sb + row * kLdH + col, src, ok ? 16 : 0);
+      }
+    } else {
+      for (int e = threadIdx.x; e < kBN * KH; e += kBlock) {
+        const int row = e / KH, col = e % KH, j = col / r16, q = col - j * r16;
+        const int64_t o = o0 + row;
+        sb[row * kLdH + col] = (o < c1 && q < r) ? a.B[(static_cast<int64_t>(meta[4 + j]) * a.d_out + o) * r + q] : zero;
+      }
+    }
+  };
+  const int nct = static_cast<int>(ceil_div(c1 - c0, kBN));
+  load_b(0, c0);
+  cp_async_commit_group();
+  for (int ct = 0; ct < nct; ++ct) {
+    if (ct + 1 < nct) load_b((ct + 1) & 1, c0 + static_cast<int64_t>(ct + 1) * kBN);
+    cp_async_commit_group();
+    cp_async_wait_group<1>();
+    block_sync();
+    const T* sb = stage + (ct & 1) * (kBN * kLdH);
+    float acc[kBN / 8][4] = {};
+    for (int kk = 0; kk < KH; kk += 16) {
+      uint32_t af[4];
+      ldmatrix<4>(af, &hs[(warp * 16 + lane % 16) * kLdH + kk + (lane / 16) * 8]);
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        uint32_t bf[4];
+        ldmatrix<4>(bf, &sb[(np * 16 + lane % 8 + (lane / 16) * 8) * kLdH + kk + ((lane / 8) % 2) * 8]);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        mma_m16n8k16<T>(acc[2 * np], af, b0, acc[2 * np]);
+        mma_m16n8k16<T>(acc[2 * np + 1], af, b1, acc[2 * np + 1]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const RowCol rc = mma_c_coord(lane, i);
+        const int64_t t = m0 + warp * 16 + rc.row, o = c0 + static_cast<int64_t>(ct) * kBN + nt * 8 + rc.col;
+        if (t < m1 && o < c1) {
+          T* yp = a.y + t * a.d_out + o;
+          const float prev = a.accumulate ? to_acc(*yp) : (a.base != nullptr ? to_acc(a.base[t * a.d_out + o]) : 0.f);
+          *yp = from_acc<T>(prev + acc[nt][i]);
+        }
+      }
+    block_sync();  // the next step's copies overwrite the other stage; the one after, this one
+  }
+}
+
+// Launcher: prefill_unsupported(a) == nullptr, a.tokens > 0, a.d_out > 0.
+template <class T>
+cudaError_t launch_prefill(const Args<T>& a, int num_sms, cudaStream_t stream) {
+  using namespace prefill;
+  const int64_t tiles = ceil_div(a.tokens, kBM) + 2 * static_cast<int64_t>(a.segs) + 1;  // upper bound
+  const int64_t real_tiles = ceil_div(a.tokens, kBM) + a.segs;  // about: one partial tile per segment
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({ceil_div(num_sms, real_tiles), ceil_div(a.d_out, 2 * kBN), kMaxChunks}));
+  const bool async = pick_vec<T>(std::gcd(a.d_in, a.r), {a.x, a.A, a.B}) * sizeof(T) == 16;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
+  if constexpr (sizeof(T) == 2) {
+    auto kernel = async ? prefill_kernel<T, true> : prefill_kernel<T, false>;
+    MK_LAUNCH(kernel, grid, dim3(kBlock), 0, stream, a);
+  }
+  return last_launch_error();
+}
+
+}  // namespace mk::lora

@@ -1,0 +1,710 @@
+"""Segmented multi-adapter LoRA (METHODS.md §1): N adapters stacked contiguously, each token routed to
+zero, one or several of them.
+
+Notation: ``x [..., d_in]`` (any leading shape, flattened to ``T`` tokens), ``A [N, r, d_in]``,
+``B [N, d_out, r]``, per-adapter ``scale [N]`` (usually ``alpha / r``; a Python float means the same
+scale for every adapter). For a token routed to adapters ``i_j`` with weights ``w_j``::
+
+    y[t] = base_out[t] + Σ_j  w_j · scale[i_j] · B[i_j] @ (A[i_j] @ x[t])
+
+Five routing forms (give exactly one; all metadata stays on the device, no host sync in the ops):
+
+* ``ids=``              ``[...]`` (x's leading shape) or ``[T]`` integer: one adapter per token, ``-1`` = none
+                        (decode: many adapters, one token each). Weight 1.
+* ``segments=``         ``(offsets [S+1], seg_ids [S])``: tokens ``offsets[s] <= t < offsets[s+1]`` use
+                        adapter ``seg_ids[s]`` (prefill: contiguous runs). Weight 1.
+* ``mixture=``          a :class:`mokernels.ops.Routing` (from ``route`` / ``route_cosine``, taken as is) or
+                        ``(ids [..., k], weights [..., k])``: per-token weighted k-mixture, ``-1`` pads.
+* ``segment_mixture=``  ``(offsets [S+1], seg_ids [S, k], seg_w [S, k])`` or ``(offsets, Routing)`` with the
+                        sentence-level ``route(...)`` result: every token of segment s uses that segment's
+                        k adapters and weights (DLP-LoRA's sentence-level fusion).
+* shared A:             :func:`lora_shared_apply`, one ``A [r, d_in]`` for all experts ``B [N, d_out, r]``,
+                        ``h = A x`` once, ``y[t] += s Σ_i w[t, i] B_i h`` with dense ``[..., N]`` or compact
+                        (``mixture=``) expert weights (EffiLoRA / SAMoRA / HydraLoRA).
+
+Validation (METHODS.md "Validation vs. speed"): with ``validate=True`` (default) in eager mode, the
+metadata is checked in one fused device pass with one host sync (ids in ``[-1, N)``, offsets
+starting at 0, sorted, ending at T, finite weights) and a bad argument raises ValueError naming it.
+Under ``torch.compile``, CUDA-graph capture or ``validate=False`` nothing is checked on the host; the
+kernels and the reference then treat an invalid id (``< 0`` or ``>= N``), and a token outside every
+segment, as "no adapter" — never an out-of-bounds access. A slot whose weight is exactly 0 is
+skipped by the kernel like a ``-1`` (its adapter is not read). Shapes and dtypes are always checked
+(no sync).
+
+Dtypes: x, A, B share one dtype (fp16, bf16, fp32, fp64); accumulation in fp32 (fp64 for fp64);
+mixture weights may have any float dtype (used in fp32). Output: x's dtype.
+
+Autograd: ``lora_apply`` / ``lora_shared_apply`` are differentiable in x, A, B, the mixture weights
+and ``base_out``; ``scale`` is a hyperparameter (no gradient). The backward is the reference
+composition (torch ops, fp32) on every device — no backward kernels yet. ``lora_apply_`` (in place,
+``Tensor(a!)``) is for inference.
+
+Kernels: CUDA tensors run the fused SIMT kernel of ``csrc/kernels/lora.cuh`` (shrink -> expand per
+token, ``h`` kept on chip; sized for decode); CPU tensors run the reference :func:`lora_apply_reference`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import FLOAT_DTYPES, acc_dtype, expect, expect_dtype
+from .router import Routing, _is_eager
+
+_OP = "lora"
+MAX_RANK = 128  # kernel limit on r (h lives in shared memory); larger ranks: ValueError
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+__all__ = [
+    "lora_apply",
+    "lora_apply_",
+    "lora_shared_apply",
+    "lora_shrink",
+    "lora_expand",
+    "lora_apply_reference",
+    "lora_shared_apply_reference",
+    "LoraRouting",
+    "canonical_routing",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument handling: the five public forms -> the canonical op arguments (ids [R, k] int32,
+# weights [R, k] acc dtype or None, offsets [S+1] int32 or None; R = T, or S with offsets)
+
+
+class LoraRouting(tuple):
+    """Canonical routing of the ops: ``(ids [R, k] int32, weights [R, k] or None, offsets [S+1] int32
+    or None)``; rows R are tokens (``offsets is None``) or segments."""
+
+    __slots__ = ()
+
+    def __new__(cls, ids, weights, offsets):
+        return super().__new__(cls, (ids, weights, offsets))
+
+    ids = property(lambda self: self[0])
+    weights = property(lambda self: self[1])
+    offsets = property(lambda self: self[2])
+
+
+def _as_int32(name: str, t, op: str) -> Tensor:
+    expect(isinstance(t, Tensor), op, f"{name} must be an integer tensor, got {type(t).__name__}")
+    expect(t.dtype in INT_DTYPES, op, f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t.to(torch.int32).contiguous()
+
+
+def _lead_match(name: str, t: Tensor, lead: torch.Size, T: int, extra: int, op: str, what: str) -> None:
+    """``t`` is ``[*lead, *extra_dims]`` or ``[T, *extra_dims]`` (``extra`` trailing dims)."""
+    head = tuple(t.shape[: t.dim() - extra]) if t.dim() >= extra else None
+    expect(head == tuple(lead) or head == (T,), op, f"{name} must be {what} with leading shape {list(lead)} (or [T] = "
+           f"[{T}]), got {list(t.shape)}")
+
+
+def canonical_routing(
+    lead: torch.Size,
+    *,
+    ids=None,
+    segments=None,
+    mixture=None,
+    segment_mixture=None,
+    op: str = _OP,
+) -> LoraRouting:
+    """Turns one of the public routing forms into the canonical op arguments (shape checks only, no
+    device work beyond dtype conversions). ``lead``: the leading shape of x."""
+    T = 1
+    for s in lead:
+        T *= int(s)
+    given = [n for n, v in (("ids", ids), ("segments", segments), ("mixture", mixture),
+                            ("segment_mixture", segment_mixture)) if v is not None]
+    expect(len(given) == 1, op, "give exactly one routing form: ids=, segments=, mixture= or segment_mixture= "
+           f"(got {given or 'none'})")
+    form = given[0]
+    if form == "ids":
+        i = _as_int32("ids", ids, op)
+        _lead_match("ids", i, lead, T, 0, op, "[...]")
+        return LoraRouting(i.reshape(T, 1), None, None)
+    if form == "mixture":
+        if isinstance(mixture, Routing):
+            mi, mw = mixture.ids, mixture.weights
+        else:
+            expect(isinstance(mixture, Sequence) and len(mixture) == 2, op,
+                   "mixture must be a Routing or a pair (ids [..., k], weights [..., k])")
+            mi, mw = mixture
+        expect(isinstance(mi, Tensor) and mi.dim() >= 1, op, "mixture ids must be a [..., k] integer tensor")
+        _lead_match("mixture ids", mi, lead, T, 1, op, "[..., k]")
+        k = mi.shape[-1]
+        expect(isinstance(mw, Tensor) and tuple(mw.shape) == tuple(mi.shape), op,
+               f"mixture weights must have the ids' shape {list(mi.shape)}, got "
+               f"{list(mw.shape) if isinstance(mw, Tensor) else type(mw).__name__}")
+        expect_dtype(op, "mixture weights", mw)
+        return LoraRouting(_as_int32("mixture ids", mi, op).reshape(T, k), mw.reshape(T, k), None)
+    # segment forms
+    pair = segments if form == "segments" else segment_mixture
+    expect(isinstance(pair, Sequence) and len(pair) in (2, 3), op,
+           f"{form} must be (offsets, seg_ids{'' if form == 'segments' else ', seg_w'})")
+    offsets = _as_int32(f"{form} offsets", pair[0], op)
+    expect(offsets.dim() == 1 and offsets.shape[0] >= 1, op,
+           f"{form} offsets must be [S+1] (S >= 0), got {list(offsets.shape)}")
+    S = offsets.shape[0] - 1
+    if form == "segments":
+        expect(len(pair) == 2, op, "segments must be (offsets [S+1], seg_ids [S])")
+        sid = pair[1]
+        expect(isinstance(sid, Tensor) and tuple(sid.shape) == (S,), op,
+               f"segments seg_ids must be [S] = [{S}], got {list(sid.shape) if isinstance(sid, Tensor) else sid}")
+        return LoraRouting(_as_int32("segments seg_ids", sid, op).reshape(S, 1), None, offsets)
+    if len(pair) == 2:
+        expect(isinstance(pair[1], Routing), op, "segment_mixture must be (offsets, seg_ids [S, k], seg_w [S, k]) or "
+               "(offsets, Routing)")
+        sid, sw = pair[1].ids, pair[1].weights
+    else:
+        sid, sw = pair[1], pair[2]
+    expect(isinstance(sid, Tensor) and sid.dim() == 2 and sid.shape[0] == S, op,
+           f"segment_mixture seg_ids must be [S, k] with S = {S}, got {list(sid.shape) if isinstance(sid, Tensor) else sid}")
+    expect(isinstance(sw, Tensor) and tuple(sw.shape) == tuple(sid.shape), op,
+           f"segment_mixture seg_w must have seg_ids' shape {list(sid.shape)}, got "
+           f"{list(sw.shape) if isinstance(sw, Tensor) else type(sw).__name__}")
+    expect_dtype(op, "segment_mixture seg_w", sw)
+    return LoraRouting(_as_int32("segment_mixture seg_ids", sid, op), sw, offsets)
+
+
+def _scale_tensor(scale, N: int, like: Tensor, op: str) -> Tensor:
+    acc = acc_dtype(like.dtype)
+    if isinstance(scale, (int, float)):
+        return torch.full((N,), float(scale), dtype=acc, device=like.device)
+    expect(isinstance(scale, Tensor) and tuple(scale.shape) in ((N,), ()), op,
+           f"scale must be a float or a [N] = [{N}] tensor, got {list(scale.shape) if isinstance(scale, Tensor) else scale!r}")
+    expect_dtype(op, "scale", scale)
+    expect(scale.device == like.device, op, f"scale is on {scale.device} but the activations are on {like.device}")
+    return scale.detach().to(acc).expand(N).contiguous()
+
+
+def _check_weights(x: Tensor, A: Tensor, B: Tensor, op: str, shared: bool = False):
+    expect(isinstance(x, Tensor) and x.dim() >= 1, op, "x must be a [..., d_in] tensor")
+    expect_dtype(op, "x", x)
+    d_in = x.shape[-1]
+    if shared:
+        expect(isinstance(A, Tensor) and A.dim() == 2 and A.shape[1] == d_in, op,
+               f"A must be [r, d_in] with d_in = {d_in}, got {list(A.shape) if isinstance(A, Tensor) else A}")
+        r = A.shape[0]
+    else:
+        expect(isinstance(A, Tensor) and A.dim() == 3 and A.shape[2] == d_in, op,
+               f"A must be [N, r, d_in] with d_in = {d_in}, got {list(A.shape) if isinstance(A, Tensor) else A}")
+        r = A.shape[1]
+    expect(isinstance(B, Tensor) and B.dim() == 3 and B.shape[2] == r and (shared or B.shape[0] == A.shape[0]), op,
+           f"B must be [N, d_out, r] with {'' if shared else f'N = {A.shape[0]}, '}r = {r}, got "
+           f"{list(B.shape) if isinstance(B, Tensor) else B}")
+    expect(1 <= r <= MAX_RANK, op, f"rank r must be in [1, {MAX_RANK}], got {r}")
+    expect_dtype(op, "A", A, like=x)
+    expect_dtype(op, "B", B, like=x)
+    for name, t in (("A", A), ("B", B)):
+        expect(t.device == x.device, op, f"{name} is on {t.device} but x is on {x.device}")
+    return B.shape[0], r, d_in, B.shape[1]
+
+
+def _check_base(base_out, lead, d_out: int, x: Tensor, op: str, name: str = "base_out"):
+    if base_out is None:
+        return None
+    expect(isinstance(base_out, Tensor) and tuple(base_out.shape) == (*lead, d_out), op,
+           f"{name} must be [..., d_out] = {[*lead, d_out]}, got "
+           f"{list(base_out.shape) if isinstance(base_out, Tensor) else base_out}")
+    expect_dtype(op, name, base_out, like=x)
+    expect(base_out.device == x.device, op, f"{name} is on {base_out.device} but x is on {x.device}")
+    return base_out.reshape(-1, d_out)
+
+
+def validate_routing(rt: LoraRouting, N: int, T: int, op: str = _OP, id_name: str = "ids") -> None:
+    """Eager-mode metadata check: ids in [-1, N), offsets[0] = 0, sorted, offsets[S] = T, weights
+    finite — one fused device pass, one host sync; raises ValueError naming the bad argument."""
+    ids, w, off = rt
+    for name, t in (("ids", ids), ("weights", w), ("offsets", off)):
+        if t is not None and t.device != ids.device:
+            raise ValueError(f"mokernels.{op}: routing {name} is on {t.device} but ids are on {ids.device}")
+    flags = [((ids < -1) | (ids >= N)).any() if ids.numel() else torch.zeros((), dtype=torch.bool, device=ids.device)]
+    if w is not None:
+        flags.append(~torch.isfinite(w).all())
+    if off is not None:
+        flags.append((off[0] != 0) | (off[-1] != T) | ((off[1:] < off[:-1]).any() if off.numel() > 1 else False))
+    bad = torch.stack([torch.as_tensor(f, device=ids.device) for f in flags]).tolist()  # the one host sync
+    if bad[0]:
+        lo, hi = int(ids.min()), int(ids.max())
+        raise ValueError(f"mokernels.{op}: {id_name} must be in [-1, N) = [-1, {N}) (-1 = no adapter), got values in "
+                         f"[{lo}, {hi}]")
+    if w is not None and bad[1]:
+        raise ValueError(f"mokernels.{op}: mixture weights have a NaN or inf")
+    if off is not None and bad[-1]:
+        o = off.cpu()
+        if int(o.min()) < 0:
+            raise ValueError(f"mokernels.{op}: offsets must be >= 0, got a negative offset {int(o.min())}")
+        raise ValueError(f"mokernels.{op}: offsets must be sorted (non-overlapping segments) with offsets[0] = 0 and "
+                         f"offsets[S] = T = {T}, got {o.tolist()[:16]}{' ...' if o.numel() > 16 else ''}")
+
+
+def _routing(lead: torch.Size, N: int, forms: dict, device, acc, validate: bool, op: str):
+    """The canonical routing of one public form (weights in ``acc``), device-checked and, in eager mode
+    with ``validate``, value-checked. Returns ``(T, LoraRouting)``."""
+    rt = canonical_routing(lead, op=op, **forms)
+    T = int(torch.Size(lead).numel())
+    if rt.weights is not None:
+        rt = LoraRouting(rt.ids, rt.weights.to(acc), rt.offsets)
+    for name, t in (("ids", rt.ids), ("weights", rt.weights), ("offsets", rt.offsets)):
+        if t is not None:
+            expect(t.device == device, op, f"routing {name} is on {t.device} but the activations are on {device}")
+    if validate and _is_eager():
+        validate_routing(rt, N, T, op)
+    return T, rt
+
+
+def _prepare(x, A, B, scale, forms: dict, base_out, validate: bool, op: str, base_name: str = "base_out"):
+    N, r, d_in, d_out = _check_weights(x, A, B, op)
+    lead = x.shape[:-1]
+    base = _check_base(base_out, lead, d_out, x, op, base_name)
+    T, rt = _routing(lead, N, forms, x.device, acc_dtype(x.dtype), validate, op)
+    s = _scale_tensor(scale, N, x, op)
+    return lead, T, d_out, rt, s, base
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+
+
+def lora_apply(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale,
+    *,
+    ids: Optional[Tensor] = None,
+    segments=None,
+    mixture=None,
+    segment_mixture=None,
+    base_out: Optional[Tensor] = None,
+    validate: bool = True,
+) -> Tensor:
+    """Fused multi-adapter LoRA: ``y = base_out + Σ_j w_j scale[i_j] B[i_j] A[i_j] x`` per token.
+
+    Args:
+        x: ``[..., d_in]`` activations (fp16, bf16, fp32, fp64).
+        A: ``[N, r, d_in]`` stacked down-projections, x's dtype; ``1 <= r <= 128``.
+        B: ``[N, d_out, r]`` stacked up-projections, x's dtype.
+        scale: ``[N]`` per-adapter scale (``alpha / r``), or a float for all adapters. No gradient.
+        ids: ``[...]`` (x's leading shape) or ``[T]`` adapter per token, -1 = none.
+        segments: ``(offsets [S+1], seg_ids [S])``; offsets sorted, ``offsets[0] = 0``, ``offsets[S] = T``.
+        mixture: ``Routing`` or ``(ids [..., k], weights [..., k])``; -1 pads.
+        segment_mixture: ``(offsets [S+1], seg_ids [S, k], seg_w [S, k])`` or ``(offsets, Routing [S, k])``.
+        base_out: optional ``[..., d_out]`` (x's dtype), e.g. the base layer's output, added to the delta
+            (one write of y: no extra pass over it).
+        validate: eager-mode metadata check (one fused pass, one host sync); see the module docstring.
+    Returns:
+        ``[..., d_out]`` in x's dtype: ``base_out + delta`` (or the delta alone).
+    Differentiable in x, A, B, mixture weights and base_out.
+    """
+    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
+    lead, T, d_out, (i, w, off), s, base = _prepare(x, A, B, scale, forms, base_out, validate, "lora_apply")
+    y = torch.ops.mokernels.lora_apply(x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
+    return y.reshape(*lead, d_out)
+
+
+def lora_apply_(
+    out: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale,
+    *,
+    ids: Optional[Tensor] = None,
+    segments=None,
+    mixture=None,
+    segment_mixture=None,
+    validate: bool = True,
+) -> Tensor:
+    """In-place (inference): ``out += Σ_j w_j scale[i_j] B[i_j] A[i_j] x``; ``out [..., d_out]`` in x's
+    dtype and contiguous (e.g. the base layer's output). Returns ``out``. Arguments as :func:`lora_apply`.
+    Not differentiable (use :func:`lora_apply` with ``base_out=`` for training)."""
+    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
+    lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
+    expect(out.is_contiguous(), "lora_apply_", "out must be contiguous (it is updated in place)")
+    torch.ops.mokernels.lora_apply_(o2, x.reshape(T, x.shape[-1]), A, B, s, i, w, off)
+    return out
+
+
+def lora_shared_apply(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float,
+    *,
+    weights: Optional[Tensor] = None,
+    mixture=None,
+    base_out: Optional[Tensor] = None,
+    validate: bool = True,
+) -> Tensor:
+    """Shared-A experts (EffiLoRA / SAMoRA / HydraLoRA): ``h = A x`` once per token,
+    ``y = base_out + scale · Σ_i w[t, i] B_i h``.
+
+    Args:
+        x: ``[..., d_in]``; A: ``[r, d_in]`` (one for all experts); B: ``[N, d_out, r]``; all one dtype.
+        scale: a float (``alpha / r``).
+        weights: dense expert weights ``[..., N]`` (e.g. a softmax gate), any float dtype; or
+        mixture: compact ``Routing`` / ``(ids [..., k], weights [..., k])`` (top-k / top-p; -1 pads).
+        base_out, validate: as :func:`lora_apply`.
+    Returns:
+        ``[..., d_out]`` in x's dtype. Differentiable in x, A, B, the weights and base_out.
+    """
+    op = "lora_shared_apply"
+    N, r, d_in, d_out = _check_weights(x, A, B, op, shared=True)
+    expect(isinstance(scale, (int, float)), op, f"scale must be a float, got {type(scale).__name__}")
+    lead = x.shape[:-1]
+    T = int(torch.Size(lead).numel())
+    expect((weights is None) != (mixture is None), op, "give exactly one of weights= (dense [..., N]) or mixture=")
+    acc = acc_dtype(x.dtype)
+    if weights is not None:
+        expect(isinstance(weights, Tensor) and weights.dim() >= 1 and weights.shape[-1] == N, op,
+               f"weights must be [..., N] with N = {N}, got {list(weights.shape) if isinstance(weights, Tensor) else weights}")
+        _lead_match("weights", weights, lead, T, 1, op, "[..., N]")
+        expect_dtype(op, "weights", weights)
+        i, w = None, weights.reshape(T, N).to(acc)
+        expect(w.device == x.device, op, f"weights are on {w.device} but x is on {x.device}")
+        if validate and _is_eager():
+            expect(bool(torch.isfinite(w).all()), op, "weights have a NaN or inf")
+    else:
+        rt = canonical_routing(lead, mixture=mixture, op=op)
+        i, w = rt.ids, rt.weights.to(acc)
+        expect(i.device == x.device, op, f"mixture ids are on {i.device} but x is on {x.device}")
+        if validate and _is_eager():
+            validate_routing(LoraRouting(i, w, None), N, T, op, "mixture ids")
+    base = _check_base(base_out, lead, d_out, x, op)
+    y = torch.ops.mokernels.lora_shared_apply(x.reshape(T, d_in), A, B, float(scale), i, w, base)
+    return y.reshape(*lead, d_out)
+
+
+def lora_shrink(x: Tensor, A: Tensor, *, ids=None, segments=None, mixture=None, segment_mixture=None,
+                validate: bool = True) -> Tensor:
+    """Shrink ``h[t, j] = A[i_j] x[t]`` for each of a token's routed adapters (0 where none).
+
+    Returns ``[..., r]`` (``ids=`` / ``segments=``) or ``[..., k, r]`` (mixture forms), in fp32 (fp64
+    for fp64 x): the lossless intermediate that :func:`lora_expand` takes. Mixture weights are not
+    applied here (they are, with the scale, in the expand). A torch composition (any device,
+    differentiable); the fused kernel is :func:`lora_apply`.
+    """
+    op = "lora_shrink"
+    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
+    expect(isinstance(x, Tensor) and x.dim() >= 1, op, "x must be a [..., d_in] tensor")
+    expect_dtype(op, "x", x)
+    expect(isinstance(A, Tensor) and A.dim() == 3 and A.shape[2] == x.shape[-1], op,
+           f"A must be [N, r, d_in] with d_in = {x.shape[-1]}, got {list(A.shape) if isinstance(A, Tensor) else A}")
+    expect_dtype(op, "A", A, like=x)
+    N = A.shape[0]
+    lead = x.shape[:-1]
+    T, rt = _routing(lead, N, forms, x.device, acc_dtype(x.dtype), validate, op)
+    idc, valid, _ = _token_routing(rt, T, N, x.device)
+    h = _shrink_all(x.reshape(T, -1), A)  # [T, N, r]
+    k = idc.shape[1]
+    hk = h.gather(1, idc[:, :, None].expand(T, k, A.shape[1])) * valid[:, :, None]
+    single = ids is not None or segments is not None
+    return hk.reshape(*lead, A.shape[1]) if single else hk.reshape(*lead, k, A.shape[1])
+
+
+def lora_expand(h: Tensor, B: Tensor, scale, *, ids=None, segments=None, mixture=None, segment_mixture=None,
+                base_out: Optional[Tensor] = None, validate: bool = True) -> Tensor:
+    """Expand-add ``y[t] = base_out[t] + Σ_j w_j scale[i_j] B[i_j] h[t, j]``.
+
+    ``h``: ``[..., r]`` (single-adapter forms) or ``[..., k, r]`` (mixtures), as :func:`lora_shrink`
+    returns; ``B [N, d_out, r]``. Returns ``[..., d_out]`` in B's dtype. A torch composition (any
+    device, differentiable).
+    """
+    op = "lora_expand"
+    single = ids is not None or segments is not None
+    expect(isinstance(h, Tensor) and h.dim() >= (1 if single else 2), op, "h must be [..., r] or [..., k, r]")
+    expect(isinstance(B, Tensor) and B.dim() == 3 and B.shape[2] == h.shape[-1], op,
+           f"B must be [N, d_out, r] with r = {h.shape[-1]}, got {list(B.shape) if isinstance(B, Tensor) else B}")
+    lead = h.shape[:-1] if single else h.shape[:-2]
+    N, d_out, r = B.shape
+    expect_dtype(op, "B", B)
+    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
+    T, rt = _routing(lead, N, forms, B.device, acc_dtype(B.dtype), validate, op)
+    s = _scale_tensor(scale, N, B, op)
+    idc, valid, coef = _token_routing(rt, T, N, B.device, s)
+    k = idc.shape[1]
+    acc = acc_dtype(B.dtype)
+    hk = h.to(acc).reshape(T, k, r)
+    y = _expand_all(_scatter_adapters(hk * coef[:, :, None], idc, N), B)
+    base = _check_base(base_out, lead, d_out, B, op) if base_out is not None else None
+    if base is not None:
+        y = y + base.to(acc)
+    return y.to(B.dtype).reshape(*lead, d_out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference: pure torch, fp32 accumulation (fp64 for fp64). Dense over the adapters: one GEMM against
+# all N adapters' A (h_all [T, N, r]), a gather of each token's adapters, a scatter of the weighted
+# codes back to [T, N, r] and one GEMM against all B. No host sync, no data-dependent shapes, and the
+# same formulas give the backward. Cost T·N·r·(d_in + d_out): an oracle, not a fast path.
+
+
+def _token_routing(rt: LoraRouting, T: int, N: int, device, scale: Optional[Tensor] = None):
+    """Per token: ``idc [T, k]`` (adapter ids clamped into [0, N)), ``valid [T, k]`` (acc 0/1 mask:
+    the id was in range and the token in a segment) and ``coef [T, k] = valid · w · scale[id]``."""
+    ids, w, off = rt
+    if off is not None:
+        S = off.shape[0] - 1
+        t = torch.arange(T, device=device, dtype=torch.int32)
+        seg = torch.searchsorted(off[1:].contiguous(), t, right=True)  # first s with offsets[s+1] > t
+        inseg = seg < S
+        segc = seg.clamp(max=max(S - 1, 0))
+        inseg = inseg & (t >= off.gather(0, segc.long())) if S > 0 else torch.zeros_like(inseg)
+        if S > 0:
+            ids_t = ids.index_select(0, segc.long())
+            w_t = None if w is None else w.index_select(0, segc.long())
+        else:
+            ids_t = torch.full((T, ids.shape[1]), -1, dtype=ids.dtype, device=device)
+            w_t = None if w is None else torch.zeros((T, ids.shape[1]), dtype=w.dtype, device=device)
+        ids_t = torch.where(inseg[:, None], ids_t, torch.full_like(ids_t, -1))
+    else:
+        ids_t, w_t = ids, w
+    ok = (ids_t >= 0) & (ids_t < N)
+    idc = torch.where(ok, ids_t, torch.zeros_like(ids_t)).long()
+    acc = scale.dtype if scale is not None else (w.dtype if w is not None else torch.float32)
+    valid = ok.to(acc)
+    coef = valid
+    if w_t is not None:
+        coef = coef * w_t.to(acc)
+    if scale is not None:
+        coef = coef * scale.to(acc)[idc]
+    return idc, valid, coef
+
+
+def _shrink_all(x2: Tensor, A: Tensor) -> Tensor:
+    """``[T, N, r]`` codes of every token under every adapter (fp32 / fp64)."""
+    acc = acc_dtype(x2.dtype)
+    N, r, d_in = A.shape
+    return (x2.to(acc) @ A.to(acc).reshape(N * r, d_in).T).reshape(-1, N, r)
+
+
+def _scatter_adapters(v: Tensor, idc: Tensor, N: int) -> Tensor:
+    """``[T, k, r]`` per routed slot -> ``[T, N, r]`` summed into each slot's adapter."""
+    T, k, r = v.shape
+    return torch.zeros((T, N, r), dtype=v.dtype, device=v.device).scatter_add(1, idc[:, :, None].expand(T, k, r), v)
+
+
+def _expand_all(z: Tensor, B: Tensor) -> Tensor:
+    """``y[t] = Σ_i B_i z[t, i]``: ``z [T, N, r]`` -> ``[T, d_out]`` (acc dtype)."""
+    N, d_out, r = B.shape
+    return z.reshape(-1, N * r) @ B.to(z.dtype).permute(0, 2, 1).reshape(N * r, d_out)
+
+
+def lora_apply_reference(x, A, B, scale, ids, weights=None, offsets=None, base_out=None) -> Tensor:
+    """The op ``lora_apply`` on canonical arguments: ``x [T, d_in]``, ``ids [R, k]`` int, ``weights
+    [R, k]`` or None (= 1), ``offsets [S+1]`` or None (rows = tokens), ``scale [N]``, ``base_out [T, d_out]``
+    or None. Returns ``[T, d_out]`` in x's dtype, computed in fp32 (fp64 for fp64)."""
+    N, d_out, r = B.shape
+    T = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    idc, _, coef = _token_routing(LoraRouting(ids, weights, offsets), T, N, x.device, scale.to(acc))
+    k = idc.shape[1]
+    h = _shrink_all(x, A).gather(1, idc[:, :, None].expand(T, k, r))  # [T, k, r]
+    y = _expand_all(_scatter_adapters(h * coef[:, :, None], idc, N), B)
+    if base_out is not None:
+        y = y + base_out.to(acc)
+    return y.to(x.dtype)
+
+
+def _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, need_w: bool):
+    """(dx, dA, dB, dweights) of :func:`lora_apply_reference` in closed form (torch ops, fp32)."""
+    N, d_out, r = B.shape
+    T, d_in = x.shape
+    acc = acc_dtype(x.dtype)
+    rt = LoraRouting(ids, weights, offsets)
+    idc, valid, coef = _token_routing(rt, T, N, x.device, scale.to(acc))
+    k = idc.shape[1]
+    G = g.to(acc)
+    xa, Aa, Ba = x.to(acc), A.to(acc), B.to(acc)
+    gather = lambda all_: all_.gather(1, idc[:, :, None].expand(T, k, r))  # noqa: E731
+    u = gather((G @ Ba.permute(0, 2, 1).reshape(N * r, d_out).T).reshape(T, N, r))  # B_i^T g   [T, k, r]
+    h = gather(_shrink_all(x, A))  # A_i x [T, k, r]
+    Zu = _scatter_adapters(u * coef[:, :, None], idc, N).reshape(T, N * r)
+    Zh = _scatter_adapters(h * coef[:, :, None], idc, N).reshape(T, N * r)
+    dx = Zu @ Aa.reshape(N * r, d_in)
+    dA = (Zu.T @ xa).reshape(N, r, d_in)
+    dB = (G.T @ Zh).reshape(d_out, N, r).permute(1, 0, 2)
+    dw = None
+    if need_w and weights is not None:
+        dw_tok = (u * h).sum(-1) * valid * scale.to(acc)[idc]  # [T, k]
+        if offsets is None:
+            dw = dw_tok
+        else:  # sum over each segment's tokens
+            S = offsets.shape[0] - 1
+            t = torch.arange(T, device=x.device, dtype=torch.int32)
+            seg = torch.searchsorted(offsets[1:].contiguous(), t, right=True).clamp(max=max(S - 1, 0))
+            dw = torch.zeros((S, k), dtype=acc, device=x.device).index_add(0, seg.long(), dw_tok)
+        dw = dw.to(weights.dtype)
+    return dx.to(x.dtype), dA.to(A.dtype), dB.to(B.dtype).contiguous(), dw
+
+
+def _shared_coef(T: int, N: int, ids, weights, scale: float, acc):
+    """Dense ``[T, N]`` coefficients ``scale · w`` of the shared-A form (compact ids scattered)."""
+    if ids is None:
+        return weights.to(acc) * scale
+    ok = (ids >= 0) & (ids < N)
+    idc = torch.where(ok, ids, torch.zeros_like(ids)).long()
+    wv = torch.where(ok, weights.to(acc), torch.zeros((), dtype=acc, device=weights.device))
+    return torch.zeros((T, N), dtype=acc, device=weights.device).scatter_add(1, idc, wv) * scale
+
+
+def lora_shared_apply_reference(x, A, B, scale: float, ids, weights, base_out=None) -> Tensor:
+    """The op ``lora_shared_apply``: ``x [T, d_in]``, ``A [r, d_in]``, ``B [N, d_out, r]``, ``ids [T, k]``
+    int (compact weights ``[T, k]``) or None (dense weights ``[T, N]``). fp32 (fp64) math."""
+    N, d_out, r = B.shape
+    T = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    h = x.to(acc) @ A.to(acc).T  # [T, r]
+    c = _shared_coef(T, N, ids, weights, scale, acc)
+    y = _expand_all(c[:, :, None] * h[:, None, :], B)
+    if base_out is not None:
+        y = y + base_out.to(acc)
+    return y.to(x.dtype)
+
+
+def _lora_shared_backward_reference(g, x, A, B, scale, ids, weights):
+    N, d_out, r = B.shape
+    T = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    G, xa, Aa = g.to(acc), x.to(acc), A.to(acc)
+    h = xa @ Aa.T
+    c = _shared_coef(T, N, ids, weights, scale, acc)
+    U = (G @ B.to(acc).permute(0, 2, 1).reshape(N * r, d_out).T).reshape(T, N, r)  # B_i^T g
+    dh = (c[:, :, None] * U).sum(1)
+    dx, dA = dh @ Aa, dh.T @ xa
+    dB = (G.T @ (c[:, :, None] * h[:, None, :]).reshape(T, N * r)).reshape(d_out, N, r).permute(1, 0, 2)
+    dw_dense = (U * h[:, None, :]).sum(-1) * scale  # [T, N]
+    if ids is None:
+        dw = dw_dense
+    else:
+        ok = (ids >= 0) & (ids < N)
+        idc = torch.where(ok, ids, torch.zeros_like(ids)).long()
+        dw = torch.where(ok, dw_dense.gather(1, idc), torch.zeros((), dtype=acc, device=x.device))
+    return dx.to(x.dtype), dA.to(A.dtype), dB.to(B.dtype).contiguous(), dw.to(weights.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Op registration: argument checks (the same errors on every device and at trace time), fake
+# kernels, CPU kernels (the reference), autograd.
+
+
+def _check_op(x, A, B, scale, ids, weights, offsets, op="lora_apply"):
+    expect(x.dim() == 2, op, f"x must be [T, d_in], got {list(x.shape)}")
+    N, r, d_in, d_out = _check_weights(x, A, B, op)
+    T = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    expect(scale.dim() == 1 and scale.shape[0] == N, op, f"scale must be [N] = [{N}], got {list(scale.shape)}")
+    expect(scale.dtype == acc, op, f"scale must have dtype {acc}, got {scale.dtype}")
+    expect(ids.dim() == 2 and ids.dtype == torch.int32, op, f"ids must be [R, k] int32, got {list(ids.shape)} {ids.dtype}")
+    R = T if offsets is None else offsets.shape[0] - 1
+    if offsets is not None:
+        expect(offsets.dim() == 1 and offsets.shape[0] >= 1 and offsets.dtype == torch.int32, op,
+               f"offsets must be [S+1] int32, got {list(offsets.shape)} {offsets.dtype}")
+    expect(ids.shape[0] == R, op, f"ids must have {R} rows ({'tokens' if offsets is None else 'segments'}), "
+           f"got {list(ids.shape)}")
+    if weights is not None:
+        expect(weights.shape == ids.shape, op, f"weights must be {list(ids.shape)}, got {list(weights.shape)}")
+        expect(weights.dtype == acc, op, f"weights must have dtype {acc}, got {weights.dtype}")
+    return T, d_out
+
+
+def _check_op_base(x, base, T, d_out, op="lora_apply"):
+    if base is not None:
+        expect(tuple(base.shape) == (T, d_out), op, f"base_out must be [T, d_out] = [{T}, {d_out}], got {list(base.shape)}")
+        expect_dtype(op, "base_out", base, like=x)
+
+
+@torch.library.register_fake("mokernels::lora_apply")
+def _fake(x, A, B, scale, ids, weights, offsets, base_out):
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets)
+    _check_op_base(x, base_out, T, d_out)
+    return x.new_empty((T, d_out))
+
+
+@torch.library.register_kernel("mokernels::lora_apply", "cpu")
+def _cpu(x, A, B, scale, ids, weights, offsets, base_out):
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets)
+    _check_op_base(x, base_out, T, d_out)
+    with torch.no_grad():
+        return lora_apply_reference(x, A, B, scale, ids, weights, offsets, base_out).contiguous()
+
+
+@torch.library.register_fake("mokernels::lora_apply_")
+def _fake_(out, x, A, B, scale, ids, weights, offsets):
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, "lora_apply_")
+    _check_op_base(x, out, T, d_out, "lora_apply_")
+
+
+@torch.library.register_kernel("mokernels::lora_apply_", "cpu")
+def _cpu_(out, x, A, B, scale, ids, weights, offsets):
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, "lora_apply_")
+    _check_op_base(x, out, T, d_out, "lora_apply_")
+    with torch.no_grad():
+        out.copy_(lora_apply_reference(x, A, B, scale, ids, weights, offsets, out))
+
+
+def _setup(ctx, inputs, output):
+    x, A, B, scale, ids, weights, offsets, base_out = inputs
+    ctx.save_for_backward(x, A, B, scale, ids, weights, offsets)
+    ctx.has_w = weights is not None
+
+
+def _backward(ctx, g):
+    x, A, B, scale, ids, weights, offsets = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dA, dB, dw = _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, bool(need[5]))
+    return (dx if need[0] else None, dA if need[1] else None, dB if need[2] else None, None, None,
+            dw if need[5] else None, None, g if need[7] else None)
+
+
+torch.library.register_autograd("mokernels::lora_apply", _backward, setup_context=_setup)
+
+
+def _check_shared_op(x, A, B, scale, ids, weights, base_out):
+    op = "lora_shared_apply"
+    expect(x.dim() == 2, op, f"x must be [T, d_in], got {list(x.shape)}")
+    N, r, d_in, d_out = _check_weights(x, A, B, op, shared=True)
+    T = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    if ids is None:
+        expect(tuple(weights.shape) == (T, N), op, f"weights must be [T, N] = [{T}, {N}], got {list(weights.shape)}")
+    else:
+        expect(ids.dim() == 2 and ids.shape[0] == T and ids.dtype == torch.int32, op,
+               f"ids must be [T, k] int32 with T = {T}, got {list(ids.shape)} {ids.dtype}")
+        expect(weights.shape == ids.shape, op, f"weights must be {list(ids.shape)}, got {list(weights.shape)}")
+    expect(weights.dtype == acc, op, f"weights must have dtype {acc}, got {weights.dtype}")
+    _check_op_base(x, base_out, T, d_out, op)
+    return T, d_out
+
+
+@torch.library.register_fake("mokernels::lora_shared_apply")
+def _fake_shared(x, A, B, scale, ids, weights, base_out):
+    T, d_out = _check_shared_op(x, A, B, scale, ids, weights, base_out)
+    return x.new_empty((T, d_out))
+
+
+@torch.library.register_kernel("mokernels::lora_shared_apply", "cpu")
+def _cpu_shared(x, A, B, scale, ids, weights, base_out):
+    _check_shared_op(x, A, B, scale, ids, weights, base_out)
+    with torch.no_grad():
+        return lora_shared_apply_reference(x, A, B, scale, ids, weights, base_out).contiguous()
+
+
+def _setup_shared(ctx, inputs, output):
+    x, A, B, scale, ids, weights, base_out = inputs
+    ctx.save_for_backward(x, A, B, ids, weights)
+    ctx.scale = scale
+
+
+def _backward_shared(ctx, g):
+    x, A, B, ids, weights = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dA, dB, dw = _lora_shared_backward_reference(g, x, A, B, ctx.scale, ids, weights)
+    return (dx if need[0] else None, dA if need[1] else None, dB if need[2] else None, None, None,
+            dw if need[5] else None, g if need[6] else None)
+
+
+torch.library.register_autograd("mokernels::lora_shared_apply", _backward_shared, setup_context=_setup_shared)
