@@ -120,7 +120,8 @@ def _gather(inp):
 def _grouped(inp):
     def run():
         t = inp()
-        x, sid = t["x"], t["seg_ids"].to(x.device)
+        x = t["x"]
+        sid = t["seg_ids"].to(x.device)
         offs = torch.arange(128, x.shape[0] + 1, 128, dtype=torch.int32, device=x.device)
         h = torch._grouped_mm(x, t["A"][sid].transpose(1, 2), offs=offs)
         return F.linear(x, t["W"]) + 2.0 * torch._grouped_mm(h, t["B"][sid].transpose(1, 2), offs=offs)

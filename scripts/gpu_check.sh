@@ -33,7 +33,7 @@ step "cuda tests"
 timeout "$T_TESTS" $PY -m pytest tests -m cuda -q -rs -p no:cacheprovider > "$OUT/test_cuda.log" 2>&1
 echo "cuda tests rc=$?"; grep -E "passed|failed|error" "$OUT/test_cuda.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/test_cuda.log" | head -40
-for tool in memcheck racecheck synccheck; do
+for tool in ${SAN_TOOLS-memcheck racecheck synccheck}; do
   step "compute-sanitizer $tool"
   timeout "$T_SAN" compute-sanitizer --tool $tool --error-exitcode 9 \
     $PY -m pytest tests -m cuda -q -x -p no:cacheprovider -k "$SAN_K" > /tmp/san_$tool.log 2>&1

@@ -45,12 +45,15 @@ def can_sync(t: torch.Tensor) -> bool:
     """Whether a host check may read ``t``'s values: not a meta or fake tensor (tracing, FakeTensorMode)."""
     if t.device.type == "meta":
         return False
-    if type(t) is torch.Tensor and not torch._is_functional_tensor(t) and not _functorch_wrapped(t):
-        return not torch._C._is_fake_tensor(t)  # is_fake for a plain tensor, without its generic walk
+    if _c_is_fake is not None and type(t) is torch.Tensor and not torch._is_functional_tensor(t) \
+            and not _functorch_wrapped(t):
+        return not _c_is_fake(t)  # is_fake for a plain tensor, without its generic walk
     return not is_fake(t)
 
 
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# torch >= 2.14 (GPU machines may run 2.11, which lacks it: is_fake's generic walk there)
+_c_is_fake = getattr(torch._C, "_is_fake_tensor", None)
 
 
 def is_eager(device_type: str = "cuda") -> bool:

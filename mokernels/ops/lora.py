@@ -50,7 +50,8 @@ import torch
 from torch import Tensor
 
 from ._checks import FLOAT_DTYPES, acc_dtype, expect, expect_dtype
-from .router import Routing, _is_eager
+from ._checks import is_eager as _is_eager
+from .router import Routing
 
 _OP = "lora"
 MAX_RANK = 128  # kernel limit on r (h lives in shared memory); larger ranks: ValueError
