@@ -6,6 +6,7 @@
 // ASan, its interceptor clears the shadow of the whole target stack: the emulated tests spent most of
 // their time there. The ASan fiber annotations (start/finish_switch_fiber) cover either switch.
 #include "shim.h"
+#include "tsan_hooks.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -31,8 +32,8 @@
 namespace mk::emu {
 
 namespace {
-#if defined(MK_EMU_ASAN)
-constexpr size_t kStackBytes = 512 * 1024;  // ASan frames are much larger
+#if defined(MK_EMU_ASAN) || defined(MK_EMU_TSAN)
+constexpr size_t kStackBytes = 512 * 1024;  // sanitizer frames are much larger
 #else
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
@@ -112,6 +113,8 @@ struct ThreadState {
   const char* collective = nullptr;  // the warp collective this fiber waits at
   Context ctx;
   unsigned char* stack = nullptr;  // mmap'ed, lowest page is a guard page
+  void* fiber = nullptr;           // its TSan fiber (TSan build only; fresh for every block)
+  unsigned block_syncs = 0, warp_syncs = 0;  // barriers passed (their parity picks the TSan sync object)
 };
 
 struct BlockState {
@@ -128,6 +131,12 @@ struct BlockState {
   std::string error;
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
+  // TSan build: the host's fiber, this block's sync objects, launch start/end objects, and the
+  // dynamic shared memory of finished blocks (freed after the launch, once the host has acquired it).
+  void* host_fiber = nullptr;
+  tsan::BlockSync sync;
+  char* launch_sync = nullptr;  // [0]: launch start, [1]: launch end
+  std::vector<void*> retired_smem;
 };
 
 thread_local ThreadState* tls_thread = nullptr;
@@ -155,6 +164,7 @@ void switch_to_scheduler(bool dying) {
 #else
   (void)dying;
 #endif
+  tsan::switch_to(b->host_fiber);
   switch_context(t->ctx, b->sched);
 #if defined(MK_EMU_ASAN)
   __sanitizer_finish_switch_fiber(fake, &b->sched_stack_bottom, &b->sched_stack_size);
@@ -166,6 +176,7 @@ void fiber_main() {
 #if defined(MK_EMU_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &b->sched_stack_bottom, &b->sched_stack_size);
 #endif
+  if (tsan::kEnabled) tsan::acquire(b->launch_sync);  // launch start: host -> thread
   try {
     (*b->body)();
   } catch (const std::exception& e) {
@@ -174,6 +185,7 @@ void fiber_main() {
     set_error(*b, "C++ exception escaped the kernel");
   }
   tls_thread->state = State::Done;
+  if (tsan::kEnabled) tsan::release(b->launch_sync + 1);  // launch end: thread -> host
   switch_to_scheduler(/*dying=*/true);
   std::abort();  // a finished fiber is never resumed
 }
@@ -185,6 +197,7 @@ void run_fiber(BlockState& b, ThreadState& t) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, t.stack, kStackBytes);
 #endif
+  tsan::switch_to(t.fiber);
   switch_context(b.sched, t.ctx);
 #if defined(MK_EMU_ASAN)
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
@@ -238,13 +251,55 @@ bool release_barriers(BlockState& b) {
   return false;
 }
 
-void run_block(BlockState& b) {
+// An mmap'ed fiber stack of kStackBytes above a PROT_NONE guard page (a stack overflow faults).
+unsigned char* map_stack(size_t page) {
+  void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+  if (mem == MAP_FAILED) throw std::runtime_error("emulated launch: cannot map fiber stacks");
+  if (mprotect(mem, page, PROT_NONE) != 0)
+    throw std::runtime_error("emulated launch: cannot protect a fiber stack guard page");
+  return static_cast<unsigned char*>(mem) + page;
+}
+
+void unmap_stack(unsigned char* stack, size_t page) {
+#if defined(MK_EMU_ASAN)
+  // a fiber abandoned by a failed launch leaves poisoned frames behind; mmap may reuse the pages
+  ASAN_UNPOISON_MEMORY_REGION(stack, kStackBytes);
+#endif
+  munmap(stack - page, kStackBytes + page);
+}
+
+// TSan build: every block gets new fibers, sync objects, stacks (munmap drops TSan's shadow, so the
+// frames of block k do not race with those of block k+1); run_block gives it fresh dynamic shared memory.
+void tsan_fresh_block(BlockState& b, bool first) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  delete[] b.sync.bytes;
+  b.sync.bytes = new char[2 + 2 * ceil_div_host(b.nthreads, kWarpSize)];
+  for (auto& t : b.threads) {
+    t.block_syncs = t.warp_syncs = 0;
+    tsan::destroy(t.fiber);
+    t.fiber = tsan::create();
+    if (!first) {
+      unmap_stack(t.stack, page);
+      t.stack = nullptr;
+      t.stack = map_stack(page);
+    }
+  }
+  tsan::release(b.launch_sync);  // the host's work so far (poisoning the block's memory) -> threads
+}
+
+void run_block(BlockState& b, bool first) {
+  if (tsan::kEnabled && !first && b.smem_bytes) {
+    b.retired_smem.push_back(b.smem);
+    b.smem = ::operator new(b.smem_bytes, std::align_val_t{16});
+  }
+  // Uninitialised shared memory reads as 0xFF bytes (NaN for floats), never as a previous block's data.
+  if (b.smem_bytes) std::memset(b.smem, 0xFF, b.smem_bytes);
+  if (tsan::kEnabled) tsan_fresh_block(b, first);
   for (auto& t : b.threads) {
     t.state = State::Ready;
     t.ctx.init(t.stack, kStackBytes, fiber_main);
   }
-  // Uninitialised shared memory reads as 0xFF bytes (NaN for floats), never as a previous block's data.
-  if (b.smem_bytes) std::memset(b.smem, 0xFF, b.smem_bytes);
   const int n = b.nthreads;
   for (bool forward = b.forward_first;; forward = !forward) {
     bool any_live = false;
@@ -270,23 +325,58 @@ const dim3& grid_dim() { return cur_block().grid; }
 int lane_id() { return cur_block(), tls_thread->lane; }
 void* dynamic_shared() { return cur_block().smem; }
 
+// TSan: barrier n releases into and acquires from sync object n % 2. One object would let a thread
+// that already arrived at barrier n + 1 release into what a slower thread acquires when it leaves
+// barrier n, ordering accesses that the GPU leaves unordered; barrier n + 2 cannot open before every
+// thread has left barrier n, so two objects suffice.
 void block_sync() {
-  cur_block();
-  tls_thread->state = State::AtBlockBarrier;
+  BlockState& b = cur_block();
+  ThreadState& t = *tls_thread;
+  const void* obj = b.sync.barrier(t.block_syncs++ & 1);
+  if (tsan::kEnabled) {
+    tsan::release(obj);
+    tsan::release(b.launch_sync + 1);
+  }
+  t.state = State::AtBlockBarrier;
   switch_to_scheduler(false);
+  if (tsan::kEnabled) tsan::acquire(obj);
 }
 
 void warp_sync(const char* kind) {
-  cur_block();
-  tls_thread->state = State::AtWarpBarrier;
-  tls_thread->collective = kind;
+  BlockState& b = cur_block();
+  ThreadState& t = *tls_thread;
+  const void* obj = b.sync.warp(t.warp, t.warp_syncs++ & 1);
+  const bool order = tsan::kEnabled && !tsan::strict();
+  if (order) tsan::release(obj);
+  if (tsan::kEnabled) tsan::release(b.launch_sync + 1);
+  t.state = State::AtWarpBarrier;
+  t.collective = kind;
   switch_to_scheduler(false);
+  if (order) tsan::acquire(obj);
 }
 
+namespace {
 unsigned char* exchange_slot(int lane) {
   BlockState& b = cur_block();
   const size_t slot = static_cast<size_t>(tls_thread->warp) * kWarpSize + lane;
   return b.exchange.data() + slot * kExchangeBytes;
+}
+}  // namespace
+
+void exchange_put(const void* src, size_t n) {
+  if (n > kExchangeBytes) fail("warp exchange of more than kExchangeBytes");
+  unsigned char* dst = exchange_slot(lane_id());
+  tsan::ignore_begin();
+  std::memcpy(dst, src, n);
+  tsan::ignore_end();
+}
+
+void exchange_get(int lane, void* dst, size_t n) {
+  if (n > kExchangeBytes) fail("warp exchange of more than kExchangeBytes");
+  const unsigned char* src = exchange_slot(lane);
+  tsan::ignore_begin();
+  std::memcpy(dst, src, n);
+  tsan::ignore_end();
 }
 
 bool lane_exists(int lane) {
@@ -294,9 +384,23 @@ bool lane_exists(int lane) {
   return tls_thread->warp * kWarpSize + lane < b.nthreads;
 }
 
+namespace {
+std::string& mutation() {
+  static std::string m = [] {
+    const char* v = std::getenv("MOKERNELS_EMU_MUTATION");
+    return std::string(v ? v : "");
+  }();
+  return m;
+}
+}  // namespace
+
+bool mutation_on(const char* name) { return !mutation().empty() && mutation() == name; }
+void set_mutation(const char* name) { mutation() = name; }
+
 void fail(const char* what) {
   if (tls_thread == nullptr || tls_block == nullptr) throw std::runtime_error(what);
   set_error(*tls_block, what);
+  if (tsan::kEnabled) tsan::release(tls_block->launch_sync + 1);
   tls_thread->state = State::Done;
   switch_to_scheduler(/*dying=*/true);
   std::abort();  // never resumed
@@ -333,27 +437,23 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
     BlockState& b;
     size_t page;
     ~Cleanup() {
-      for (auto& t : b.threads)
-        if (t.stack) {
-#if defined(MK_EMU_ASAN)
-          // a fiber abandoned by a failed launch leaves poisoned frames behind; mmap may reuse the pages
-          ASAN_UNPOISON_MEMORY_REGION(t.stack, kStackBytes);
-#endif
-          munmap(t.stack - page, kStackBytes + page);
-        }
+      // launch end: every thread -> host, before the host frees what the threads touched
+      if (tsan::kEnabled && b.launch_sync) tsan::acquire(b.launch_sync + 1);
+      for (auto& t : b.threads) {
+        if (t.stack) unmap_stack(t.stack, page);
+        tsan::destroy(t.fiber);
+      }
       ::operator delete(b.smem, std::align_val_t{16});
+      for (void* p : b.retired_smem) ::operator delete(p, std::align_val_t{16});
+      delete[] b.sync.bytes;
+      delete[] b.launch_sync;
       tls_block = nullptr;
       tls_thread = nullptr;
     }
   } cleanup{b, page};
   for (int i = 0; i < nthreads; ++i) {
-    void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (mem == MAP_FAILED) throw std::runtime_error("emulated launch: cannot map fiber stacks");
-    if (mprotect(mem, page, PROT_NONE) != 0)  // guard page: a stack overflow faults instead of corrupting
-      throw std::runtime_error("emulated launch: cannot protect a fiber stack guard page");
     ThreadState& t = b.threads[i];
-    t.stack = static_cast<unsigned char*>(mem) + page;
+    t.stack = map_stack(page);
     t.idx = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
                   static_cast<unsigned>(i / (block.x * block.y))};
     t.warp = i / kWarpSize;
@@ -363,12 +463,16 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   b.smem = ::operator new(smem_bytes, std::align_val_t{16});
   b.smem_bytes = smem_bytes;
   b.forward_first = forward_first;
+  if (tsan::kEnabled) {
+    b.host_fiber = tsan::current();
+    b.launch_sync = new char[2];  // run_block releases [0] (launch start: host -> every thread)
+  }
   tls_block = &b;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         b.bidx = uint3{x, y, z};
-        run_block(b);
+        run_block(b, x == 0 && y == 0 && z == 0);
         if (!b.error.empty())
           throw std::runtime_error("emulated kernel failed in block (" + std::to_string(x) + "," +
                                    std::to_string(y) + "," + std::to_string(z) + "): " + b.error);

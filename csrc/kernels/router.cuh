@@ -99,7 +99,8 @@ struct RowStats {
   template <class Src>
   MK_DEVICE void load(const Src& src, int64_t row, bool active, int n, A temperature, int glane) {
     A x[VPL];
-    A m = -infinity<A>();  // a NaN or +inf anywhere makes the row's max +inf: one reduction finds both
+    // a NaN or +inf anywhere makes the row's max +inf: one reduction finds both
+    A m = MK_MUTABLE("router.max_init") ? -infinity<A>() : A(0);
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
       const int i = v * GROUP + glane;
