@@ -55,6 +55,9 @@ MUTANTS = [
     Mutant("barrier_call_sites", "the warps meet at two different __syncthreads call sites", needs="barrier identity"),
     Mutant("int32_overflow", "signed int32 overflow in index arithmetic (wraps to the right value)",
            needs="-fno-wrapv in the ASan build"),
+    Mutant("cp_async_missing_wait", "cp.async pipeline without its wait_group", needs="cp.async"),
+    Mutant("cp_async_wrong_wait_count", "cp.async pipeline with wait_group<1> where <0> is needed", needs="cp.async"),
+    Mutant("cp_async_missing_commit", "cp.async pipeline without its commit_group", needs="cp.async"),
     Mutant("rank_one.bwd.barrier", "real rank_one backward without its block_sync"),
     Mutant("rank_one.fwd.guard", "real rank_one forward without its column bounds guard"),
     Mutant("router.max_init", "real router: row max starts at 0 instead of -inf (wrong neutral value)"),
@@ -73,6 +76,7 @@ def shim_features() -> dict[str, bool]:
         "poisoned static shared memory": "MK_SHARED_ARRAY" in platform,
         "barrier identity": "source_location" in platform + shim,
         "-fno-wrapv in the ASan build": "-fno-wrapv" in setup,
+        "cp.async": (ROOT / "csrc/kernels/common/async.cuh").exists(),
     }
 
 
@@ -112,6 +116,13 @@ def _cases() -> dict[str, Callable]:
         "int32_overflow": planted(
             "int32_overflow", x64, x64[((lane + 1) * 1640531527 % 2**32) % 64]),
     }
+    # cp.async: selftest.h's 4-stage pipeline (mode 0 correct; 1 no wait, 2 wait_group<1> at the last
+    # stage, 3 no commit); out = x with each 256-float stage rotated by 4
+    xp = torch.randn(4 * 256, generator=g)
+    for name, mode in (("cp_async_missing_wait", 1), ("cp_async_wrong_wait_count", 2), ("cp_async_missing_commit", 3)):
+        cases[name] = (lambda mode: lambda ops, bug: (
+            ops._selftest(f"cp_async_ca16_{mode if bug else 0}", xp), xp.view(-1, 256).roll(-4, dims=1).flatten(), 0.0
+        ))(mode)
     ab = torch.randn(32, 48, generator=g).to(torch.bfloat16)
     gemm_want = ab[:16].double() @ ab[16:].double().T
     for name, code in (("gemm2w_raw", 1), ("gemm2w_war", 2), ("gemm2w_both", 3)):

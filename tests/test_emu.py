@@ -74,6 +74,132 @@ def test_missing_barrier_is_exposed(emu_ops):
     assert not torch.equal(out, x.roll(1) + x.roll(-1))
 
 
+SCHEDULES = [{}, {"MOKERNELS_EMU_SCHEDULE": "forward"}, {"MOKERNELS_EMU_BLOCK_ORDER": "reverse"}]
+
+
+@pytest.fixture(params=SCHEDULES, ids=["reverse-first", "forward-first", "blocks-reversed"])
+def schedule(request, monkeypatch):
+    """Runs a test under each scheduling knob (the shim reads them at every launch)."""
+    monkeypatch.delenv("MOKERNELS_EMU_SCHEDULE", raising=False)
+    monkeypatch.delenv("MOKERNELS_EMU_BLOCK_ORDER", raising=False)
+    for k, v in request.param.items():
+        monkeypatch.setenv(k, v)
+    return request.param
+
+
+@pytest.mark.racy
+@pytest.mark.parametrize("n", [64, 96])
+def test_collective_does_not_act_as_block_barrier(emu_ops, schedule, n):
+    """Warps run one at a time between block barriers: a warp_reduce between another warp's shared-memory
+    write and the read does not order them, so the read sees poison; with the barrier it is right."""
+    x = torch.arange(1.0, n + 1.0)
+    expect = x.roll(-32)
+    torch.testing.assert_close(emu_ops._selftest("cross_warp_read_synced", x), expect)
+    out = emu_ops._selftest("cross_warp_read", x)
+    assert torch.isnan(out).any(), out
+
+
+def _gemm_inputs(K=32):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-4, 5, (32, K), generator=g).float()
+    b = torch.randint(-4, 5, (16, K), generator=g).float()
+    return a, b, torch.cat([a.flatten(), b.flatten()])
+
+
+def test_two_warp_mma_gemm_is_right(emu_ops, schedule):
+    a, b, x = _gemm_inputs()
+    torch.testing.assert_close(emu_ops._selftest("two_warp_gemm", x), a @ b.T, rtol=0, atol=0)
+
+
+@pytest.mark.racy
+@pytest.mark.parametrize("case", ["two_warp_gemm_no_raw_barrier", "two_warp_gemm_no_war_barrier"])
+def test_two_warp_mma_gemm_missing_barrier_is_wrong(emu_ops, schedule, case):
+    """The 2-warp ldmatrix + mma.sync GEMM without its read-after-write barrier (reads the other warp's
+    unwritten, poisoned half of the tile) or without its overwrite barrier (the first warp of the next
+    phase overwrites the tile the other warp has not read yet) gives a wrong result in every schedule."""
+    a, b, x = _gemm_inputs()
+    out = emu_ops._selftest(case, x)
+    assert not torch.allclose(out, a @ b.T, equal_nan=False)
+
+
+def test_static_shared_memory_is_poisoned_in_every_block(emu_ops, schedule):
+    """MK_SHARED_ARRAY is a fresh 0xFF-filled allocation per block: reading it before writing gives NaN on
+    the first launch and in the second block (a function-local static would hold the first block's data)."""
+    x = torch.randn(64)
+    out = emu_ops._selftest("static_shared_uninit", x)
+    assert out.shape == (2, 64) and torch.isnan(out).all(), out
+    assert torch.isnan(emu_ops._selftest("static_shared_uninit", x)).all()  # and again, on a second launch
+
+
+def test_barriers_at_different_call_sites_are_reported(emu_ops, schedule):
+    with pytest.raises(RuntimeError, match=r"different __syncthreads \(.*selftest\.h:\d+ vs .*selftest\.h:\d+\)"):
+        emu_ops._selftest("barrier_sites", torch.zeros(64))
+
+
+def test_barrier_in_a_helper_has_one_call_site(emu_ops):
+    """A __syncthreads inside a helper that every thread calls (from two branches) is one barrier."""
+    x = torch.randn(64)
+    torch.testing.assert_close(emu_ops._selftest("barrier_in_helper", x), x[torch.arange(64) ^ 1])
+
+
+def test_plain_shared_does_not_compile_under_emulation(tmp_path):
+    """Kernel code must use MK_SHARED_ARRAY: a plain __shared__ (a function-local static under g++, one
+    unpoisoned copy for every block) is a compile error in the emulator build."""
+    import shutil
+    from pathlib import Path
+
+    from mokernels import _build_config as cfg
+    gxx = shutil.which("g++")
+    if gxx is None or not cfg.CUDA_INCLUDE_DIRS:
+        pytest.skip("needs g++ and the CUDA host headers")
+    src = tmp_path / "t.cpp"
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    src.write_text('#include "kernels/common/platform.cuh"\nvoid k() { __shared__ float s[4]; s[0] = 1.f; }\n')
+    cmd = [gxx, "-std=c++20", "-fsyntax-only", "-DMOKERNELS_EMULATION", f"-I{csrc}",
+           *[f"-I{i}" for i in cfg.CUDA_INCLUDE_DIRS], str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "use_MK_SHARED_ARRAY" in proc.stderr, proc.stderr[-2000:]
+
+
+def _pipeline_expect(x):
+    return x.view(-1, 256).roll(-4, dims=1).flatten()
+
+
+@pytest.mark.parametrize("kind", ["ca4", "ca8", "ca16", "cg16"])
+@pytest.mark.parametrize("mode", [0, 4], ids=["wait_group1", "wait_all"])
+def test_cp_async_pipeline_is_right(emu_ops, schedule, kind, mode):
+    x = torch.randn(4 * 256)
+    torch.testing.assert_close(emu_ops._selftest(f"cp_async_{kind}_{mode}", x), _pipeline_expect(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,bad_stages", [(1, [0, 1, 2, 3]), (2, [3]), (3, [0])],
+                         ids=["missing_wait", "wait_group1_where_0_needed", "missing_commit"])
+def test_cp_async_misuse_reads_poison(emu_ops, schedule, mode, bad_stages):
+    """cp.async lands only at its wait_group (not at __syncthreads): until then the destination holds
+    0xFF bytes, so each of these pipelines reads NaN exactly in the stages its bug leaves pending."""
+    x = torch.randn(4 * 256)
+    out = emu_ops._selftest(f"cp_async_ca16_{mode}", x).view(4, 256)
+    expect = _pipeline_expect(x).view(4, 256)
+    for s in range(4):
+        if s in bad_stages:
+            assert torch.isnan(out[s]).all(), s
+        else:
+            torch.testing.assert_close(out[s], expect[s], rtol=0, atol=0)
+
+
+def test_cp_async_zero_fill(emu_ops):
+    x = torch.randn(256)
+    out = emu_ops._selftest("cp_async_zfill", x).view(64, 4)
+    keep = (torch.arange(64) % 5).unsqueeze(1) > torch.arange(4)
+    torch.testing.assert_close(out, torch.where(keep, x.view(64, 4), torch.zeros(())), rtol=0, atol=0)
+
+
+def test_cp_async_misaligned_is_reported(emu_ops):
+    with pytest.raises(RuntimeError, match="cp.async shared-memory destination is not aligned"):
+        emu_ops._selftest("cp_async_zfill_misaligned", torch.zeros(256))
+
+
 def test_emulator_survives_a_failed_launch(emu_ops):
     with pytest.raises(RuntimeError):
         emu_ops._selftest("exited_lane_shuffle", torch.zeros(32))
@@ -94,7 +220,8 @@ def test_sanitizer_build_catches_planted_out_of_bounds_read(tmp_path):
         print(emu.ops()._planted_oob_read(x))
         """
     )
-    env = dict(os.environ, LD_PRELOAD=mokernels.emu.sanitizer_preload(), ASAN_OPTIONS="detect_leaks=0", MOKERNELS_EMU_ASAN="1")
+    env = dict(os.environ, LD_PRELOAD=mokernels.emu.sanitizer_preload(), ASAN_OPTIONS="detect_leaks=0", MOKERNELS_EMU_ASAN="1",
+               MOKERNELS_EMU_TSAN="0")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0, proc.stdout
     assert "heap-buffer-overflow" in proc.stderr, proc.stderr[-3000:]

@@ -32,7 +32,7 @@ def test_fragment_layout_maps_match_cute(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
     assert cxx, "a C++ compiler is needed"
     exe = tmp_path / "mma_layout_check"
-    cmd = [cxx, "-std=c++17", "-w", "-DMOKERNELS_EMULATION", *(f"-I{i}" for i in _includes()),
+    cmd = [cxx, "-std=c++20", "-w", "-DMOKERNELS_EMULATION", *(f"-I{i}" for i in _includes()),
            str(ROOT / "tests" / "cpp" / "mma_layout_check.cpp"), "-o", str(exe)]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]

@@ -1,4 +1,4 @@
-// The planted-bug catalogue (issue 7): small kernels, each with one bug class a CUDA kernel can have,
+// The planted-bug catalogue (issue 7; the cp.async cases are selftest.h's pipeline modes): small kernels, each with one bug class a CUDA kernel can have,
 // switched on by `bug` (0 = the correct twin, which every pass must find clean). Registered in every
 // emulation build as mokernels_emu::_mutant(which, bug, x); tests/test_emu_mutants.py runs each one
 // under every CI pass (plain emulator: error or wrong result; ASan/UBSan; TSan strict) and records
@@ -42,7 +42,7 @@ MK_GLOBAL void oob_dynamic_smem_kernel(const float* x, float* out, int n, int bu
 
 // The same through a static shared array of 32 floats (one block of 32 threads); bug: reads s[32].
 MK_GLOBAL void oob_static_smem_kernel(const float* x, float* out, int bug) {
-  MK_SHARED float s[32];
+  MK_SHARED_ARRAY(float, s, 32);
   const int t = threadIdx.x;
   s[t] = x[t];
   block_sync();
@@ -103,9 +103,10 @@ MK_GLOBAL void last_block_kernel(const float* x, float* out, int bug) {
 }
 
 // One block of 64: acc[t] = 0, acc[t] += x[t], out[t] = acc[t]. bug: the static shared array is never
-// zeroed (reads whatever static __shared__ holds on the first launch: poison under emulation).
+// zeroed (reads whatever static __shared__ holds on the first launch: poison under emulation, where a
+// function-local static used to read as zeros).
 MK_GLOBAL void static_uninit_kernel(const float* x, float* out, int bug) {
-  MK_SHARED float acc[64];
+  MK_SHARED_ARRAY(float, acc, 64);
   const int t = threadIdx.x;
   if (!bug) acc[t] = 0.f;
   block_sync();
@@ -147,8 +148,8 @@ MK_GLOBAL void hash_gather_kernel(const float* x, float* out, int n, int bug) {
 // overwrite the tiles (write-after-read).
 MK_GLOBAL void gemm2w_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c, int K, int bug) {
   constexpr int kLd = 24;
-  MK_SHARED_ALIGNED(16) __nv_bfloat16 sa[16 * kLd];
-  MK_SHARED_ALIGNED(16) __nv_bfloat16 sb[16 * kLd];
+  MK_SHARED_ARRAY_ALIGNED(16, __nv_bfloat16, sa, 16 * kLd);
+  MK_SHARED_ARRAY_ALIGNED(16, __nv_bfloat16, sb, 16 * kLd);
   const int t = threadIdx.x, lane = lane_id(), w = t / kWarpSize;
   float acc[4] = {};
   for (int k0 = 0; k0 < K; k0 += 16) {

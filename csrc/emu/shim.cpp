@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -111,6 +112,17 @@ struct ThreadState {
   int lane = 0;
   State state = State::Done;
   const char* collective = nullptr;  // the warp collective this fiber waits at
+  const char* sync_file = nullptr;   // the __syncthreads call site this fiber waits at
+  unsigned sync_line = 0;
+  // cp.async (per thread, as in the PTX ISA): copies issued but not yet committed, then committed
+  // groups oldest first. None is performed before its wait (or the block's end).
+  struct AsyncCopy {
+    void* dst;
+    const void* src;
+    unsigned cp_bytes, src_bytes;
+  };
+  std::vector<AsyncCopy> async_open;
+  std::deque<std::vector<AsyncCopy>> async_groups;
   Context ctx;
   unsigned char* stack = nullptr;  // mmap'ed, lowest page is a guard page
   void* fiber = nullptr;           // its TSan fiber (TSan build only; fresh for every block)
@@ -125,6 +137,13 @@ struct BlockState {
   std::vector<unsigned char> exchange;  // [warps][32][kExchangeBytes]
   void* smem = nullptr;
   size_t smem_bytes = 0;
+  // Static shared arrays of the current block (MK_SHARED_ARRAY): declaration-site tag -> allocation.
+  struct StaticShared {
+    const void* tag;
+    void* ptr;
+    size_t bytes, align;
+  };
+  std::vector<StaticShared> static_smem;
   bool forward_first = false;  // scheduling order of the first pass (then alternating)
   const std::function<void()>* body = nullptr;
   Context sched;
@@ -136,7 +155,11 @@ struct BlockState {
   void* host_fiber = nullptr;
   tsan::BlockSync sync;
   char* launch_sync = nullptr;  // [0]: launch start, [1]: launch end
-  std::vector<void*> retired_smem;
+  struct Retired {
+    void* ptr;
+    size_t align;
+  };
+  std::vector<Retired> retired;  // TSan build: shared memory of finished blocks, freed after the launch
 };
 
 thread_local ThreadState* tls_thread = nullptr;
@@ -205,50 +228,50 @@ void run_fiber(BlockState& b, ThreadState& t) {
   tls_thread = nullptr;
 }
 
-// Releases the barrier that can be released; false means no live thread can make progress.
-bool release_barriers(BlockState& b) {
-  bool released = false;
-  const int nwarps = static_cast<int>(ceil_div_host(b.nthreads, kWarpSize));
-  for (int w = 0; w < nwarps; ++w) {
-    int waiting = 0, alive = 0, exited = -1;
-    const int end = std::min(b.nthreads, (w + 1) * kWarpSize);
-    for (int i = w * kWarpSize; i < end; ++i) {
-      if (b.threads[i].state == State::Done) { exited = i - w * kWarpSize; continue; }
-      ++alive;
-      if (b.threads[i].state == State::AtWarpBarrier) ++waiting;
+std::string warp_str(int w) { return "warp " + std::to_string(w); }
+
+// Runs warp `w` alone until every live lane of it waits at the block barrier or has exited, releasing
+// its warp collectives as they complete. Lane order alternates at every pass (`lane_forward` carries the
+// alternation across warps and phases). False: an error was recorded.
+bool run_warp(BlockState& b, int w, bool& lane_forward) {
+  const int first = w * kWarpSize, end = std::min(b.nthreads, first + kWarpSize), n = end - first;
+  for (;;) {
+    for (int k = 0; k < n; ++k) {
+      ThreadState& t = b.threads[first + (lane_forward ? k : n - 1 - k)];
+      if (t.state == State::Ready) run_fiber(b, t);
+      if (!b.error.empty()) return false;
     }
-    if (waiting > 0 && exited >= 0) {
-      set_error(b, "warp collective in warp " + std::to_string(w) + " while lane " +
-                       std::to_string(exited) + " has exited (undefined behaviour on a GPU)");
+    lane_forward = !lane_forward;
+    int at_warp = 0, at_block = 0, exited = -1;
+    for (int i = first; i < end; ++i) {
+      const State s = b.threads[i].state;
+      if (s == State::Done) exited = i - first;
+      at_warp += s == State::AtWarpBarrier;
+      at_block += s == State::AtBlockBarrier;
+    }
+    if (at_warp == 0) return true;  // the warp is done with this phase
+    const ThreadState* waiter = nullptr;
+    for (int i = first; i < end && waiter == nullptr; ++i)
+      if (b.threads[i].state == State::AtWarpBarrier) waiter = &b.threads[i];
+    if (exited >= 0) {
+      set_error(b, "warp collective (" + std::string(waiter->collective) + ") in " + warp_str(w) +
+                       " while lane " + std::to_string(exited) + " has exited (undefined behaviour on a GPU)");
       return false;
     }
-    if (waiting > 0 && waiting == alive) {
-      const char* kind = b.threads[w * kWarpSize].collective;
-      for (int i = w * kWarpSize; i < end; ++i)
-        if (std::strcmp(b.threads[i].collective, kind) != 0) {
-          set_error(b, "lanes of warp " + std::to_string(w) + " meet at different warp collectives (" + kind +
-                           " and " + b.threads[i].collective + ")");
-          return false;
-        }
-      for (int i = w * kWarpSize; i < end; ++i) b.threads[i].state = State::Ready;
-      released = true;
+    if (at_block > 0) {
+      set_error(b, "deadlock: lanes of " + warp_str(w) + " wait at a warp collective (" + waiter->collective +
+                       ") while others wait at __syncthreads (divergent __syncthreads or a warp collective not "
+                       "reached by the whole warp)");
+      return false;
     }
+    for (int i = first; i < end; ++i)
+      if (std::strcmp(b.threads[i].collective, waiter->collective) != 0) {
+        set_error(b, "lanes of " + warp_str(w) + " meet at different warp collectives (" + waiter->collective +
+                         " and " + b.threads[i].collective + ")");
+        return false;
+      }
+    for (int i = first; i < end; ++i) b.threads[i].state = State::Ready;
   }
-  if (released) return true;
-  bool all_at_block = true, any_live = false;
-  for (auto& t : b.threads) {
-    if (t.state == State::Done) continue;
-    any_live = true;
-    all_at_block = all_at_block && t.state == State::AtBlockBarrier;
-  }
-  if (any_live && all_at_block) {
-    for (auto& t : b.threads)
-      if (t.state != State::Done) t.state = State::Ready;
-    return true;
-  }
-  set_error(b, "deadlock: live threads wait at different barriers "
-               "(divergent __syncthreads or a warp collective not reached by the whole warp)");
-  return false;
 }
 
 // An mmap'ed fiber stack of kStackBytes above a PROT_NONE guard page (a stack overflow faults).
@@ -288,9 +311,45 @@ void tsan_fresh_block(BlockState& b, bool first) {
   tsan::release(b.launch_sync);  // the host's work so far (poisoning the block's memory) -> threads
 }
 
-void run_block(BlockState& b, bool first) {
+void perform(const std::vector<ThreadState::AsyncCopy>& group) {
+  for (const auto& c : group) {
+    std::memcpy(c.dst, c.src, c.src_bytes);
+    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.cp_bytes - c.src_bytes);
+  }
+}
+
+// At block end: copies still pending when their thread exited land now (committed groups in order,
+// then the uncommitted ones), as they would on a GPU; after a failed block they are dropped.
+void finish_async_copies(BlockState& b, bool perform_them) {
+  for (auto& t : b.threads) {
+    if (perform_them) {
+      for (const auto& g : t.async_groups) perform(g);
+      perform(t.async_open);
+    }
+    t.async_groups.clear();
+    t.async_open.clear();
+  }
+}
+
+// TSan build: kept until the launch ends, when the host has acquired every thread's accesses (a free
+// now would race with them: the host is not ordered after the block).
+void free_static_shared(BlockState& b) {
+  for (auto& a : b.static_smem)
+    if (tsan::kEnabled)
+      b.retired.push_back({a.ptr, a.align});
+    else
+      ::operator delete(a.ptr, std::align_val_t{a.align});
+  b.static_smem.clear();
+}
+
+std::string site(const ThreadState& t) { return std::string(t.sync_file) + ":" + std::to_string(t.sync_line); }
+
+// Warp-serial schedule: a phase is the interval between two block barriers; in each phase every warp
+// runs alone through all of its collectives up to the block barrier, warps in alternating order
+// (reverse first by default), so no warp ever sees another warp's writes of the same phase.
+void run_block_fibers(BlockState& b, bool first) {
   if (tsan::kEnabled && !first && b.smem_bytes) {
-    b.retired_smem.push_back(b.smem);
+    b.retired.push_back({b.smem, 16});
     b.smem = ::operator new(b.smem_bytes, std::align_val_t{16});
   }
   // Uninitialised shared memory reads as 0xFF bytes (NaN for floats), never as a previous block's data.
@@ -300,18 +359,37 @@ void run_block(BlockState& b, bool first) {
     t.state = State::Ready;
     t.ctx.init(t.stack, kStackBytes, fiber_main);
   }
-  const int n = b.nthreads;
-  for (bool forward = b.forward_first;; forward = !forward) {
-    bool any_live = false;
-    for (int k = 0; k < n; ++k) {
-      ThreadState& t = b.threads[forward ? k : n - 1 - k];
-      if (t.state == State::Ready) run_fiber(b, t);
-      if (!b.error.empty()) return;
-      any_live = any_live || t.state != State::Done;
+  const int nwarps = static_cast<int>(ceil_div_host(b.nthreads, kWarpSize));
+  bool lane_forward = b.forward_first;
+  for (bool warp_forward = b.forward_first;; warp_forward = !warp_forward) {
+    for (int k = 0; k < nwarps; ++k)
+      if (!run_warp(b, warp_forward ? k : nwarps - 1 - k, lane_forward)) return;
+    // Every live thread now waits at a block barrier: the same one (call site), or the kernel diverged.
+    const ThreadState* first = nullptr;
+    for (auto& t : b.threads) {
+      if (t.state == State::Done) continue;
+      if (first == nullptr) {
+        first = &t;
+      } else if (t.sync_line != first->sync_line || std::strcmp(t.sync_file, first->sync_file) != 0) {
+        set_error(b, "threads meet at different __syncthreads (" + site(*first) + " vs " + site(t) +
+                         "): divergent barriers");
+        return;
+      }
+      t.state = State::Ready;
     }
-    if (!any_live) return;
-    if (!release_barriers(b)) return;
+    if (first == nullptr) return;
   }
+}
+
+// One block: its fibers, then the release of its static shared memory (a fresh allocation per block:
+// never the previous block's data, and fresh shadow memory for the sanitizers).
+void run_block(BlockState& b, bool first) {
+  run_block_fibers(b, first);
+  // TSan: the copies land in this block's shared memory on behalf of threads that have exited
+  tsan::ignore_begin();
+  finish_async_copies(b, b.error.empty());
+  tsan::ignore_end();
+  free_static_shared(b);
 }
 
 }  // namespace
@@ -325,11 +403,55 @@ const dim3& grid_dim() { return cur_block().grid; }
 int lane_id() { return cur_block(), tls_thread->lane; }
 void* dynamic_shared() { return cur_block().smem; }
 
+void cp_async(void* dst, const void* src, unsigned cp_bytes, unsigned src_bytes) {
+  cur_block();
+  if (src_bytes > cp_bytes) fail("cp.async: src-size larger than cp-size");
+  require_aligned(dst, cp_bytes, "cp.async shared-memory destination is not aligned to the copy size");
+  require_aligned(src, cp_bytes, "cp.async global source is not aligned to the copy size");
+  // Poison now: a read of the destination before the matching wait sees 0xFF bytes (NaN).
+  std::memset(dst, 0xFF, cp_bytes);
+  tls_thread->async_open.push_back({dst, src, cp_bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  cur_block();
+  tls_thread->async_groups.push_back(std::move(tls_thread->async_open));
+  tls_thread->async_open.clear();
+}
+
+void cp_async_wait(int pending) {
+  cur_block();
+  auto& groups = tls_thread->async_groups;
+  while (static_cast<int>(groups.size()) > pending) {
+    perform(groups.front());
+    groups.pop_front();
+  }
+}
+
+void* static_shared(const void* tag, size_t bytes, size_t align) {
+  BlockState& b = cur_block();
+  for (auto& a : b.static_smem)
+    if (a.tag == tag) {
+      if (a.bytes != bytes) fail("one static shared array declared with two sizes");
+      return a.ptr;
+    }
+  align = std::max(align, alignof(std::max_align_t));
+  // Exactly `bytes`: an access one past the end is a heap-buffer-overflow under ASan.
+  // TSan: allocated and poisoned by whichever thread asks first, but on behalf of the block (no access
+  // of that thread for the others to race with).
+  tsan::ignore_begin();
+  void* p = ::operator new(bytes, std::align_val_t{align});
+  std::memset(p, 0xFF, bytes);  // poison: uninitialised shared memory reads as 0xFF bytes (NaN)
+  tsan::ignore_end();
+  b.static_smem.push_back({tag, p, bytes, align});
+  return p;
+}
+
 // TSan: barrier n releases into and acquires from sync object n % 2. One object would let a thread
 // that already arrived at barrier n + 1 release into what a slower thread acquires when it leaves
 // barrier n, ordering accesses that the GPU leaves unordered; barrier n + 2 cannot open before every
 // thread has left barrier n, so two objects suffice.
-void block_sync() {
+void block_sync(const char* file, unsigned line) {
   BlockState& b = cur_block();
   ThreadState& t = *tls_thread;
   const void* obj = b.sync.barrier(t.block_syncs++ & 1);
@@ -337,6 +459,8 @@ void block_sync() {
     tsan::release(obj);
     tsan::release(b.launch_sync + 1);
   }
+  t.sync_file = file;
+  t.sync_line = line;
   t.state = State::AtBlockBarrier;
   switch_to_scheduler(false);
   if (tsan::kEnabled) tsan::acquire(obj);
@@ -407,7 +531,7 @@ void fail(const char* what) {
 }
 
 void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
-  static std::mutex mu;  // statics stand in for shared memory: one emulated launch at a time
+  static std::mutex mu;  // one emulated launch at a time (the shim's thread-locals, the kernels' tags)
   std::lock_guard<std::mutex> lock(mu);
   // The limits a GPU enforces at launch (cudaErrorInvalidConfiguration there).
   const int64_t nthreads = static_cast<int64_t>(block.x) * block.y * block.z;
@@ -420,9 +544,14 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   if (smem_bytes > 48 * 1024)
     throw std::runtime_error("emulated launch: " + std::to_string(smem_bytes) +
                              " bytes of dynamic shared memory exceed the 48 KiB default limit");
-  static const bool forward_first = [] {
+  // Read at every launch, so a test can run one kernel under both schedules.
+  const bool forward_first = [] {
     const char* s = std::getenv("MOKERNELS_EMU_SCHEDULE");
     return s != nullptr && std::string(s) == "forward";
+  }();
+  const bool reverse_blocks = [] {
+    const char* s = std::getenv("MOKERNELS_EMU_BLOCK_ORDER");
+    return s != nullptr && std::string(s) == "reverse";
   }();
 
   BlockState b;
@@ -444,7 +573,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
         tsan::destroy(t.fiber);
       }
       ::operator delete(b.smem, std::align_val_t{16});
-      for (void* p : b.retired_smem) ::operator delete(p, std::align_val_t{16});
+      free_static_shared(b);
+      for (const auto& r : b.retired) ::operator delete(r.ptr, std::align_val_t{r.align});
       delete[] b.sync.bytes;
       delete[] b.launch_sync;
       tls_block = nullptr;
@@ -468,15 +598,19 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
     b.launch_sync = new char[2];  // run_block releases [0] (launch start: host -> every thread)
   }
   tls_block = &b;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        b.bidx = uint3{x, y, z};
-        run_block(b, x == 0 && y == 0 && z == 0);
-        if (!b.error.empty())
-          throw std::runtime_error("emulated kernel failed in block (" + std::to_string(x) + "," +
-                                   std::to_string(y) + "," + std::to_string(z) + "): " + b.error);
-      }
+  // Blocks run one after another, in linear order x fastest (last to first with
+  // MOKERNELS_EMU_BLOCK_ORDER=reverse): a kernel whose blocks depend on each other's order is wrong.
+  const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  for (uint64_t i = 0; i < nblocks; ++i) {
+    const uint64_t lin = reverse_blocks ? nblocks - 1 - i : i;
+    const auto x = static_cast<unsigned>(lin % grid.x), y = static_cast<unsigned>((lin / grid.x) % grid.y),
+               z = static_cast<unsigned>(lin / (static_cast<uint64_t>(grid.x) * grid.y));
+    b.bidx = uint3{x, y, z};
+    run_block(b, i == 0);
+    if (!b.error.empty())
+      throw std::runtime_error("emulated kernel failed in block (" + std::to_string(x) + "," + std::to_string(y) +
+                               "," + std::to_string(z) + "): " + b.error);
+  }
 }
 
 }  // namespace mk::emu

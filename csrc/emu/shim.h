@@ -8,16 +8,26 @@
 //    returned early is dropped from the barrier, like std::barrier::arrive_and_drop);
 //  * warp collectives (shuffles, ballots, ldmatrix, mma) go through a per-warp exchange buffer:
 //    write own value, warp barrier, read the source lane's value, warp barrier;
-//  * __shared__ variables are function-local statics (blocks never overlap), dynamic shared memory is
-//    a heap buffer of exactly the requested size (so ASan sees one-past-the-end accesses);
+//  * static shared arrays (MK_SHARED_ARRAY) are per-block heap allocations of exactly their size, made
+//    on the first request in each block and freed at its end; dynamic shared memory is one heap buffer
+//    of exactly the requested size; both are filled with 0xFF bytes at block start (NaN as floats) and
+//    ASan sees one-past-the-end accesses;
+//  * every __syncthreads carries its call site (std::source_location): live threads parked at barriers
+//    of different call sites are an error. A barrier inside a helper called from two places has one
+//    call site (the helper's line): legal CUDA if all threads call it, and not flagged;
 //  * misuse that is undefined behaviour on a GPU is an error here: a warp collective while a lane of
 //    that warp has exited, waits at another kind of collective or does not exist; a barrier that not
 //    all live threads reach (deadlock); launch limits (block dims, 48 KiB dynamic shared memory);
 //    misaligned vector / ldmatrix addresses; a C++ exception escaping the kernel.
 //    Errors abort the launch and surface as std::runtime_error from launch().
-//  * to expose missing barriers, fibers run in alternating order between barriers, starting in
-//    reverse thread order (MOKERNELS_EMU_SCHEDULE=forward starts forward; the ASan CI pass uses it),
-//    and dynamic shared memory is filled with 0xFF bytes (NaN as floats) at the start of every block.
+//  * warp-serial scheduling, to expose missing barriers: a phase is the interval between two block
+//    barriers; in each phase every warp runs ALONE through all of its warp collectives until each of
+//    its live lanes waits at the block barrier or has exited, then the next warp runs. So no warp sees
+//    another warp's writes of the same phase, and a collective never stands in for __syncthreads.
+//    Warp order alternates between phases and lane order inside a warp alternates at every pass,
+//    both reverse-first (MOKERNELS_EMU_SCHEDULE=forward starts both forward);
+//    MOKERNELS_EMU_BLOCK_ORDER=reverse runs the blocks of the grid last to first. The knobs are read
+//    at every launch. Dynamic shared memory is filled with 0xFF bytes (NaN as floats) at every block start.
 // Emulation proves logic, not speed or the memory model.
 #pragma once
 
@@ -49,11 +59,24 @@ int lane_id();
 
 int64_t ceil_div_host(int64_t a, int64_t b);
 
-void block_sync();
+// __syncthreads reached at source line file:line (the barrier's identity: live threads of a block
+// parked at barriers with different call sites are an error).
+void block_sync(const char* file, unsigned line);
 // `kind` names the collective (a string literal); lanes meeting at different kinds are an error.
 void warp_sync(const char* kind);
 void* dynamic_shared();
+// The running block's static shared array declared at the site identified by `tag` (MK_SHARED_ARRAY):
+// allocated on the first request in each block, exactly `bytes`, filled with 0xFF, freed at block end.
+void* static_shared(const void* tag, size_t bytes, size_t align);
 [[noreturn]] void fail(const char* what);
+
+// cp.async (kernels/common/async.cuh), per thread: record a copy of `cp_bytes` (4, 8, 16) into the
+// thread's open group, reading `src_bytes` <= cp_bytes from src and zero-filling the rest, and fill
+// dst with 0xFF now; commit closes the open group; wait(n) performs all committed groups but the
+// newest n, oldest first. Copies still pending when the block ends are performed then.
+void cp_async(void* dst, const void* src, unsigned cp_bytes, unsigned src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending);
 
 // Per-warp exchange (valid between the two warp_syncs of a collective): copy `n` <= kExchangeBytes
 // bytes into this lane's slot / out of `lane`'s slot. Bookkeeping, invisible to the TSan pass.

@@ -17,8 +17,8 @@ static_assert(kLd >= kTile, "padded row holds a tile row");
 template <class T, bool B_KN>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(32)
     tile_gemm_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ c, int M, int N, int K) {
-  MK_SHARED_ALIGNED(16) T sa[kTile * kLd];  // [m][k]
-  MK_SHARED_ALIGNED(16) T sb[kTile * kLd];  // [n][k], or [k][n] when B_KN
+  MK_SHARED_ARRAY_ALIGNED(16, T, sa, kTile * kLd);  // [m][k]
+  MK_SHARED_ARRAY_ALIGNED(16, T, sb, kTile * kLd);  // [n][k], or [k][n] when B_KN
   const int lane = lane_id();
   const int m0 = blockIdx.y * kTile, n0 = blockIdx.x * kTile;
   float acc[2][4] = {};

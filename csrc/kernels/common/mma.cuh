@@ -70,8 +70,6 @@ template <int NUM, bool TRANS> inline void ldmatrix_emu(uint32_t* r, const void*
   e::warp_sync(TRANS ? "ldmatrix.trans" : "ldmatrix");
 }
 }  // namespace emu_detail
-#else
-MK_DEVICE uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 #endif
 
 // r[j] <- matrix j (8x8 of 16-bit) from shared memory; `row_ptr` is this lane's row address

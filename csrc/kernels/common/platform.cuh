@@ -5,9 +5,14 @@
 //   MK_GLOBAL             a kernel entry point (__global__ / plain function)
 //   MK_DEVICE             a device helper (__device__ __forceinline__ / inline)
 //   MK_HOST_DEVICE        callable on both sides
-//   MK_SHARED             a __shared__ variable (function-local static under emulation: blocks
-//                         run one after another, so one copy per kernel is one copy per block)
-//   MK_SHARED_ALIGNED(b)  the same, aligned to b bytes (ldmatrix rows, vector accesses)
+//   MK_SHARED_ARRAY(T, name, N)             __shared__ T name[N]
+//   MK_SHARED_ARRAY_ALIGNED(A, T, name, N)  __shared__ __align__(A) T name[N] (ldmatrix rows, vectors)
+//                         the ONLY way to declare static shared memory (plain __shared__ does not
+//                         compile under emulation). Emulated, `name` is a reference to a T[N] in a
+//                         per-block allocation of exactly N * sizeof(T) bytes, filled with 0xFF (NaN)
+//                         at the first request in each block, freed at block end; each declaration
+//                         site and template instantiation has its own. T must not contain a comma
+//                         (use an alias).
 //   MK_DYNAMIC_SHARED(T, name)   declares `T* name` pointing at the dynamic shared memory
 //   MK_LAUNCH(kernel, grid, block, smem, stream, args...)
 //                         launches a kernel (a function or function pointer, not a template-id:
@@ -27,13 +32,22 @@
 
 #if defined(MOKERNELS_EMULATION)
 
+#include <source_location>
+
 #include "../../emu/shim.h"
 
 #define MK_GLOBAL inline
 #define MK_DEVICE inline
 #define MK_HOST_DEVICE inline
-#define MK_SHARED static
-#define MK_SHARED_ALIGNED(bytes) alignas(bytes) static
+// The function-local static is only a tag: its address identifies the declaration (per instantiation).
+#define MK_SHARED_ARRAY_ALIGNED(A, T, name, N)                                                        \
+  static char mk_shared_tag_##name;                                                                  \
+  T(&name)[N] = *static_cast<T(*)[N]>(::mk::emu::static_shared(&mk_shared_tag_##name, sizeof(T) * (N), \
+                                                                 (A) > alignof(T) ? (A) : alignof(T)))
+#define MK_SHARED_ARRAY(T, name, N) MK_SHARED_ARRAY_ALIGNED(alignof(T), T, name, N)
+// A plain __shared__ would be a function-local static under g++: one copy for all blocks, never poisoned.
+#undef __shared__
+#define __shared__ mk_plain_shared_is_not_emulated_use_MK_SHARED_ARRAY
 #define MK_LAUNCH_BOUNDS(n)
 #define MK_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::mk::emu::dynamic_shared())
 #define MK_LAUNCH(kernel, grid, block, smem, stream, ...) \
@@ -53,8 +67,8 @@ inline cudaError_t last_launch_error() { return cudaSuccess; }
 #define MK_GLOBAL __global__
 #define MK_DEVICE __device__ __forceinline__
 #define MK_HOST_DEVICE __host__ __device__ __forceinline__
-#define MK_SHARED __shared__
-#define MK_SHARED_ALIGNED(bytes) __shared__ __align__(bytes)
+#define MK_SHARED_ARRAY(T, name, N) __shared__ T name[N]
+#define MK_SHARED_ARRAY_ALIGNED(A, T, name, N) __shared__ __align__(A) T name[N]
 #define MK_LAUNCH_BOUNDS(n) __launch_bounds__(n)
 #define MK_DYNAMIC_SHARED(T, name)                               \
   extern __shared__ __align__(16) unsigned char mk_dyn_smem_[]; \
@@ -65,6 +79,8 @@ inline cudaError_t last_launch_error() { return cudaSuccess; }
 
 namespace mk {
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
+// The 32-bit shared-state-space address of a generic pointer into shared memory (PTX operands).
+MK_DEVICE uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 }  // namespace mk
 
 #endif
@@ -73,14 +89,17 @@ namespace mk {
 
 // __syncthreads(): every live thread of the block. Threads that returned early are dropped
 // from the barrier (as on sm_70+ hardware); the emulator checks that no thread waits at a
-// different barrier (that is a deadlock on the GPU and an error under emulation).
-MK_DEVICE void block_sync() {
+// different barrier (a deadlock or undefined behaviour on the GPU, an error under emulation):
+// a warp collective, or a __syncthreads at another call site (std::source_location of the caller).
+// A block_sync inside a helper called from two places has ONE call site, the helper's: legal CUDA
+// when all threads call the helper, and not flagged; two helpers' calls from divergent branches are not seen.
 #if defined(MOKERNELS_EMULATION)
-  ::mk::emu::block_sync();
-#else
-  __syncthreads();
-#endif
+inline void block_sync(std::source_location where = std::source_location::current()) {
+  ::mk::emu::block_sync(where.file_name(), where.line());
 }
+#else
+MK_DEVICE void block_sync() { __syncthreads(); }
+#endif
 
 MK_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
