@@ -165,6 +165,12 @@ if _flag("MOKERNELS_BUILD_EMU", "1") and not emu_incs:
 
 ext_modules = [ext_c]
 sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+# Compile-only flags of the sanitizer build, after Python's CFLAGS (extra_compile_args come last):
+#  -fno-wrapv: Python's CFLAGS carry -fwrapv, which defines signed overflow and so switches UBSan's
+#    signed-integer-overflow check off; the last of -fwrapv/-fno-wrapv wins.
+#  -ftrivial-auto-var-init=pattern: an uninitialised local (a register on the GPU) holds a 0xFE..
+#    pattern instead of whatever the fresh, zeroed fiber stack had (a forgotten `acc = 0` looked right).
+sanitize_cc = ["-ftrivial-auto-var-init=pattern", "-fno-wrapv"]
 emu_defs = ["-DMOKERNELS_EMULATION", "-Wno-unknown-pragmas"] + [f"-I{i}" for i in emu_incs]
 # The TSan module: only the kernel TU is instrumented; its shim (shim_tsan.cpp, -DMK_EMU_TSAN) is compiled
 # separately without -fsanitize (see TsanShimBuild) and linked in as an object.
@@ -182,7 +188,7 @@ for name, module_src, shim_src, flags, link, wanted in (
                 name,
                 sources=[module_src] + ([shim_src] if shim_src else []),
                 include_dirs=[csrc],
-                extra_compile_args={"cxx": flags + emu_defs},
+                extra_compile_args={"cxx": flags + emu_defs + (sanitize_cc if name.endswith("asan") else [])},
                 extra_link_args=link,
             )
         )

@@ -3,7 +3,8 @@
 Each mutant is a kernel with one bug class (csrc/emu/mutants.h, bug > 0) or a real kernel with one
 MK_MUTABLE point switched off (mokernels_emu::_set_mutation). Each has a correct twin (bug = 0 / no
 mutation) that every pass must find clean. A pass runs a case in a child process:
-  plain-rev / plain-fwd  mokernels._emu, fibers starting in reverse / forward order
+  plain-rev / plain-fwd  mokernels._emu, fibers starting in reverse order / in forward order with
+                         the grid's blocks reversed (CI's passes 1 and 2)
   asan                   mokernels._emu_asan (ASan + UBSan, forward order)
   tsan                   mokernels._emu_tsan, strict (warp collectives give no ordering)
 and a case is *caught* by it when the emulator raises (misuse), the result differs from the
@@ -189,11 +190,11 @@ def pass_env(pass_name: str) -> tuple[dict[str, str], list[str]]:
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYPOTHESIS_PROFILE="ci")
     for k in ("MOKERNELS_EMU_ASAN", "MOKERNELS_EMU_TSAN", "MOKERNELS_EMU_TSAN_STRICT", "LD_PRELOAD",
-              "MOKERNELS_EMU_SCHEDULE", "MOKERNELS_EMU_MUTATION"):
+              "MOKERNELS_EMU_SCHEDULE", "MOKERNELS_EMU_BLOCK_ORDER", "MOKERNELS_EMU_MUTATION"):
         env.pop(k, None)
     prefix: list[str] = []
-    if pass_name == "plain-fwd":
-        env["MOKERNELS_EMU_SCHEDULE"] = "forward"
+    if pass_name == "plain-fwd":  # as CI's pass 2
+        env.update(MOKERNELS_EMU_SCHEDULE="forward", MOKERNELS_EMU_BLOCK_ORDER="reverse")
     elif pass_name == "asan":
         env.update(LD_PRELOAD=emu.sanitizer_preload(), ASAN_OPTIONS="detect_leaks=0", MOKERNELS_EMU_ASAN="1",
                    MOKERNELS_EMU_SCHEDULE="forward")

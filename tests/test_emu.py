@@ -64,9 +64,9 @@ def test_misuse_is_reported(emu_ops, case, msg):
 
 @pytest.mark.racy
 def test_missing_barrier_is_exposed(emu_ops):
-    """Unwritten shared memory reads as NaN and fibers run in one order (reverse by default, forward
-    in the ASan pass) until the first barrier, so a kernel reading its neighbours' slots without
-    __syncthreads gives a visibly wrong answer in either schedule."""
+    """Unwritten shared memory reads as NaN and the lanes of a warp run in one order (reverse-first by
+    default, forward-first with MOKERNELS_EMU_SCHEDULE=forward) up to the barrier, so a kernel reading its
+    neighbours' slots without __syncthreads gives a visibly wrong answer in either schedule."""
     x = torch.arange(1.0, 65.0)
     out = emu_ops._selftest("missing_barrier", x)
     assert torch.isnan(out).any()
@@ -207,22 +207,48 @@ def test_emulator_survives_a_failed_launch(emu_ops):
     assert torch.isfinite(emu_ops._selftest("warp_ops", x)).all()
 
 
-@pytest.mark.skipif(not mokernels._ext.emulation_built(sanitized=True),
-                    reason="ASan emulation module not built (MOKERNELS_BUILD_EMU_ASAN=1)")
-def test_sanitizer_build_catches_planted_out_of_bounds_read(tmp_path):
-    """Runs a kernel with a planted one-past-the-row read under the ASan build in a subprocess and
-    expects AddressSanitizer's heap-buffer-overflow report."""
-    script = textwrap.dedent(
-        """
-        import torch, mokernels
-        from mokernels import emu
-        x = torch.randn(5, 7)
-        print(emu.ops()._planted_oob_read(x))
-        """
-    )
+needs_asan = pytest.mark.skipif(not mokernels._ext.emulation_built(sanitized=True),
+                                reason="ASan emulation module not built (MOKERNELS_BUILD_EMU_ASAN=1)")
+
+
+def _run_sanitized(body: str) -> subprocess.CompletedProcess:
+    """Runs `body` (with torch, mokernels and `ops` = the ASan/UBSan emulation ops) in a subprocess."""
+    script = "import torch, mokernels\nfrom mokernels import emu\nops = emu.ops()\n" + textwrap.dedent(body)
     env = dict(os.environ, LD_PRELOAD=mokernels.emu.sanitizer_preload(), ASAN_OPTIONS="detect_leaks=0", MOKERNELS_EMU_ASAN="1",
                MOKERNELS_EMU_TSAN="0")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+
+@needs_asan
+def test_sanitizer_build_catches_planted_out_of_bounds_read():
+    """Runs a kernel with a planted one-past-the-row read under the ASan build in a subprocess and
+    expects AddressSanitizer's heap-buffer-overflow report."""
+    proc = _run_sanitized("print(ops._planted_oob_read(torch.randn(5, 7)))")
     assert proc.returncode != 0, proc.stdout
     assert "heap-buffer-overflow" in proc.stderr, proc.stderr[-3000:]
     assert "row_sum_one_past" in proc.stderr  # the report points into the kernel
+
+
+@needs_asan
+def test_sanitizer_build_catches_planted_int32_overflow():
+    """A signed int32 index product that overflows in kernel code is a UBSan error: the ASan/UBSan
+    build appends -fno-wrapv after Python's -fwrapv (which would define the overflow and silence it)."""
+    proc = _run_sanitized("print(ops._planted_int_overflow(torch.zeros(1)))")
+    assert proc.returncode != 0, proc.stdout
+    assert "signed integer overflow" in proc.stderr, proc.stderr[-3000:]
+    assert "planted.h" in proc.stderr  # reported at the kernel's line
+
+
+@needs_asan
+def test_sanitizer_build_makes_uninitialised_accumulator_garbage():
+    """-ftrivial-auto-var-init=pattern: a row sum without its `= 0` starts from the 0xFE.. pattern, so its
+    result is wrong instead of happening to be right on the fresh (zeroed) fiber stack."""
+    proc = _run_sanitized(
+        """
+        x = torch.randn(40, 6)
+        out = ops._planted_uninit_acc(x)
+        print("WRONG" if not torch.allclose(out, x.sum(1), atol=1e-4) else "RIGHT")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("WRONG"), proc.stdout

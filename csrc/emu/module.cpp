@@ -5,13 +5,21 @@
 #include <pybind11/pybind11.h>
 
 #include "../schemas.h"
+
+// Kernel code: a maybe-uninitialised local (a forgotten neutral value, an accumulator set on one path
+// only) is a build error, not a warning (torch's headers, included above, are not held to it).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic error "-Wuninitialized"
+#pragma GCC diagnostic error "-Wmaybe-uninitialized"
 #include "../rank_one.cu"
 #include "../tile_gemm.cu"
 #include "../router.cu"
 
-#include "mutants.h"
-#include "planted.h"
 #include "selftest.h"
+#pragma GCC diagnostic pop
+
+#include "planted.h"  // deliberately wrong kernels (sanitizer build only)
+#include "mutants.h"  // the planted-bug catalogue (tests/test_emu_mutants.py)
 
 TORCH_LIBRARY(mokernels_emu, m) {
   mk::define_schemas(m);
