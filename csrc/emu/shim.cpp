@@ -454,7 +454,7 @@ void* static_shared(const void* tag, size_t bytes, size_t align) {
 void block_sync(const char* file, unsigned line) {
   BlockState& b = cur_block();
   ThreadState& t = *tls_thread;
-  const void* obj = b.sync.barrier(t.block_syncs++ & 1);
+  const void* obj = tsan::kEnabled ? b.sync.barrier(t.block_syncs++ & 1) : nullptr;
   if (tsan::kEnabled) {
     tsan::release(obj);
     tsan::release(b.launch_sync + 1);
@@ -469,7 +469,7 @@ void block_sync(const char* file, unsigned line) {
 void warp_sync(const char* kind) {
   BlockState& b = cur_block();
   ThreadState& t = *tls_thread;
-  const void* obj = b.sync.warp(t.warp, t.warp_syncs++ & 1);
+  const void* obj = tsan::kEnabled ? b.sync.warp(t.warp, t.warp_syncs++ & 1) : nullptr;
   const bool order = tsan::kEnabled && !tsan::strict();
   if (order) tsan::release(obj);
   if (tsan::kEnabled) tsan::release(b.launch_sync + 1);
