@@ -11,8 +11,9 @@
 //                         compile under emulation). Emulated, `name` is a reference to a T[N] in a
 //                         per-block allocation of exactly N * sizeof(T) bytes, filled with 0xFF (NaN)
 //                         at the first request in each block, freed at block end; each declaration
-//                         site and template instantiation has its own. T must not contain a comma
-//                         (use an alias).
+//                         site and template instantiation has its own. T may be an array type
+//                         (MK_SHARED_ARRAY(float[33], tile, 32) declares float tile[32][33]); a
+//                         scalar is an array of 1. T must not contain a comma (use an alias).
 //   MK_DYNAMIC_SHARED(T, name)   declares `T* name` pointing at the dynamic shared memory
 //   MK_LAUNCH(kernel, grid, block, smem, stream, args...)
 //                         launches a kernel (a function or function pointer, not a template-id:
@@ -40,10 +41,13 @@
 #define MK_DEVICE inline
 #define MK_HOST_DEVICE inline
 // The function-local static is only a tag: its address identifies the declaration (per instantiation).
-#define MK_SHARED_ARRAY_ALIGNED(A, T, name, N)                                                        \
-  static char mk_shared_tag_##name;                                                                  \
-  T(&name)[N] = *static_cast<T(*)[N]>(::mk::emu::static_shared(&mk_shared_tag_##name, sizeof(T) * (N), \
-                                                                 (A) > alignof(T) ? (A) : alignof(T)))
+// The alias lets T be an array type (MK_SHARED_ARRAY(float[33], tile, 32) is float tile[32][33]).
+#define MK_SHARED_ARRAY_ALIGNED(A, T, name, N)                                                       \
+  using mk_shared_t_##name = T;                                                                     \
+  static char mk_shared_tag_##name;                                                                 \
+  mk_shared_t_##name(&name)[N] = *static_cast<mk_shared_t_##name(*)[N]>(::mk::emu::static_shared(   \
+      &mk_shared_tag_##name, sizeof(mk_shared_t_##name) * (N),                                      \
+      (A) > alignof(mk_shared_t_##name) ? (A) : alignof(mk_shared_t_##name)))
 #define MK_SHARED_ARRAY(T, name, N) MK_SHARED_ARRAY_ALIGNED(alignof(T), T, name, N)
 // A plain __shared__ would be a function-local static under g++: one copy for all blocks, never poisoned.
 #undef __shared__
@@ -67,8 +71,12 @@ inline cudaError_t last_launch_error() { return cudaSuccess; }
 #define MK_GLOBAL __global__
 #define MK_DEVICE __device__ __forceinline__
 #define MK_HOST_DEVICE __host__ __device__ __forceinline__
-#define MK_SHARED_ARRAY(T, name, N) __shared__ T name[N]
-#define MK_SHARED_ARRAY_ALIGNED(A, T, name, N) __shared__ __align__(A) T name[N]
+#define MK_SHARED_ARRAY_ALIGNED(A, T, name, N) \
+  using mk_shared_t_##name = T;                \
+  __shared__ __align__(A) mk_shared_t_##name name[N]
+#define MK_SHARED_ARRAY(T, name, N) \
+  using mk_shared_t_##name = T;     \
+  __shared__ mk_shared_t_##name name[N]
 #define MK_LAUNCH_BOUNDS(n) __launch_bounds__(n)
 #define MK_DYNAMIC_SHARED(T, name)                               \
   extern __shared__ __align__(16) unsigned char mk_dyn_smem_[]; \
