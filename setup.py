@@ -10,6 +10,7 @@ Environment knobs (all optional):
   MOKERNELS_FORCE_CPU=1                       build without CUDA kernels even if nvcc is there
   MOKERNELS_BUILD_EMU=0                       skip the emulation module
   MOKERNELS_BUILD_EMU_ASAN=1                  also build mokernels._emu_asan (ASan + UBSan)
+  MOKERNELS_BUILD_EMU_TSAN=1                  also build mokernels._emu_tsan (ThreadSanitizer race pass)
 """
 from __future__ import annotations
 
@@ -157,6 +158,7 @@ emu_incs += nvidia_incs
 emu_incs = [inc for inc in emu_incs if all(Path(inc, h).exists() for h in ("cuda_bf16.h", "crt/host_defines.h"))]
 build_emu = _flag("MOKERNELS_BUILD_EMU", "1") and bool(emu_incs)
 build_emu_asan = build_emu and _flag("MOKERNELS_BUILD_EMU_ASAN")
+build_emu_tsan = build_emu and _flag("MOKERNELS_BUILD_EMU_TSAN")
 if _flag("MOKERNELS_BUILD_EMU", "1") and not emu_incs:
     print("mokernels setup: no CUDA toolkit headers (crt/host_defines.h) found; the emulation module is not "
           "built", file=sys.stderr)
@@ -169,23 +171,45 @@ sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "
 #  -ftrivial-auto-var-init=pattern: an uninitialised local (a register on the GPU) holds a 0xFE..
 #    pattern instead of whatever the fresh, zeroed fiber stack had (a forgotten `acc = 0` looked right).
 sanitize_cc = ["-ftrivial-auto-var-init=pattern", "-fno-wrapv"]
-for name, module_src, shim_src, flags, link in (
-    ("mokernels._emu", "csrc/emu/module.cpp", "csrc/emu/shim.cpp", ["-O2"], []),
-    ("mokernels._emu_asan", "csrc/emu/module_asan.cpp", "csrc/emu/shim_asan.cpp", ["-O1", "-g"] + sanitize, sanitize),
+emu_defs = ["-DMOKERNELS_EMULATION", "-Wno-unknown-pragmas"] + [f"-I{i}" for i in emu_incs]
+# The TSan module: only the kernel TU is instrumented; its shim (shim_tsan.cpp, -DMK_EMU_TSAN) is compiled
+# separately without -fsanitize (see TsanShimBuild) and linked in as an object.
+TSAN_SHIM = ("csrc/emu/shim_tsan.cpp", ["-O2", "-fPIC", "-std=c++20", "-DMK_EMU_TSAN", f"-I{csrc}"] + emu_defs)
+for name, module_src, shim_src, flags, link, wanted in (
+    ("mokernels._emu", "csrc/emu/module.cpp", "csrc/emu/shim.cpp", ["-O2"], [], build_emu),
+    ("mokernels._emu_asan", "csrc/emu/module_asan.cpp", "csrc/emu/shim_asan.cpp", ["-O1", "-g"] + sanitize, sanitize,
+     build_emu_asan),
+    ("mokernels._emu_tsan", "csrc/emu/module_tsan.cpp", None, ["-O1", "-g", "-fsanitize=thread"], ["-fsanitize=thread"],
+     build_emu_tsan),
 ):
-    if (name.endswith("asan") and build_emu_asan) or (not name.endswith("asan") and build_emu):
+    if wanted:
         ext_modules.append(
             cx.CppExtension(
                 name,
-                sources=[module_src, shim_src],
+                sources=[module_src] + ([shim_src] if shim_src else []),
                 include_dirs=[csrc],
-                extra_compile_args={
-                    "cxx": flags + ["-DMOKERNELS_EMULATION", "-Wno-unknown-pragmas"] + [f"-I{i}" for i in emu_incs]
-                    + (sanitize_cc if name.endswith("asan") else [])
-                },
+                extra_compile_args={"cxx": flags + emu_defs + (sanitize_cc if name.endswith("asan") else [])},
                 extra_link_args=link,
             )
         )
+
+
+class TsanShimBuild(cx.BuildExtension):
+    """BuildExtension that first compiles the TSan module's shim without instrumentation (one set of
+    compile flags per extension would instrument the scheduler's own bookkeeping)."""
+
+    def build_extension(self, ext):
+        if ext.name == "mokernels._emu_tsan":
+            import subprocess
+
+            src, flags = TSAN_SHIM
+            obj = Path(self.build_temp, "shim_tsan_uninstrumented.o")
+            obj.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [os.environ.get("CXX", "g++"), *flags, "-c", str(ROOT / src), "-o", str(obj)]
+            print(" ".join(cmd), file=sys.stderr)
+            subprocess.run(cmd, check=True)
+            ext.extra_objects = [str(obj)]
+        super().build_extension(ext)
 
 # Facts of this build, read by mokernels at import (torch ABI check, build_info()).
 (ROOT / "mokernels" / "_build_config.py").write_text(
@@ -196,6 +220,7 @@ for name, module_src, shim_src, flags, link in (
     f"CUDA_ARCHS = {targets!r}\n"
     f"EMU = {build_emu!r}\n"
     f"EMU_ASAN = {build_emu_asan!r}\n"
+    f"EMU_TSAN = {build_emu_tsan!r}\n"
     f"CUTLASS_VERSION = {cutlass_version!r}\n"
     f"CUTLASS_INCLUDE = {cutlass_inc!r}\n"
     f"CUDA_INCLUDE_DIRS = {emu_incs!r}\n"
@@ -208,7 +233,7 @@ setup(
     description="Fused CUDA kernels for mixture-of-adapters fine-tuning and serving",
     packages=find_packages(include=["mokernels", "mokernels.*"]),
     ext_modules=ext_modules,
-    cmdclass={"build_ext": cx.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": TsanShimBuild.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=[f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy"],
     zip_safe=False,

@@ -57,9 +57,10 @@ if not _COMPILED["with_cuda"]:
     )
 
 
-def emulation_built(sanitized: bool = False) -> bool:
-    """Whether the CPU emulation module (or its ASan/UBSan build) was built."""
-    return importlib.util.find_spec("mokernels._emu_asan" if sanitized else "mokernels._emu") is not None
+def emulation_built(sanitized: bool = False, tsan: bool = False) -> bool:
+    """Whether the CPU emulation module (or its ASan/UBSan build, or its TSan build) was built."""
+    name = "mokernels._emu_tsan" if tsan else "mokernels._emu_asan" if sanitized else "mokernels._emu"
+    return importlib.util.find_spec(name) is not None
 
 
 def build_info() -> dict:
@@ -74,6 +75,7 @@ def build_info() -> dict:
         cutlass_version=config.CUTLASS_VERSION,
         emulation=emulation_built(),
         emulation_asan=emulation_built(sanitized=True),
+        emulation_tsan=emulation_built(tsan=True),
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     )
     return info

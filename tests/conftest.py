@@ -4,9 +4,14 @@ Markers: `emu` tests run the real kernel source through the CPU emulator (mokern
 ASan build with MOKERNELS_EMU_ASAN=1); `cuda` tests need a GPU and are skipped (with the reason in
 the summary) without one. With MOKERNELS_REQUIRE_EMU=1 (set by CI) a missing emulation module fails
 the emulated tests instead of skipping them.
+
+MOKERNELS_EMU_SMALL=1 (the TSan pass, ~100x slower) keeps only the small-shape cases of the emulated
+tests: parametrized cases whose sizes multiply to more than SMALL_WORK are deselected (see _work), and
+hypothesis runs the "small" profile unless HYPOTHESIS_PROFILE says otherwise.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -18,7 +23,10 @@ from mokernels import emu
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.register_profile("small", max_examples=5, deadline=None, derandomize=True)
+SMALL = os.environ.get("MOKERNELS_EMU_SMALL") == "1"
+SMALL_WORK = 2048
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "small" if SMALL else "ci"))
 
 CUDA = torch.cuda.is_available()
 
@@ -33,6 +41,34 @@ def pytest_runtest_setup(item):
         if os.environ.get("MOKERNELS_REQUIRE_EMU") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+def _work(value) -> int:
+    """Size of a test parameter: the product of the integers in it (through tuples, lists and dicts);
+    integers below 8 (offsets, modes, tiny dims) and everything else count as 1."""
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, int):
+        return value if value >= 8 else 1
+    if isinstance(value, (tuple, list)):
+        return math.prod(_work(v) for v in value)
+    if isinstance(value, dict):
+        return math.prod(_work(v) for v in value.values())
+    return 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """MOKERNELS_EMU_SMALL=1: deselect the emulated cases with big shapes."""
+    if not SMALL:
+        return
+    keep, drop = [], []
+    for item in items:
+        cs = getattr(item, "callspec", None)
+        work = math.prod(_work(v) for v in cs.params.values()) if cs else 1
+        (drop if item.get_closest_marker("emu") and work > SMALL_WORK else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")

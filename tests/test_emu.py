@@ -62,6 +62,7 @@ def test_misuse_is_reported(emu_ops, case, msg):
         emu_ops._selftest(case, torch.zeros(64))
 
 
+@pytest.mark.racy
 def test_missing_barrier_is_exposed(emu_ops):
     """Unwritten shared memory reads as NaN and the lanes of a warp run in one order (reverse-first by
     default, forward-first with MOKERNELS_EMU_SCHEDULE=forward) up to the barrier, so a kernel reading its
@@ -86,6 +87,7 @@ def schedule(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.racy
 @pytest.mark.parametrize("n", [64, 96])
 def test_collective_does_not_act_as_block_barrier(emu_ops, schedule, n):
     """Warps run one at a time between block barriers: a warp_reduce between another warp's shared-memory
@@ -109,6 +111,7 @@ def test_two_warp_mma_gemm_is_right(emu_ops, schedule):
     torch.testing.assert_close(emu_ops._selftest("two_warp_gemm", x), a @ b.T, rtol=0, atol=0)
 
 
+@pytest.mark.racy
 @pytest.mark.parametrize("case", ["two_warp_gemm_no_raw_barrier", "two_warp_gemm_no_war_barrier"])
 def test_two_warp_mma_gemm_missing_barrier_is_wrong(emu_ops, schedule, case):
     """The 2-warp ldmatrix + mma.sync GEMM without its read-after-write barrier (reads the other warp's
@@ -233,7 +236,8 @@ needs_asan = pytest.mark.skipif(not mokernels._ext.emulation_built(sanitized=Tru
 def _run_sanitized(body: str) -> subprocess.CompletedProcess:
     """Runs `body` (with torch, mokernels and `ops` = the ASan/UBSan emulation ops) in a subprocess."""
     script = "import torch, mokernels\nfrom mokernels import emu\nops = emu.ops()\n" + textwrap.dedent(body)
-    env = dict(os.environ, LD_PRELOAD=mokernels.emu.sanitizer_preload(), ASAN_OPTIONS="detect_leaks=0", MOKERNELS_EMU_ASAN="1")
+    env = dict(os.environ, LD_PRELOAD=mokernels.emu.sanitizer_preload(), ASAN_OPTIONS="detect_leaks=0", MOKERNELS_EMU_ASAN="1",
+               MOKERNELS_EMU_TSAN="0")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -1,4 +1,5 @@
-// The emulation module (mokernels._emu, or mokernels._emu_asan built with ASan/UBSan): every
+// The emulation module (mokernels._emu, mokernels._emu_asan built with ASan/UBSan, or
+// mokernels._emu_tsan built with TSan): every
 // csrc/<family>.cu wrapper compiled as host C++ with MOKERNELS_EMULATION, so its kernels run on
 // CPU tensors through the fiber emulator (shim.cpp) as the `mokernels_emu` ops.
 #include <pybind11/pybind11.h>
@@ -19,11 +20,13 @@
 #pragma GCC diagnostic pop
 
 #include "planted.h"  // deliberately wrong kernels (sanitizer build only)
+#include "mutants.h"  // the planted-bug catalogue (tests/test_emu_mutants.py)
 
 TORCH_LIBRARY(mokernels_emu, m) {
   mk::define_schemas(m);
   mk::planted::define(m);
   mk::selftest::define(m);
+  mk::mutants::define(m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -32,5 +35,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("sanitized") = true;
 #else
   m.attr("sanitized") = false;
+#endif
+#if defined(__SANITIZE_THREAD__)
+  m.attr("thread_sanitized") = true;
+#else
+  m.attr("thread_sanitized") = false;
 #endif
 }

@@ -6,6 +6,7 @@
 // ASan, its interceptor clears the shadow of the whole target stack: the emulated tests spent most of
 // their time there. The ASan fiber annotations (start/finish_switch_fiber) cover either switch.
 #include "shim.h"
+#include "tsan_hooks.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -32,8 +33,8 @@
 namespace mk::emu {
 
 namespace {
-#if defined(MK_EMU_ASAN)
-constexpr size_t kStackBytes = 512 * 1024;  // ASan frames are much larger
+#if defined(MK_EMU_ASAN) || defined(MK_EMU_TSAN)
+constexpr size_t kStackBytes = 512 * 1024;  // sanitizer frames are much larger
 #else
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
@@ -124,6 +125,8 @@ struct ThreadState {
   std::deque<std::vector<AsyncCopy>> async_groups;
   Context ctx;
   unsigned char* stack = nullptr;  // mmap'ed, lowest page is a guard page
+  void* fiber = nullptr;           // its TSan fiber (TSan build only; fresh for every block)
+  unsigned block_syncs = 0, warp_syncs = 0;  // barriers passed (their parity picks the TSan sync object)
 };
 
 struct BlockState {
@@ -147,6 +150,16 @@ struct BlockState {
   std::string error;
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
+  // TSan build: the host's fiber, this block's sync objects, launch start/end objects, and the
+  // dynamic shared memory of finished blocks (freed after the launch, once the host has acquired it).
+  void* host_fiber = nullptr;
+  tsan::BlockSync sync;
+  char* launch_sync = nullptr;  // [0]: launch start, [1]: launch end
+  struct Retired {
+    void* ptr;
+    size_t align;
+  };
+  std::vector<Retired> retired;  // TSan build: shared memory of finished blocks, freed after the launch
 };
 
 thread_local ThreadState* tls_thread = nullptr;
@@ -174,6 +187,7 @@ void switch_to_scheduler(bool dying) {
 #else
   (void)dying;
 #endif
+  tsan::switch_to(b->host_fiber);
   switch_context(t->ctx, b->sched);
 #if defined(MK_EMU_ASAN)
   __sanitizer_finish_switch_fiber(fake, &b->sched_stack_bottom, &b->sched_stack_size);
@@ -185,6 +199,7 @@ void fiber_main() {
 #if defined(MK_EMU_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &b->sched_stack_bottom, &b->sched_stack_size);
 #endif
+  if (tsan::kEnabled) tsan::acquire(b->launch_sync);  // launch start: host -> thread
   try {
     (*b->body)();
   } catch (const std::exception& e) {
@@ -193,6 +208,7 @@ void fiber_main() {
     set_error(*b, "C++ exception escaped the kernel");
   }
   tls_thread->state = State::Done;
+  if (tsan::kEnabled) tsan::release(b->launch_sync + 1);  // launch end: thread -> host
   switch_to_scheduler(/*dying=*/true);
   std::abort();  // a finished fiber is never resumed
 }
@@ -204,6 +220,7 @@ void run_fiber(BlockState& b, ThreadState& t) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, t.stack, kStackBytes);
 #endif
+  tsan::switch_to(t.fiber);
   switch_context(b.sched, t.ctx);
 #if defined(MK_EMU_ASAN)
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
@@ -257,6 +274,43 @@ bool run_warp(BlockState& b, int w, bool& lane_forward) {
   }
 }
 
+// An mmap'ed fiber stack of kStackBytes above a PROT_NONE guard page (a stack overflow faults).
+unsigned char* map_stack(size_t page) {
+  void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+  if (mem == MAP_FAILED) throw std::runtime_error("emulated launch: cannot map fiber stacks");
+  if (mprotect(mem, page, PROT_NONE) != 0)
+    throw std::runtime_error("emulated launch: cannot protect a fiber stack guard page");
+  return static_cast<unsigned char*>(mem) + page;
+}
+
+void unmap_stack(unsigned char* stack, size_t page) {
+#if defined(MK_EMU_ASAN)
+  // a fiber abandoned by a failed launch leaves poisoned frames behind; mmap may reuse the pages
+  ASAN_UNPOISON_MEMORY_REGION(stack, kStackBytes);
+#endif
+  munmap(stack - page, kStackBytes + page);
+}
+
+// TSan build: every block gets new fibers, sync objects, stacks (munmap drops TSan's shadow, so the
+// frames of block k do not race with those of block k+1); run_block gives it fresh dynamic shared memory.
+void tsan_fresh_block(BlockState& b, bool first) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  delete[] b.sync.bytes;
+  b.sync.bytes = new char[2 + 2 * ceil_div_host(b.nthreads, kWarpSize)];
+  for (auto& t : b.threads) {
+    t.block_syncs = t.warp_syncs = 0;
+    tsan::destroy(t.fiber);
+    t.fiber = tsan::create();
+    if (!first) {
+      unmap_stack(t.stack, page);
+      t.stack = nullptr;
+      t.stack = map_stack(page);
+    }
+  }
+  tsan::release(b.launch_sync);  // the host's work so far (poisoning the block's memory) -> threads
+}
+
 void perform(const std::vector<ThreadState::AsyncCopy>& group) {
   for (const auto& c : group) {
     std::memcpy(c.dst, c.src, c.src_bytes);
@@ -277,8 +331,14 @@ void finish_async_copies(BlockState& b, bool perform_them) {
   }
 }
 
+// TSan build: kept until the launch ends, when the host has acquired every thread's accesses (a free
+// now would race with them: the host is not ordered after the block).
 void free_static_shared(BlockState& b) {
-  for (auto& a : b.static_smem) ::operator delete(a.ptr, std::align_val_t{a.align});
+  for (auto& a : b.static_smem)
+    if (tsan::kEnabled)
+      b.retired.push_back({a.ptr, a.align});
+    else
+      ::operator delete(a.ptr, std::align_val_t{a.align});
   b.static_smem.clear();
 }
 
@@ -287,13 +347,18 @@ std::string site(const ThreadState& t) { return std::string(t.sync_file) + ":" +
 // Warp-serial schedule: a phase is the interval between two block barriers; in each phase every warp
 // runs alone through all of its collectives up to the block barrier, warps in alternating order
 // (reverse first by default), so no warp ever sees another warp's writes of the same phase.
-void run_block_fibers(BlockState& b) {
+void run_block_fibers(BlockState& b, bool first) {
+  if (tsan::kEnabled && !first && b.smem_bytes) {
+    b.retired.push_back({b.smem, 16});
+    b.smem = ::operator new(b.smem_bytes, std::align_val_t{16});
+  }
+  // Uninitialised shared memory reads as 0xFF bytes (NaN for floats), never as a previous block's data.
+  if (b.smem_bytes) std::memset(b.smem, 0xFF, b.smem_bytes);
+  if (tsan::kEnabled) tsan_fresh_block(b, first);
   for (auto& t : b.threads) {
     t.state = State::Ready;
     t.ctx.init(t.stack, kStackBytes, fiber_main);
   }
-  // Uninitialised shared memory reads as 0xFF bytes (NaN for floats), never as a previous block's data.
-  if (b.smem_bytes) std::memset(b.smem, 0xFF, b.smem_bytes);
   const int nwarps = static_cast<int>(ceil_div_host(b.nthreads, kWarpSize));
   bool lane_forward = b.forward_first;
   for (bool warp_forward = b.forward_first;; warp_forward = !warp_forward) {
@@ -318,9 +383,12 @@ void run_block_fibers(BlockState& b) {
 
 // One block: its fibers, then the release of its static shared memory (a fresh allocation per block:
 // never the previous block's data, and fresh shadow memory for the sanitizers).
-void run_block(BlockState& b) {
-  run_block_fibers(b);
+void run_block(BlockState& b, bool first) {
+  run_block_fibers(b, first);
+  // TSan: the copies land in this block's shared memory on behalf of threads that have exited
+  tsan::ignore_begin();
   finish_async_copies(b, b.error.empty());
+  tsan::ignore_end();
   free_static_shared(b);
 }
 
@@ -369,31 +437,70 @@ void* static_shared(const void* tag, size_t bytes, size_t align) {
     }
   align = std::max(align, alignof(std::max_align_t));
   // Exactly `bytes`: an access one past the end is a heap-buffer-overflow under ASan.
+  // TSan: allocated and poisoned by whichever thread asks first, but on behalf of the block (no access
+  // of that thread for the others to race with).
+  tsan::ignore_begin();
   void* p = ::operator new(bytes, std::align_val_t{align});
   std::memset(p, 0xFF, bytes);  // poison: uninitialised shared memory reads as 0xFF bytes (NaN)
+  tsan::ignore_end();
   b.static_smem.push_back({tag, p, bytes, align});
   return p;
 }
 
+// TSan: barrier n releases into and acquires from sync object n % 2. One object would let a thread
+// that already arrived at barrier n + 1 release into what a slower thread acquires when it leaves
+// barrier n, ordering accesses that the GPU leaves unordered; barrier n + 2 cannot open before every
+// thread has left barrier n, so two objects suffice.
 void block_sync(const char* file, unsigned line) {
-  cur_block();
-  tls_thread->sync_file = file;
-  tls_thread->sync_line = line;
-  tls_thread->state = State::AtBlockBarrier;
+  BlockState& b = cur_block();
+  ThreadState& t = *tls_thread;
+  const void* obj = tsan::kEnabled ? b.sync.barrier(t.block_syncs++ & 1) : nullptr;
+  if (tsan::kEnabled) {
+    tsan::release(obj);
+    tsan::release(b.launch_sync + 1);
+  }
+  t.sync_file = file;
+  t.sync_line = line;
+  t.state = State::AtBlockBarrier;
   switch_to_scheduler(false);
+  if (tsan::kEnabled) tsan::acquire(obj);
 }
 
 void warp_sync(const char* kind) {
-  cur_block();
-  tls_thread->state = State::AtWarpBarrier;
-  tls_thread->collective = kind;
+  BlockState& b = cur_block();
+  ThreadState& t = *tls_thread;
+  const void* obj = tsan::kEnabled ? b.sync.warp(t.warp, t.warp_syncs++ & 1) : nullptr;
+  const bool order = tsan::kEnabled && !tsan::strict();
+  if (order) tsan::release(obj);
+  if (tsan::kEnabled) tsan::release(b.launch_sync + 1);
+  t.state = State::AtWarpBarrier;
+  t.collective = kind;
   switch_to_scheduler(false);
+  if (order) tsan::acquire(obj);
 }
 
+namespace {
 unsigned char* exchange_slot(int lane) {
   BlockState& b = cur_block();
   const size_t slot = static_cast<size_t>(tls_thread->warp) * kWarpSize + lane;
   return b.exchange.data() + slot * kExchangeBytes;
+}
+}  // namespace
+
+void exchange_put(const void* src, size_t n) {
+  if (n > kExchangeBytes) fail("warp exchange of more than kExchangeBytes");
+  unsigned char* dst = exchange_slot(lane_id());
+  tsan::ignore_begin();
+  std::memcpy(dst, src, n);
+  tsan::ignore_end();
+}
+
+void exchange_get(int lane, void* dst, size_t n) {
+  if (n > kExchangeBytes) fail("warp exchange of more than kExchangeBytes");
+  const unsigned char* src = exchange_slot(lane);
+  tsan::ignore_begin();
+  std::memcpy(dst, src, n);
+  tsan::ignore_end();
 }
 
 bool lane_exists(int lane) {
@@ -401,9 +508,23 @@ bool lane_exists(int lane) {
   return tls_thread->warp * kWarpSize + lane < b.nthreads;
 }
 
+namespace {
+std::string& mutation() {
+  static std::string m = [] {
+    const char* v = std::getenv("MOKERNELS_EMU_MUTATION");
+    return std::string(v ? v : "");
+  }();
+  return m;
+}
+}  // namespace
+
+bool mutation_on(const char* name) { return !mutation().empty() && mutation() == name; }
+void set_mutation(const char* name) { mutation() = name; }
+
 void fail(const char* what) {
   if (tls_thread == nullptr || tls_block == nullptr) throw std::runtime_error(what);
   set_error(*tls_block, what);
+  if (tsan::kEnabled) tsan::release(tls_block->launch_sync + 1);
   tls_thread->state = State::Done;
   switch_to_scheduler(/*dying=*/true);
   std::abort();  // never resumed
@@ -445,28 +566,24 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
     BlockState& b;
     size_t page;
     ~Cleanup() {
-      for (auto& t : b.threads)
-        if (t.stack) {
-#if defined(MK_EMU_ASAN)
-          // a fiber abandoned by a failed launch leaves poisoned frames behind; mmap may reuse the pages
-          ASAN_UNPOISON_MEMORY_REGION(t.stack, kStackBytes);
-#endif
-          munmap(t.stack - page, kStackBytes + page);
-        }
+      // launch end: every thread -> host, before the host frees what the threads touched
+      if (tsan::kEnabled && b.launch_sync) tsan::acquire(b.launch_sync + 1);
+      for (auto& t : b.threads) {
+        if (t.stack) unmap_stack(t.stack, page);
+        tsan::destroy(t.fiber);
+      }
       ::operator delete(b.smem, std::align_val_t{16});
       free_static_shared(b);
+      for (const auto& r : b.retired) ::operator delete(r.ptr, std::align_val_t{r.align});
+      delete[] b.sync.bytes;
+      delete[] b.launch_sync;
       tls_block = nullptr;
       tls_thread = nullptr;
     }
   } cleanup{b, page};
   for (int i = 0; i < nthreads; ++i) {
-    void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (mem == MAP_FAILED) throw std::runtime_error("emulated launch: cannot map fiber stacks");
-    if (mprotect(mem, page, PROT_NONE) != 0)  // guard page: a stack overflow faults instead of corrupting
-      throw std::runtime_error("emulated launch: cannot protect a fiber stack guard page");
     ThreadState& t = b.threads[i];
-    t.stack = static_cast<unsigned char*>(mem) + page;
+    t.stack = map_stack(page);
     t.idx = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
                   static_cast<unsigned>(i / (block.x * block.y))};
     t.warp = i / kWarpSize;
@@ -476,6 +593,10 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   b.smem = ::operator new(smem_bytes, std::align_val_t{16});
   b.smem_bytes = smem_bytes;
   b.forward_first = forward_first;
+  if (tsan::kEnabled) {
+    b.host_fiber = tsan::current();
+    b.launch_sync = new char[2];  // run_block releases [0] (launch start: host -> every thread)
+  }
   tls_block = &b;
   // Blocks run one after another, in linear order x fastest (last to first with
   // MOKERNELS_EMU_BLOCK_ORDER=reverse): a kernel whose blocks depend on each other's order is wrong.
@@ -485,7 +606,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
     const auto x = static_cast<unsigned>(lin % grid.x), y = static_cast<unsigned>((lin / grid.x) % grid.y),
                z = static_cast<unsigned>(lin / (static_cast<uint64_t>(grid.x) * grid.y));
     b.bidx = uint3{x, y, z};
-    run_block(b);
+    run_block(b, i == 0);
     if (!b.error.empty())
       throw std::runtime_error("emulated kernel failed in block (" + std::to_string(x) + "," + std::to_string(y) +
                                "," + std::to_string(z) + "): " + b.error);

@@ -78,14 +78,21 @@ void cp_async(void* dst, const void* src, unsigned cp_bytes, unsigned src_bytes)
 void cp_async_commit();
 void cp_async_wait(int pending);
 
-// Per-warp exchange: slot of `lane` (valid between the two warp_syncs of a collective).
-unsigned char* exchange_slot(int lane);
+// Per-warp exchange (valid between the two warp_syncs of a collective): copy `n` <= kExchangeBytes
+// bytes into this lane's slot / out of `lane`'s slot. Bookkeeping, invisible to the TSan pass.
+void exchange_put(const void* src, size_t n);
+void exchange_get(int lane, void* dst, size_t n);
 bool lane_exists(int lane);
 
 // Fails the launch unless `p` is aligned to `bytes` (what the GPU instruction would require).
 inline void require_aligned(const void* p, size_t bytes, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail(what);
 }
+
+// Mutation testing (MK_MUTABLE in platform.cuh): whether mutation `name` is switched on. One mutation at
+// a time, set by set_mutation (the mokernels_emu::_set_mutation op) or MOKERNELS_EMU_MUTATION; "" = none.
+bool mutation_on(const char* name);
+void set_mutation(const char* name);
 
 // Runs `body` as a kernel over grid x block threads with `smem_bytes` of dynamic shared memory.
 // Throws std::runtime_error when the emulated kernel misbehaves (see above).
@@ -97,13 +104,13 @@ template <class T, class F>
 inline T warp_exchange(const char* kind, T v, F src_of) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= kExchangeBytes, "exchange type");
   const int lane = lane_id();
-  std::memcpy(exchange_slot(lane), &v, sizeof(T));
+  exchange_put(&v, sizeof(T));
   warp_sync(kind);
   const int src = src_of(lane);
   T r = v;
   if (src >= 0 && src < kWarpSize) {
     if (!lane_exists(src)) fail("warp shuffle reads a lane that does not exist in this block");
-    std::memcpy(&r, exchange_slot(src), sizeof(T));
+    exchange_get(src, &r, sizeof(T));
   }
   warp_sync(kind);
   return r;

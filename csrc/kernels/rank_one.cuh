@@ -42,7 +42,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     scale_fwd_kernel(const T* __restrict__ z, const T* __restrict__ sigma, const T* __restrict__ g,
                      T* __restrict__ out, int64_t rows, int64_t cols) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (c >= cols) return;  // no barrier below: early exit is safe
+  if (c >= cols && MK_MUTABLE("rank_one.fwd.guard")) return;  // no barrier below: early exit is safe
   const Vec<T, VEC> s = load_vec<VEC>(sigma + c);
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
@@ -115,7 +115,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     }
 #pragma unroll
     for (int i = 0; i < VEC; ++i) red[slot + i] = acc[i];
-    block_sync();
+    if (MK_MUTABLE("rank_one.bwd.barrier")) block_sync();
     for (unsigned h = blockDim.y / 2; h > 0; h /= 2) {  // blockDim.y is a power of two
       if (threadIdx.y < h)
 #pragma unroll

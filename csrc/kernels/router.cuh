@@ -578,7 +578,8 @@ struct RowStats {
 
   MK_DEVICE void load(const T* __restrict__ z, int64_t row, bool active, int n, A r, bool unit, int glane) {
     A x[VPL];
-    A m = -infinity<A>();  // a NaN or +inf anywhere makes the row's max +inf: one reduction finds both
+    // a NaN or +inf anywhere makes the row's max +inf: one reduction finds both
+    A m = MK_MUTABLE("router.max_init") ? -infinity<A>() : A(0);
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {  // all loads first
       const int i = v * GROUP + glane;

@@ -33,7 +33,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(32)
       else  // r = n, q = k
         sb[r * kLd + q] = (n0 + r < N && k0 + q < K) ? b[static_cast<int64_t>(n0 + r) * K + k0 + q] : zero;
     }
-    block_sync();
+    if (MK_MUTABLE("tile_gemm.raw_barrier")) block_sync();
     uint32_t af[4], bf[4];
     // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
     ldmatrix<4>(af, &sa[(lane % 16) * kLd + (lane / 16) * 8]);
@@ -45,7 +45,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(32)
     const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
     mma_m16n8k16<T>(acc[0], af, b0, acc[0]);
     mma_m16n8k16<T>(acc[1], af, b1, acc[1]);
-    block_sync();  // the next K step overwrites the tiles
+    if (MK_MUTABLE("tile_gemm.war_barrier")) block_sync();  // the next K step overwrites the tiles
   }
   for (int nt = 0; nt < 2; ++nt)
     for (int i = 0; i < 4; ++i) {

@@ -53,7 +53,7 @@ template <int NUM, bool TRANS> inline void ldmatrix_emu(uint32_t* r, const void*
   namespace e = ::mk::emu;
   const int lane = e::lane_id();
   e::require_aligned(row_ptr, 16, "ldmatrix row address is not 16-byte aligned");
-  std::memcpy(e::exchange_slot(lane), &row_ptr, sizeof(row_ptr));
+  e::exchange_put(&row_ptr, sizeof(row_ptr));
   e::warp_sync(TRANS ? "ldmatrix.trans" : "ldmatrix");
   for (int j = 0; j < NUM; ++j) {
     uint16_t v[2];
@@ -62,7 +62,7 @@ template <int NUM, bool TRANS> inline void ldmatrix_emu(uint32_t* r, const void*
       const int src = j * 8 + rc.row;  // the lane that gave this row's address
       if (!e::lane_exists(src)) e::fail("ldmatrix row address from a lane that does not exist");
       const unsigned char* p;
-      std::memcpy(&p, e::exchange_slot(src), sizeof(p));
+      e::exchange_get(src, &p, sizeof(p));
       std::memcpy(&v[h], p + 2 * rc.col, 2);
     }
     r[j] = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[1]) << 16);
@@ -121,7 +121,7 @@ MK_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
   struct Frag { uint32_t a[4]; uint32_t b[2]; };
   const int lane = e::lane_id();
   const Frag mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
-  std::memcpy(e::exchange_slot(lane), &mine, sizeof(Frag));
+  e::exchange_put(&mine, sizeof(Frag));
   e::warp_sync("mma.sync");
   for (int l = 0; l < kWarpSize; ++l)
     if (!e::lane_exists(l)) e::fail("mma.sync in a warp with fewer than 32 threads");
@@ -129,7 +129,7 @@ MK_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
   float A[16][16], B[16][8];
   for (int l = 0; l < kWarpSize; ++l) {
     Frag f;
-    std::memcpy(&f, e::exchange_slot(l), sizeof(Frag));
+    e::exchange_get(l, &f, sizeof(Frag));
     for (int h = 0; h < 2; ++h) {
       for (int reg = 0; reg < 4; ++reg) {
         const RowCol rc = mma_a_coord(l, reg, h);

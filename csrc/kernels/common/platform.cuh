@@ -18,6 +18,9 @@
 //   MK_LAUNCH(kernel, grid, block, smem, stream, args...)
 //                         launches a kernel (a function or function pointer, not a template-id:
 //                         bind `auto k = kern<T, N>;` first, commas would split the macro)
+//   MK_MUTABLE("family.point")  true; under emulation false while that mutation is switched on
+//                         (tests/test_emu_mutants.py plants bugs in the real kernels through it:
+//                         `if (MK_MUTABLE("x.barrier")) block_sync();` deletes that barrier)
 // and the helpers of warp.cuh / mma.cuh for everything a warp does together.
 //
 // MOKERNELS_EMULATION is an explicit build macro, never derived from __CUDA_ARCH__ (nvcc's host
@@ -53,6 +56,7 @@
 #define MK_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::mk::emu::dynamic_shared())
 #define MK_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::mk::emu::launch((grid), (block), (smem), [&]() { kernel(__VA_ARGS__); })
+#define MK_MUTABLE(name) (!::mk::emu::mutation_on(name))
 
 namespace mk {
 // Emulated launches are synchronous and cannot fail asynchronously; errors inside the emulated
@@ -79,6 +83,7 @@ inline cudaError_t last_launch_error() { return cudaSuccess; }
   T* name = reinterpret_cast<T*>(mk_dyn_smem_)
 #define MK_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define MK_MUTABLE(name) true
 
 namespace mk {
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }

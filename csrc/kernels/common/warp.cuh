@@ -52,12 +52,15 @@ template <class T> MK_DEVICE T shfl_down(T v, int delta) {
 MK_DEVICE uint32_t ballot(bool pred) {
 #if defined(MOKERNELS_EMULATION)
   namespace e = ::mk::emu;
-  *e::exchange_slot(e::lane_id()) = pred ? 1 : 0;
+  const unsigned char mine = pred ? 1 : 0;
+  e::exchange_put(&mine, 1);
   e::warp_sync("ballot");
   uint32_t m = 0;
   for (int l = 0; l < kWarpSize; ++l) {
     if (!e::lane_exists(l)) e::fail("ballot with a full mask in a warp with fewer than 32 threads");
-    if (*e::exchange_slot(l)) m |= 1u << l;
+    unsigned char bit = 0;
+    e::exchange_get(l, &bit, 1);
+    if (bit) m |= 1u << l;
   }
   e::warp_sync("ballot");
   return m;
