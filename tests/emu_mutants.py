@@ -61,7 +61,7 @@ MUTANTS = [
     Mutant("cp_async_missing_commit", "cp.async pipeline without its commit_group", needs="cp.async"),
     Mutant("rank_one.bwd.barrier", "real rank_one backward without its block_sync"),
     Mutant("rank_one.fwd.guard", "real rank_one forward without its column bounds guard"),
-    Mutant("router.max_init", "real router: row max starts at 0 instead of -inf (wrong neutral value)"),
+    Mutant("router.max_init", "real router backward: row max starts at 0 instead of -inf (wrong neutral value)"),
     Mutant("tile_gemm.raw_barrier", "real tile GEMM without its read-after-write block_sync"),
     Mutant("tile_gemm.war_barrier", "real tile GEMM without its overwrite block_sync"),
 ]
@@ -147,9 +147,10 @@ def _cases() -> dict[str, Callable]:
     cases["rank_one.fwd.guard"] = real("rank_one.fwd.guard", lambda ops: (
         ops.rank_one_scale(z3, s3, g3), rank_one_scale_reference(z3, s3, g3), 1e-6))
     logits = torch.randn(5, 8, generator=g) - 200.0  # exp(z - 0) underflows: a wrong max start shows
-    rargs = (logits, 1.0, 1.0, R.kmax_for(8, 3, None), "sum", False)
+    ids = R.route_fwd_reference(logits, 1.0, 1.0, 3, "sum", False)[0]  # the forward kernel has no such scalar
+    bargs = (torch.randn(5, 3, generator=g), None, logits, ids, 1.0, "sum")
     cases["router.max_init"] = real("router.max_init", lambda ops: (
-        ops.route_fwd(*rargs)[1], R.route_fwd_reference(*rargs)[1], 1e-5))
+        ops.route_bwd(*bargs), R.route_bwd_reference(*bargs), 1e-5))
     a, b = torch.randn(32, 48, generator=g).bfloat16(), torch.randn(16, 48, generator=g).bfloat16()
     for name in ("tile_gemm.raw_barrier", "tile_gemm.war_barrier"):
         cases[name] = real(name, lambda ops: (ops._tile_gemm(a, b, False), a.double() @ b.double().T, 1e-4 * 48))
