@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 
+#include <ATen/MemoryOverlap.h>
+
 #include "torch_glue.h"
 #include "kernels/lora.cuh"
 #include "kernels/lora_prefill.cuh"
@@ -161,6 +163,10 @@ void lora_apply_(at::Tensor& out, const at::Tensor& x, const at::Tensor& A, cons
                  const at::Tensor& scale, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
                  const std::optional<at::Tensor>& offsets) {
   TORCH_CHECK_VALUE(out.is_contiguous(), kApplyInplace, ": out must be contiguous (updated in place)");
+  // Blocks of other output chunks still read x while a block writes its slice of out: no aliasing.
+  const auto ov = at::get_overlap_status(out, x);
+  TORCH_CHECK_VALUE(ov != at::MemOverlapStatus::Full && ov != at::MemOverlapStatus::Partial, kApplyInplace,
+                    ": out must not share memory with x; pass a copy of x or use lora_apply");
   run(kApplyInplace, x, A, B, scale, 0.0, ids, weights, offsets, out, out, false, true);
 }
 

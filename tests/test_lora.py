@@ -208,6 +208,35 @@ def test_inplace_equals_out_of_place():
     torch.testing.assert_close(out, want)
 
 
+def test_int64_ids_and_offsets_saturate_instead_of_wrapping():
+    """Review finding: int64 metadata was cast to int32 before validation, so 2**32 became adapter 0 and
+    2**32 - 1 became "no adapter". Now out-of-range int64 values stay out of range."""
+    A, B, scale = weights(3, 2, 8, 6, torch.float64)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ids"):
+        lora_apply(x, A, B, scale, ids=torch.tensor([0, 1, 2, 2**32]))
+    with pytest.raises(ValueError, match="offsets"):
+        lora_apply(x, A, B, scale, segments=(torch.tensor([0, 2**32 + 2, 4]), torch.tensor([0, 1])))
+    y = lora_apply(x, A, B, scale, ids=torch.tensor([2**32, 2**32 - 1, 0, -1]), validate=False)
+    torch.testing.assert_close(y, naive(x, A, B, scale, [[], [], [(0, 1.0)], []]))
+
+
+def test_inplace_rejects_out_aliasing_x():
+    """Review finding: out sharing memory with x raced on the GPU (other blocks still read x)."""
+    A, B, scale = weights(2, 8, 16, 16, torch.float32)
+    h = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="share memory with x"):
+        lora_apply_(h, h, A, B, scale, ids=torch.tensor([0, 1, -1]))
+
+
+@pytest.mark.emu
+def test_emulated_inplace_rejects_out_aliasing_x(emu_ops):
+    A, B, scale = weights(2, 8, 256, 256, torch.float32)
+    h = torch.randn(1, 256)
+    with pytest.raises(Exception, match="share memory with x"):
+        emu_ops.lora_apply_(h, h, A, B, scale, torch.zeros(1, 1, dtype=torch.int32), None, None)
+
+
 @pytest.mark.parametrize("form", ["ids", "mixture", "segment_mixture"])
 def test_shrink_expand_compose_to_apply(form):
     A, B, scale = weights(5, 4, 16, 12, torch.float64)

@@ -821,8 +821,16 @@ cudaError_t launch_fwd(const TI* z, FwdOut<TO> out, int64_t rows, int n, int kma
     int np = 1;
     while (np < n) np *= 2;
     auto kernel = route_fwd_sort<TI, TO>;
-    MK_LAUNCH(kernel, dim3(static_cast<unsigned>(rows)), dim3(kSortThreads), sort_smem_bytes<A>(np), stream, z, out,
-              o, np);
+    const size_t smem = sort_smem_bytes<A>(np);
+#if !defined(MOKERNELS_EMULATION)
+    // Up to 48 KiB of keys plus the static reduction arrays exceed the 48 KiB default: opt in (sm_80+ allow
+    // up to 163/227 KiB per block).
+    if (smem > 32 * 1024)
+      if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+          e != cudaSuccess)
+        return e;
+#endif
+    MK_LAUNCH(kernel, dim3(static_cast<unsigned>(rows)), dim3(kSortThreads), smem, stream, z, out, o, np);
   }
   return last_launch_error();
 }
@@ -833,9 +841,14 @@ cudaError_t launch_cosine_fwd(const T* h, const T* keys, acc_t<T>* ws, FwdOut<T>
                               acc_t<T> eps, int kmax, double temperature, acc_t<T> top_p, int renorm,
                               cudaStream_t stream) {
   auto kernel = cosine_logits_kernel<T>;
-  const dim3 grid(static_cast<unsigned>(ceil_div(n, kCosExperts)), static_cast<unsigned>(ceil_div(rows, kCosRows)));
-  MK_LAUNCH(kernel, grid, dim3(kCosExperts, kCosY), 0, stream, h, keys, ws, rows, n, rdim, eps);
-  if (cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
+  // grid.y <= 65535: very tall inputs go in chunks of rows
+  constexpr int64_t kMaxRows = int64_t(65535) * kCosRows;
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+    const int64_t rr = rows - r0 < kMaxRows ? rows - r0 : kMaxRows;
+    const dim3 grid(static_cast<unsigned>(ceil_div(n, kCosExperts)), static_cast<unsigned>(ceil_div(rr, kCosRows)));
+    MK_LAUNCH(kernel, grid, dim3(kCosExperts, kCosY), 0, stream, h + r0 * rdim, keys, ws + r0 * n, rr, n, rdim, eps);
+    if (cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
+  }
   return launch_fwd<acc_t<T>, T>(ws, out, rows, n, kmax, temperature, top_p, renorm, stream);
 }
 

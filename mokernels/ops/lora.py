@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, acc_dtype, expect, expect_dtype
+from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype
 from ._checks import is_eager as _is_eager
 from .router import Routing
 
@@ -89,9 +89,18 @@ class LoraRouting(tuple):
     offsets = property(lambda self: self[2])
 
 
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    """Conservative alias test for the in-place op: both real tensors on one storage (meta/fake: False)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0 or not (can_sync(a) and can_sync(b)):
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _as_int32(name: str, t, op: str) -> Tensor:
     expect(isinstance(t, Tensor), op, f"{name} must be an integer tensor, got {type(t).__name__}")
     expect(t.dtype in INT_DTYPES, op, f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dtype == torch.int64:  # saturate, never wrap: 2**32 must stay out of range (validation, "no adapter")
+        t = t.clamp(-(2**31), 2**31 - 1)
     return t.to(torch.int32).contiguous()
 
 
@@ -325,6 +334,8 @@ def lora_apply_(
     forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
     lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
     expect(out.is_contiguous(), "lora_apply_", "out must be contiguous (it is updated in place)")
+    expect(not _same_storage(out, x), "lora_apply_", "out must not share memory with x (the kernels still read x "
+           "while other blocks write out); pass a copy of x or use lora_apply")
     torch.ops.mokernels.lora_apply_(o2, x.reshape(T, x.shape[-1]), A, B, s, i, w, off)
     return out
 
