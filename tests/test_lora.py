@@ -2,10 +2,6 @@
 per-token loop, the emulated decode kernel vs the reference, autograd, validation and opcheck."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -775,18 +771,6 @@ def test_emulated_wrapper_rejects_bad_inputs(emu_ops, name, mutate, msg):
     a = mutate(a)
     with pytest.raises(ValueError, match=msg):
         emu_ops.lora_apply(a["x"], a["A"], a["B"], a["scale"], a["ids"], a["weights"], a["offsets"], a["base"])
-
-
-@pytest.mark.emu
-@pytest.mark.skipif(os.environ.get("MOKERNELS_EMU_SCHEDULE") == "forward", reason="already forward-first")
-def test_emulated_forward_fiber_order():
-    """The same kernels with fibers scheduled forward-first (the emulator reads the order once per
-    process, so a subprocess)."""
-    env = dict(os.environ, MOKERNELS_EMU_SCHEDULE="forward")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "emu",
-           "-k", "emulated_matches_reference and (float32 or bfloat16) or emulated_shared or emulated_prefill"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------
