@@ -47,7 +47,7 @@ run_pass "3 (emulated under ASan/UBSan, forward-first fibers)" \
 run_pass "4 (emulated under TSan, strict, small shapes)" \
   env LD_PRELOAD="$(python -m mokernels.emu --preload-tsan)" TSAN_OPTIONS="$(python -m mokernels.emu --tsan-options)" \
   MOKERNELS_EMU_TSAN=1 MOKERNELS_EMU_TSAN_STRICT=1 MOKERNELS_EMU_SMALL=1 \
-  setarch "$(uname -m)" -R python -m pytest -m "emu and not racy" tests -q -p no:cacheprovider --capture=sys
+  setarch "$(uname -m)" -R python -m pytest -m "emu and not racy" tests -q -p no:cacheprovider --capture=sys --durations=15
 mkdir -p results
 run_pass "5 (mutation suite)" env MOKERNELS_MUTANTS_TABLE=results/emu_mutants.md \
   python -m pytest -m mutants tests/test_emu_mutants.py -q -p no:cacheprovider
