@@ -18,7 +18,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", metavar="FAMILY", default=None,
                    help="run only these families (bench_<FAMILY>.py); comma-separated also accepted")
     p.add_argument("--device", default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda if available)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per impl (default 100 CUDA / 10 CPU; quick 30 / 5)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per impl (default 100 CUDA / 21 CPU rounds; quick 30 / 11)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch intra-op threads while timing (default $MOKERNELS_BENCH_THREADS or 1)")
     p.add_argument("--no-l2-flush", action="store_true", help="CUDA: do not flush L2 before each timed call")
     p.add_argument("--list", action="store_true", help="list the benchmark families and exit")
     p.add_argument("--sass", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    cfg = h.RunConfig(device=device, quick=args.quick, reps=args.reps, flush_l2=not args.no_l2_flush)
+    cfg = h.RunConfig(device=device, quick=args.quick, reps=args.reps, flush_l2=not args.no_l2_flush,
+                      threads=args.threads)
     if device.type != "cuda":
         console.print(f"[bold white on red] {h.CPU_WARNING} [/] (no GPU: timings of the CPU reference and "
                       "the emulated kernel show that the paths run, not how fast the kernels are)")
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[dim]{family}: {len(fam_ms)} measurements in {time.perf_counter() - t_fam:.1f} s[/]")
 
     config = {"quick": args.quick, "reps": cfg.n_reps(), "l2_flush": device.type == "cuda" and cfg.flush_l2,
+              "cpu_threads": None if device.type == "cuda" else cfg.cpu_threads(),
               "families": list(modules), "argv": sys.argv[1:] if argv is None else argv}
     js = h.write_json(args.out / "bench_results.json", h.environment(device), config, all_ms, errors)
     console.print(f"wrote {js}" + "".join(f", {p}" for p in pngs)

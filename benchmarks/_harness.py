@@ -5,7 +5,10 @@ Timing
     ~25 ms have passed; then each timed call individually between two CUDA events, with a 256 MiB
     buffer written *before* the start event (not timed) so every call starts with a cold L2.
     Median over the reps; min / p20 / p80 go to the JSON.
-  * CPU (:func:`time_cpu`): ``time.perf_counter`` around each call, a small rep count, no L2 flush.
+  * CPU (:func:`time_cpu_interleaved`): ``time.perf_counter``, no L2 flush, at a fixed torch thread
+    count (``--threads``, default 1: the dev machines and CI are shared 2-core boxes); the impls of a
+    workload interleaved round by round (load from elsewhere hits them alike), each sample >= 2 ms of
+    back-to-back calls; median of the rounds.
     CPU numbers describe the reference / emulated paths only -- never GPU performance -- and every
     report says so.
 
@@ -195,18 +198,62 @@ def time_cpu(
 ) -> list[float]:
     """Per-call wall times in µs of ``fn()`` on CPU (``time.perf_counter``; no L2 flush). Stops
     early (after at least 3 reps) once ``budget_s`` is spent, so slow paths like the emulator keep
-    a quick run quick."""
-    for _ in range(warmup_calls):
-        fn()
-    times: list[float] = []
+    a quick run quick. One impl alone; :func:`time_cpu_interleaved` compares impls."""
+    return time_cpu_interleaved({"fn": fn}, reps=reps, warmup_calls=warmup_calls, budget_s=budget_s)["fn"]
+
+
+CPU_SAMPLE_S = 2e-3  # a CPU sample runs a call often enough to last >= this (timer and scheduler noise)
+
+
+def time_cpu_interleaved(
+    fns: dict[str, Callable[[], object]], *, reps: int = 10, warmup_calls: int = 2, budget_s: float = 2.0,
+    sample_s: float = CPU_SAMPLE_S,
+) -> dict[str, list[float]]:
+    """Per-call wall times in µs of each ``fns[label]()`` on CPU, the impls *interleaved*: each round
+    times every impl once (in a rotated order), so a burst of load from elsewhere on the machine hits
+    all impls of a workload alike instead of one of them. A sample is the mean over enough back-to-back
+    calls to last >= ``sample_s`` (a 3 µs call is timed as ~700 calls, not one). Stops early (after at
+    least 3 rounds) once ``budget_s`` is spent per impl on average."""
+    labels = list(fns)
+    inner: dict[str, int] = {}
+    for label in labels:  # warm-up, and the calls per sample from the last warm-up call
+        fn = fns[label]
+        dt = 0.0
+        for _ in range(max(1, warmup_calls)):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        inner[label] = max(1, min(10_000, int(sample_s / max(dt, 1e-7))))
+    times: dict[str, list[float]] = {label: [] for label in labels}
     t_start = time.perf_counter()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-        if len(times) >= 3 and time.perf_counter() - t_start > budget_s:
+    for rnd in range(reps):
+        k = rnd % len(labels)
+        for label in labels[k:] + labels[:k]:
+            fn, n = fns[label], inner[label]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[label].append((time.perf_counter() - t0) / n * 1e6)
+        if rnd >= 2 and time.perf_counter() - t_start > budget_s * len(labels):
             break
     return times
+
+
+class cpu_threads:
+    """``with cpu_threads(n):`` torch's intra-op thread count fixed at ``n`` for the block (restored
+    after): CPU rows compare impls at one known thread count, not whatever the machine's load left."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+        return False
 
 
 def _percentile(sorted_vals: list[float], q: float) -> float:
@@ -229,13 +276,19 @@ class RunConfig:
     quick: bool = False
     reps: int | None = None  # None: 100 on CUDA (30 quick), 10 on CPU (5 quick)
     flush_l2: bool = True
+    threads: int | None = None  # CPU: torch intra-op threads while timing (None: $MOKERNELS_BENCH_THREADS or 1)
+
+    def cpu_threads(self) -> int:
+        if self.threads is not None:
+            return max(1, self.threads)
+        return max(1, int(os.environ.get("MOKERNELS_BENCH_THREADS", "1")))
 
     def n_reps(self) -> int:
         if self.reps is not None:
             return self.reps
         if self.device.type == "cuda":
             return 30 if self.quick else 100
-        return 5 if self.quick else 10
+        return 11 if self.quick else 21  # CPU: interleaved rounds, median (cheap: each sample >= 2 ms)
 
 
 def measure_workload(w: Workload, cfg: RunConfig) -> list[Measurement]:
@@ -246,6 +299,14 @@ def measure_workload(w: Workload, cfg: RunConfig) -> list[Measurement]:
     if w.ours not in w.impls:
         return [Measurement(w.family, w.name, w.ours, True, dev, None, params=dict(w.params),
                             error=f"workload's ours={w.ours!r} is not one of its impls {list(w.impls)}")]
+    cpu_times: dict[str, list[float]] = {}
+    cpu_error: Exception | None = None
+    if cfg.device.type != "cuda":  # every impl of the workload interleaved, at a fixed thread count
+        try:
+            with cpu_threads(cfg.cpu_threads()):
+                cpu_times = time_cpu_interleaved(w.impls, reps=cfg.n_reps())
+        except Exception as exc:  # noqa: BLE001 - then each impl alone, to tell which one raises
+            cpu_error = exc
     for label, fn in w.impls.items():
         m = Measurement(w.family, w.name, label, label == w.ours, dev, None,
                         bytes_moved=w.bytes_moved, flops=w.flops, params=dict(w.params),
@@ -255,8 +316,12 @@ def measure_workload(w: Workload, cfg: RunConfig) -> list[Measurement]:
                 times = time_cuda_events(fn, reps=cfg.n_reps(), flush_l2=cfg.flush_l2, device=cfg.device)
                 m.method = "cuda-events" + (", L2 flushed" if cfg.flush_l2 else "")
             else:
-                times = time_cpu(fn, reps=cfg.n_reps())
-                m.method = "perf_counter (CPU)"
+                if cpu_error is None:
+                    times = cpu_times[label]
+                else:
+                    with cpu_threads(cfg.cpu_threads()):
+                        times = time_cpu(fn, reps=cfg.n_reps())
+                m.method = f"perf_counter (CPU, {cfg.cpu_threads()} thread(s), impls interleaved)"
         except Exception as exc:  # noqa: BLE001 - reported per impl, the run goes on
             m.error = f"{type(exc).__name__}: {exc}".strip()
             traceback.print_exc()
@@ -329,8 +394,9 @@ def family_table(family: str, ms: list[Measurement], device: torch.device, n_rep
     title = f"[bold]{family}[/] on {device_title(device)}"
     if not on_gpu:
         title = f"[bold]{family}[/] on {device_name(device)}\n[bold white on red] {CPU_WARNING} [/]"
-    how = ("CUDA events, L2 flushed before each call" if on_gpu else "perf_counter, no L2 flush")
-    caption = (f"µs: median of ≤{n_reps} calls ({how}). GB/s: ideal bytes / time. "
+    how = ("CUDA events, L2 flushed before each call" if on_gpu else
+           "perf_counter, no L2 flush, impls interleaved per round, fixed thread count")
+    caption = (f"µs: median of ≤{n_reps} {"calls" if on_gpu else "rounds"} ({how}). GB/s: ideal bytes / time. "
                "× vs X = X's time / ours' time (> 1: ours faster).")
     t = Table(title=title, caption=caption, show_lines=False)
     t.add_column("workload", style="cyan", no_wrap=True)
