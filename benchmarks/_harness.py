@@ -396,7 +396,8 @@ def family_table(family: str, ms: list[Measurement], device: torch.device, n_rep
         title = f"[bold]{family}[/] on {device_name(device)}\n[bold white on red] {CPU_WARNING} [/]"
     how = ("CUDA events, L2 flushed before each call" if on_gpu else
            "perf_counter, no L2 flush, impls interleaved per round, fixed thread count")
-    caption = (f"µs: median of ≤{n_reps} {"calls" if on_gpu else "rounds"} ({how}). GB/s: ideal bytes / time. "
+    unit = "calls" if on_gpu else "rounds"
+    caption = (f"µs: median of ≤{n_reps} {unit} ({how}). GB/s: ideal bytes / time. "
                "× vs X = X's time / ours' time (> 1: ours faster).")
     t = Table(title=title, caption=caption, show_lines=False)
     t.add_column("workload", style="cyan", no_wrap=True)
