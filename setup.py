@@ -106,6 +106,8 @@ def _cutlass() -> tuple[str | None, str | None]:
 
 # One family = one csrc/<family>.cu wrapper; CMakeLists.txt globs the same files.
 CUDA_SOURCES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").glob("*.cu"))
+# Native CPU kernels of the ops' CPU path (g++, in every build of _C); CMakeLists.txt globs the same.
+CPU_SOURCES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 
 torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 with_cuda = CUDA_HOME is not None and torch.version.cuda is not None
@@ -131,7 +133,7 @@ if with_cuda:
     archs_def = f"-DMOKERNELS_CUDA_ARCHS_TOKENS={','.join(targets)}"
     ext_c = cx.CUDAExtension(
         "mokernels._C",
-        sources=["csrc/bindings.cpp"] + CUDA_SOURCES,
+        sources=["csrc/bindings.cpp"] + CPU_SOURCES + CUDA_SOURCES,
         include_dirs=[csrc] + ([cutlass_inc] if cutlass_inc else []),
         extra_compile_args={
             "cxx": cxx_flags + defs + [archs_def] + isystem,
@@ -143,7 +145,7 @@ else:
     targets = []
     ext_c = cx.CppExtension(
         "mokernels._C",
-        sources=["csrc/bindings.cpp"],
+        sources=["csrc/bindings.cpp"] + CPU_SOURCES,
         include_dirs=[csrc],
         extra_compile_args={"cxx": cxx_flags + ["-DMOKERNELS_WITH_CUDA=0"]},
     )

@@ -7,6 +7,7 @@
 #include <torch/version.h>
 
 #include "schemas.h"
+#include "cpu/cpu_ops.h"
 
 #if MOKERNELS_WITH_CUDA
 #include <cuda.h>
@@ -38,4 +39,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["compiler"] = std::string(__VERSION__);
     return d;
   }, "Compile-time facts of this build: CUDA arches, CUDA and torch versions it was built with.");
+  mk::cpu::bind(m);  // native CPU kernels of the ops' CPU path (csrc/cpu/)
 }

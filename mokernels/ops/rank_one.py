@@ -16,6 +16,7 @@ import threading
 import torch
 from torch import Tensor
 
+from .. import _C
 from ._checks import (FLOAT_DTYPES, acc_dtype, autocast_like, expect, expect_dtype, expect_same_device, grad_or_tangent,
                       is_eager)
 
@@ -34,7 +35,8 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     Differentiable in all three inputs: reverse mode, double backward, forward mode. CUDA tensors run
     the fused kernel; CPU tensors the reference. Non-contiguous inputs are copied to contiguous ones first.
     """
-    if type(z) is Tensor and z.is_cpu and not torch.compiler.is_compiling():  # CPU eager: fewest Python steps
+    if type(z) is Tensor and z.is_cpu and not torch.compiler.is_compiling() and not _dispatch_modes():
+        # CPU eager (no FakeTensorMode or other dispatch mode active): fewest Python steps
         if torch.is_autocast_enabled("cpu"):
             sigma, g = autocast_like("cpu", z, sigma, g)
         dt = z.dtype
@@ -44,10 +46,12 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
             check_args(z, sigma, g)  # raises the ValueError naming the argument
         if dt is torch.float32 or dt is torch.float64:  # the reference: autograd gives every AD mode
             return (z * (sigma + g)).contiguous()
-        if z.numel() <= _BLOCK // 4:  # small fp16/bf16: the reference's fp32 composition, as is
-            return (z * (g + sigma.float())).to(dt).contiguous()
         if grad_or_tangent(z, sigma, g):
             return _RankOneScaleFn.apply(z, sigma, g)
+        if _native_fwd is not None:  # fp16/bf16: the native one-pass kernel, called directly (no dispatcher)
+            return _native_fwd(z, sigma, g)
+        if z.numel() <= _BLOCK // 4:  # an extension built before the native kernels: the reference
+            return (z * (g + sigma.float())).to(dt).contiguous()
         return _scale_cpu(z, sigma, g)
     if isinstance(z, Tensor):
         sigma, g = autocast_like(z.device.type, z, sigma, g)
@@ -119,10 +123,20 @@ def _scratch_blocks(n: int, rows: int, R: int, acc: torch.dtype) -> list[Tensor]
     return [buf[i * rows * R:(i + 1) * rows * R].view(rows, R) for i in range(n)]
 
 
+# The native CPU kernels (csrc/cpu/cpu_ops.cpp): one fused pass each, the reference's rounding bit for bit,
+# dσ summed over fixed row chunks (bits independent of the thread count). None with an extension built
+# before them: then the blocked torch compositions below.
+_native_fwd = getattr(_C, "rank_one_scale_cpu", None)
+_native_bwd = getattr(_C, "rank_one_scale_backward_cpu", None)
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # > 0: a TorchDispatchMode (FakeTensorMode, ...) is active
+
+
 def _scale_cpu(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     acc = acc_dtype(z.dtype)
     if z.dtype == acc:
         return (z * (sigma + g)).contiguous()
+    if _native_fwd is not None:
+        return _native_fwd(z, sigma, g)
     out = torch.empty(z.shape, dtype=z.dtype)
     R = z.shape[-1]
     if out.numel() == 0:
@@ -145,6 +159,8 @@ def _scale_backward_cpu(grad: Tensor, z: Tensor, sigma: Tensor, g: Tensor):
         prod = grad * z
         dsigma = prod.sum(tuple(range(prod.dim() - 1))) if prod.dim() > 1 else prod
         return (grad * (sigma + g)).contiguous(), dsigma, prod.contiguous()
+    if _native_bwd is not None:
+        return _native_bwd(grad, z, sigma, g)
     R = z.shape[-1]
     dz = torch.empty(z.shape, dtype=z.dtype)
     dg = torch.empty(z.shape, dtype=z.dtype)

@@ -48,13 +48,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (acc_dtype, autocast_like, can_sync, expect, expect_dtype, expect_same_device, grad_or_tangent,
+from .. import _C
+from ._checks import (FLOAT_DTYPES, acc_dtype, autocast_like, can_sync, expect, expect_dtype, expect_same_device, grad_or_tangent,
                       is_eager, is_number)
 
 _OP = "route"
 RENORMS = ("sum", "softmax", "none")
 MAX_EXPERTS_KERNEL = 4096  # the CUDA forward kernels' limit on N (fp64: 2048; shared-memory sort kernel)
 MAX_EXPERTS_KERNEL_BWD = 1024  # the CUDA backward kernel's limit on N (larger N: route_bwd_reference)
+
+
+# The native CPU kernel of route without a top-p cut (csrc/cpu/cpu_ops.cpp); None with an extension built
+# before it (then the reference path).
+_native_route = getattr(_C, "route_topk_cpu", None)
+_RENORM_CODE = {"sum": 0, "softmax": 1, "none": 2}
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # > 0: a TorchDispatchMode (FakeTensorMode, ...) is active
 
 
 def _kernel_max_n(dtype: torch.dtype) -> int:
@@ -205,6 +213,23 @@ def route(
     CUDA tensors run the fused kernels (N <= 4096, fp64 2048; larger N runs the reference
     composition); CPU tensors run :func:`route_reference`.
     """
+    if (type(logits) is Tensor and logits.is_cpu and _native_route is not None and logits.dim() >= 1
+            and (top_p is None or (type(top_p) in (float, int) and top_p >= 1.0)) and logits.dtype in FLOAT_DTYPES
+            and not torch.compiler.is_compiling() and not _dispatch_modes() and not grad_or_tangent(logits)):
+        # CPU, no autograd, no top-p cut (top-k / keep-all): the native one-pass kernel (csrc/cpu/cpu_ops.cpp),
+        # called directly; validity comes out of the same pass (issue 9: a few µs per call, not ~30)
+        N = logits.shape[-1]
+        expect(N >= 1, _OP, "logits must have N >= 1 experts (last dimension)")
+        r, _ = _check_options(temperature, None, renorm, logits.dtype)
+        kmax = kmax_for(N, top_k, max_k)
+        z = logits if logits.dim() == 2 else logits.reshape(-1, N)
+        ids, w, counts, d, bad = _native_route(z, r, kmax, _RENORM_CODE[renorm], bool(dense))
+        if bad >= 0 and validate:
+            _raise_bad_row(bad)
+        if logits.dim() == 2:
+            return Routing(ids, w, counts, d if dense else None)
+        lead = logits.shape[:-1]
+        return Routing(ids.view(*lead, kmax), w.view(*lead, kmax), counts.view(lead), d.view(*lead, N) if dense else None)
     expect(isinstance(logits, Tensor) and logits.dim() >= 1, _OP, "logits must be a [..., N] tensor")
     expect_dtype(_OP, "logits", logits)
     N = logits.shape[-1]
