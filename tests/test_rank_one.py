@@ -328,3 +328,61 @@ def test_emulated_dsigma_bits_independent_of_sm_count(emu_ops, monkeypatch, dtyp
         assert torch.equal(ds, outs[0][1]) and torch.equal(dz, outs[0][0]) and torch.equal(dg, outs[0][2])
     torch.testing.assert_close(outs[0][1], rank_one_scale_backward_reference(grad, z, s, g)[1],
                                **dsigma_tol(dtype, z.numel() // R))
+
+
+def test_native_cpu_kernels_used_and_special_values():
+    """The fp16/bf16 eager CPU path runs the native one-pass kernel (csrc/cpu/cpu_ops.cpp) and gives the
+    reference's bits, also for inf/NaN/huge values (bf16 rounding overflow to inf, NaN kept NaN) and
+    for fp16 subnormals."""
+    assert RO._native_fwd is not None and RO._native_bwd is not None
+    calls = []
+    real = RO._native_fwd
+    try:
+        RO._native_fwd = lambda *a: calls.append(1) or real(*a)
+        for dtype in (torch.bfloat16, torch.float16):
+            big = torch.finfo(dtype).max
+            z = torch.tensor([[1.0, big, -big, float("inf"), 0.0, 3e-5, float("nan"), 2.0]], dtype=dtype)
+            s = torch.tensor([1.0, 1.0, 1.0, 1.0, float("inf"), 1e-4, 1.0, -2.0], dtype=dtype)
+            g = torch.tensor([[0.5, 0.75, 0.75, -1.0, 1.0, 2e-3, 0.0, 2.0]], dtype=dtype)
+            got, want = rank_one_scale(z, s, g), rank_one_scale_reference(z, s, g)
+            assert torch.equal(got.isnan(), want.isnan())
+            assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    finally:
+        RO._native_fwd = real
+    assert len(calls) == 2
+
+
+def test_native_backward_dsigma_bits_independent_of_threads():
+    """dσ of the native CPU backward sums fixed row chunks in order: the same bits at 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(3)
+    z, s, g, gr = (torch.randn(*shape, generator=gen).bfloat16() for shape in ((3000, 40), (40,), (3000, 40),
+                                                                               (3000, 40)))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = RO._native_bwd(gr, z, s, g)
+        torch.set_num_threads(2)
+        b = RO._native_bwd(gr, z, s, g)
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    torch.testing.assert_close(a[1].double(), rank_one_scale_backward_reference(gr, z, s, g)[1].double(),
+                               **dsigma_tol(torch.bfloat16, 3000))
+
+
+def test_cpu_path_under_a_dispatch_mode():
+    """With a TorchDispatchMode active (FakeTensorMode, a logging mode) the eager fast path, which calls
+    native code directly, is not taken: the op sees the mode and the result is right."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    z, s, g = make((5,), 6, torch.bfloat16)
+    with Log():
+        out = rank_one_scale(z, s, g)
+    assert seen and torch.equal(out, rank_one_scale_reference(z, s, g))

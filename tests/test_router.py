@@ -990,3 +990,73 @@ def test_cpu_top_k_fast_path_tiny_inputs(dtype):
     z = torch.tensor([[0.0, float("-inf"), float("-inf"), float("-inf"), float("-inf")]])
     assert R._top_k_fast(z, 2, False, z.dtype) is None  # a masked expert among the K + 1
     assert route(z, top_k=2).counts.tolist() == [1]
+
+
+def _counting_native(monkeypatch):
+    calls = []
+    real = R._native_route
+    assert real is not None
+    monkeypatch.setattr(R, "_native_route", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_cpu_route_matches_reference(dtype, monkeypatch):
+    """route() on CPU without autograd and without a top-p cut runs the native kernel
+    (csrc/cpu/cpu_ops.cpp): the selection equals the reference's bit for bit (ties among equal logits,
+    -inf masks, fewer live experts than k, kmax > N, τ != 1, every renorm, dense), weights up to
+    rounding; invalid rows get the fallback (validate=False) or a ValueError naming the first one."""
+    calls = _counting_native(monkeypatch)
+    gen = torch.Generator().manual_seed(11)
+    for T, N in ((1, 1), (7, 5), (33, 64), (4, 300)):
+        z = torch.randn(T, N, generator=gen)
+        z[:, ::3] = torch.round(z[:, ::3])  # ties
+        z[0, -1] = NINF
+        if T > 2:
+            z[1, 1:] = NINF  # one live expert
+            z[2, 0] = float("nan")  # an invalid row
+        z = z.to(dtype)
+        for opts in (dict(top_k=2), dict(top_k=1, temperature=0.3), dict(max_k=N + 3, renorm="softmax"),
+                     dict(renorm="none", dense=True), dict(top_k=min(N, 4), dense=True, top_p=1.0),
+                     dict(top_k=3, renorm="softmax", temperature=2.5, dense=True)):
+            got = route(z, validate=False, **opts)
+            want = route_reference(z, **opts)
+            assert torch.equal(got.ids, want.ids) and torch.equal(got.counts, want.counts), opts
+            assert got.weights.dtype == dtype and got.weights.shape == want.weights.shape
+            torch.testing.assert_close(got.weights.double(), want.weights.double(), rtol=WTOL[dtype], atol=WTOL[dtype])
+            if opts.get("dense"):
+                torch.testing.assert_close(got.dense.double(), want.dense.double(), rtol=WTOL[dtype], atol=WTOL[dtype])
+            else:
+                assert got.dense is None
+        if T > 2:
+            with pytest.raises(ValueError, match="row 2 "):
+                route(z, top_k=2)
+    assert len(calls) >= 20
+    # N-d logits, reshaped in and out
+    z3 = torch.randn(2, 3, 9, generator=gen).to(dtype)
+    got, want = route(z3, top_k=2, dense=True), route_reference(z3, top_k=2, dense=True)
+    assert got.ids.shape == (2, 3, 2) and got.counts.shape == (2, 3) and got.dense.shape == (2, 3, 9)
+    assert torch.equal(got.ids, want.ids)
+
+
+def test_native_cpu_route_not_taken_with_autograd_top_p_or_modes(monkeypatch):
+    """The native route is an eager, no-autograd, top_p >= 1 path only: with a gradient, a top-p cut,
+    forward-mode AD or a dispatch mode active the reference path runs (and stays differentiable)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = _counting_native(monkeypatch)
+    z = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = route(z, top_k=2).weights
+    assert w.requires_grad and not calls
+    route(z.detach(), top_p=0.5)
+    assert not calls
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        got = route(z.detach(), top_k=2)
+    assert not calls and torch.equal(got.ids, route_reference(z.detach(), top_k=2).ids)
+    route(z.detach(), top_k=2)
+    assert calls
