@@ -5,8 +5,9 @@ Timing
     ~25 ms have passed; then each timed call individually between two CUDA events, with a 256 MiB
     buffer written *before* the start event (not timed) so every call starts with a cold L2.
     Median over the reps; min / p20 / p80 go to the JSON.
-  * CPU (:func:`time_cpu_interleaved`): ``time.perf_counter``, no L2 flush, at a fixed torch thread
-    count (``--threads``, default 1: the dev machines and CI are shared 2-core boxes); the impls of a
+  * CPU (:func:`time_cpu_interleaved`): no L2 flush, at a fixed torch thread count (``--threads``,
+    default 1: the dev machines and CI are shared 2-core boxes), timed by the thread's CPU time
+    (``time.thread_time``, user + system; wall time with more than one thread); the impls of a
     workload interleaved round by round (load from elsewhere hits them alike), each sample >= 2 ms of
     back-to-back calls; median of the rounds.
     CPU numbers describe the reference / emulated paths only -- never GPU performance -- and every
@@ -207,22 +208,24 @@ CPU_SAMPLE_S = 2e-3  # a CPU sample runs a call often enough to last >= this (ti
 
 def time_cpu_interleaved(
     fns: dict[str, Callable[[], object]], *, reps: int = 10, warmup_calls: int = 2, budget_s: float = 2.0,
-    sample_s: float = CPU_SAMPLE_S,
+    sample_s: float = CPU_SAMPLE_S, clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Per-call wall times in µs of each ``fns[label]()`` on CPU, the impls *interleaved*: each round
     times every impl once (in a rotated order), so a burst of load from elsewhere on the machine hits
     all impls of a workload alike instead of one of them. A sample is the mean over enough back-to-back
     calls to last >= ``sample_s`` (a 3 µs call is timed as ~700 calls, not one). Stops early (after at
-    least 3 rounds) once ``budget_s`` is spent per impl on average."""
+    least 3 rounds) once ``budget_s`` is spent per impl on average. ``clock``: ``time.perf_counter``
+    (wall time) or ``time.thread_time`` (this thread's CPU time, user + system: with one intra-op
+    thread, the call's own work, unaffected by other processes taking the core away)."""
     labels = list(fns)
     inner: dict[str, int] = {}
     for label in labels:  # warm-up, and the calls per sample from the last warm-up call
         fn = fns[label]
         dt = 0.0
         for _ in range(max(1, warmup_calls)):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
         inner[label] = max(1, min(10_000, int(sample_s / max(dt, 1e-7))))
     times: dict[str, list[float]] = {label: [] for label in labels}
     t_start = time.perf_counter()
@@ -230,13 +233,19 @@ def time_cpu_interleaved(
         k = rnd % len(labels)
         for label in labels[k:] + labels[:k]:
             fn, n = fns[label], inner[label]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            times[label].append((time.perf_counter() - t0) / n * 1e6)
+            times[label].append((clock() - t0) / n * 1e6)
         if rnd >= 2 and time.perf_counter() - t_start > budget_s * len(labels):
             break
     return times
+
+
+def cpu_clock(threads: int) -> Callable[[], float]:
+    """The clock of the CPU rows: with one intra-op thread the calling thread's CPU time (a shared box's
+    load from other processes does not inflate it; the work is all on this thread), else wall time."""
+    return time.thread_time if threads == 1 else time.perf_counter
 
 
 class cpu_threads:
@@ -304,7 +313,7 @@ def measure_workload(w: Workload, cfg: RunConfig) -> list[Measurement]:
     if cfg.device.type != "cuda":  # every impl of the workload interleaved, at a fixed thread count
         try:
             with cpu_threads(cfg.cpu_threads()):
-                cpu_times = time_cpu_interleaved(w.impls, reps=cfg.n_reps())
+                cpu_times = time_cpu_interleaved(w.impls, reps=cfg.n_reps(), clock=cpu_clock(cfg.cpu_threads()))
         except Exception as exc:  # noqa: BLE001 - then each impl alone, to tell which one raises
             cpu_error = exc
     for label, fn in w.impls.items():
@@ -321,7 +330,7 @@ def measure_workload(w: Workload, cfg: RunConfig) -> list[Measurement]:
                 else:
                     with cpu_threads(cfg.cpu_threads()):
                         times = time_cpu(fn, reps=cfg.n_reps())
-                m.method = f"perf_counter (CPU, {cfg.cpu_threads()} thread(s), impls interleaved)"
+                m.method = f"{cpu_clock(cfg.cpu_threads()).__name__} (CPU, {cfg.cpu_threads()} thread(s), impls interleaved)"
         except Exception as exc:  # noqa: BLE001 - reported per impl, the run goes on
             m.error = f"{type(exc).__name__}: {exc}".strip()
             traceback.print_exc()
@@ -395,7 +404,7 @@ def family_table(family: str, ms: list[Measurement], device: torch.device, n_rep
     if not on_gpu:
         title = f"[bold]{family}[/] on {device_name(device)}\n[bold white on red] {CPU_WARNING} [/]"
     how = ("CUDA events, L2 flushed before each call" if on_gpu else
-           "perf_counter, no L2 flush, impls interleaved per round, fixed thread count")
+           "CPU time of the thread at 1 thread (else wall time), no L2 flush, impls interleaved per round")
     unit = "calls" if on_gpu else "rounds"
     caption = (f"µs: median of ≤{n_reps} {unit} ({how}). GB/s: ideal bytes / time. "
                "× vs X = X's time / ours' time (> 1: ours faster).")

@@ -47,6 +47,8 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
         if dt is torch.float32 or dt is torch.float64:  # the reference: autograd gives every AD mode
             return (z * (sigma + g)).contiguous()
         if grad_or_tangent(z, sigma, g):
+            if z.numel() <= _SMALL_AD:  # small: the reference composition, torch's autograd (every AD mode) costs
+                return (z * (g + sigma.float())).to(dt).contiguous()  # less than an autograd.Function's ~70 µs
             return _RankOneScaleFn.apply(z, sigma, g)
         if _native_fwd is not None:  # fp16/bf16: the native one-pass kernel, called directly (no dispatcher)
             return _native_fwd(z, sigma, g)
@@ -104,6 +106,10 @@ def rank_one_scale_reference(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
 # with fp32 scratch reused across blocks: no [T, R] fp32 temporaries (each a fresh mmap and page faults
 # per call) and no slow mixed-dtype kernels; ~1.5x the bf16 torch composition z*(s+g), which rounds twice.
 _BLOCK = 1 << 17
+# With autograd, fp16/bf16 inputs up to this many elements take the reference composition: its 4 small ATen
+# ops and torch's autograd cost less than the autograd.Function's fixed Python overhead (~70 µs fwd+bwd);
+# above it the native kernels' one pass wins (the composition's fp32 temporaries cost ~8 ns per element).
+_SMALL_AD = 1 << 13
 
 
 def _rows(t: Tensor) -> Tensor:
