@@ -274,3 +274,26 @@ def test_sanitizer_build_makes_uninitialised_accumulator_garbage():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("WRONG"), proc.stdout
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_shared_memory_limits_static_plus_dynamic_and_opt_in(emu_ops, monkeypatch, arch):
+    """The emulator applies the GPU's shared-memory limits (csrc/emu/shim.h SmemLimits): static + dynamic
+    <= 48 KiB without an opt-in, dynamic <= the kernel's MaxDynamicSharedMemorySize with one, static +
+    that <= the arch's opt-in limit (sm_80 163 KiB, sm_90 227 KiB), static alone <= 48 KiB."""
+    monkeypatch.setenv("MOKERNELS_EMU_ARCH", arch)
+    x = torch.randn(64)
+    with pytest.raises(RuntimeError, match=r"static \(40960\) \+ dynamic \(16384\).*48 KiB default limit"):
+        emu_ops._selftest("smem_static_plus_dynamic", x)
+    torch.testing.assert_close(emu_ops._selftest("smem_opt_in", x), 2 * x, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="exceed the kernel's MaxDynamicSharedMemorySize of 16384"):
+        emu_ops._selftest("smem_dynamic_above_opt_in", x)
+    if arch == "sm_90":  # 40 + 180 KiB <= 227 KiB
+        torch.testing.assert_close(emu_ops._selftest("smem_opt_in_large", x), 2 * x, rtol=0, atol=0)
+    else:
+        with pytest.raises(RuntimeError, match="sm_80 opt-in limit of 166912"):
+            emu_ops._selftest("smem_opt_in_large", x)
+    with pytest.raises(RuntimeError, match=f"exceeds the {arch} opt-in limit"):
+        emu_ops._selftest("smem_attribute_above_arch", x)
+    with pytest.raises(RuntimeError, match="48 KiB static limit"):
+        emu_ops._selftest("smem_static_above_48k", x)

@@ -161,6 +161,59 @@ inline at::Tensor run_cp_async(const at::Tensor& x, const std::string& which) {
   return out;
 }
 
+// Shared-memory limits (shim.h SmemLimits): kStatic floats of static and some dynamic shared memory; each
+// thread writes x[t] into both and reads both back after a barrier: out[t] = 2 x[t]. kCase only makes
+// each case its own kernel (the MaxDynamicSharedMemorySize opt-in is per kernel, process-wide).
+template <int kStatic, int kCase>
+MK_GLOBAL void smem_budget_kernel(const float* x, float* out) {
+  MK_SHARED_ARRAY(float, s, kStatic);
+  MK_DYNAMIC_SHARED(float, d);
+  const int t = threadIdx.x;
+  s[t] = x[t];
+  d[t] = x[t];
+  block_sync();
+  out[t] = s[t] + d[t];
+}
+
+// smem_*: 40 KiB static +
+//   static_plus_dynamic: 16 KiB dynamic, no opt-in (56 KiB > 48 KiB: error)
+//   opt_in: opt in to 16 KiB, launch with 16 KiB (fine)
+//   dynamic_above_opt_in: opt in to 16 KiB, launch with 20 KiB (error)
+//   opt_in_large: opt in to 180 KiB, launch with 180 KiB (220 KiB: fine on sm_90, error on sm_80)
+//   attribute_above_arch: opt in to 240 KiB (the attribute call fails on both)
+//   static_above_48k: 50 KiB static alone (error: ptxas rejects it)
+inline at::Tensor run_smem_budget(const at::Tensor& x, const std::string& which) {
+  TORCH_CHECK_VALUE(x.numel() == 64, "_selftest: smem cases take 64 floats");
+  at::Tensor out = at::zeros_like(x);
+  constexpr size_t KiB = 1024;
+  const dim3 g(1), b(64);
+  if (which == "smem_static_plus_dynamic") {
+    auto k = smem_budget_kernel<10240, 0>;
+    MK_LAUNCH(k, g, b, 16 * KiB, nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "smem_opt_in") {
+    auto k = smem_budget_kernel<10240, 1>;
+    TORCH_CHECK(MK_SET_MAX_DYNAMIC_SMEM(k, 16 * KiB) == cudaSuccess);
+    MK_LAUNCH(k, g, b, 16 * KiB, nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "smem_dynamic_above_opt_in") {
+    auto k = smem_budget_kernel<10240, 2>;
+    TORCH_CHECK(MK_SET_MAX_DYNAMIC_SMEM(k, 16 * KiB) == cudaSuccess);
+    MK_LAUNCH(k, g, b, 20 * KiB, nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "smem_opt_in_large") {
+    auto k = smem_budget_kernel<10240, 3>;
+    TORCH_CHECK(MK_SET_MAX_DYNAMIC_SMEM(k, 180 * KiB) == cudaSuccess);
+    MK_LAUNCH(k, g, b, 180 * KiB, nullptr, ptr<float>(x), ptr<float>(out));
+  } else if (which == "smem_attribute_above_arch") {
+    auto k = smem_budget_kernel<10240, 4>;
+    TORCH_CHECK(MK_SET_MAX_DYNAMIC_SMEM(k, 240 * KiB) == cudaSuccess);
+  } else if (which == "smem_static_above_48k") {
+    auto k = smem_budget_kernel<12800, 5>;
+    MK_LAUNCH(k, g, b, 0, nullptr, ptr<float>(x), ptr<float>(out));
+  } else {
+    TORCH_CHECK_VALUE(false, "_selftest: unknown case ", which);
+  }
+  return out;
+}
+
 inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous().to(at::kFloat);
   if (which.rfind("cp_async_zfill", 0) == 0) {
@@ -171,6 +224,7 @@ inline at::Tensor run(const std::string& which, const at::Tensor& x_in) {
     return out;
   }
   if (which.rfind("cp_async_", 0) == 0) return run_cp_async(x, which);
+  if (which.rfind("smem_", 0) == 0) return run_smem_budget(x, which);
   if (which == "two_warp_gemm") return run_two_warp_gemm(x, 0);
   if (which == "two_warp_gemm_no_raw_barrier") return run_two_warp_gemm(x, 1);
   if (which == "two_warp_gemm_no_war_barrier") return run_two_warp_gemm(x, 2);

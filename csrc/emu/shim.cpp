@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -144,6 +145,10 @@ struct BlockState {
     size_t bytes, align;
   };
   std::vector<StaticShared> static_smem;
+  size_t static_smem_total = 0;  // this block's static shared bytes so far
+  // The launch's shared-memory budget (smem_limits() and the kernel's opt-in, if any)
+  SmemLimits limits{};
+  size_t optin = 0;  // the kernel's MaxDynamicSharedMemorySize, 0: no opt-in
   bool forward_first = false;  // scheduling order of the first pass (then alternating)
   const std::function<void()>* body = nullptr;
   Context sched;
@@ -340,6 +345,7 @@ void free_static_shared(BlockState& b) {
     else
       ::operator delete(a.ptr, std::align_val_t{a.align});
   b.static_smem.clear();
+  b.static_smem_total = 0;
 }
 
 std::string site(const ThreadState& t) { return std::string(t.sync_file) + ":" + std::to_string(t.sync_line); }
@@ -436,6 +442,23 @@ void* static_shared(const void* tag, size_t bytes, size_t align) {
       return a.ptr;
     }
   align = std::max(align, alignof(std::max_align_t));
+  // The hardware's shared-memory limits, with the static size now known (SmemLimits in shim.h).
+  const size_t total = b.static_smem_total + bytes;
+  const SmemLimits& L = b.limits;
+  // the message lives outside the fiber's stack (fail() never returns to destroy a temporary)
+  static thread_local std::string msg;
+  if (total > L.static_max)
+    fail((msg = "static shared memory of " + std::to_string(total) + " bytes exceeds the 48 KiB static limit "
+          "(ptxas rejects it; use dynamic shared memory with MK_SET_MAX_DYNAMIC_SMEM)").c_str());
+  if (b.optin == 0 && total + b.smem_bytes > L.default_max)
+    fail((msg = "static (" + std::to_string(total) + ") + dynamic (" + std::to_string(b.smem_bytes) +
+          ") shared memory bytes exceed the 48 KiB default limit; above it the kernel must opt in with "
+          "MK_SET_MAX_DYNAMIC_SMEM (cudaFuncSetAttribute MaxDynamicSharedMemorySize)").c_str());
+  if (b.optin != 0 && total + b.optin > L.optin_max)
+    fail((msg = "static (" + std::to_string(total) + ") + MaxDynamicSharedMemorySize (" + std::to_string(b.optin) +
+          ") shared memory bytes exceed the " + L.arch + " opt-in limit of " + std::to_string(L.optin_max) +
+          " (cudaFuncSetAttribute fails on the GPU)").c_str());
+  b.static_smem_total = total;
   // Exactly `bytes`: an access one past the end is a heap-buffer-overflow under ASan.
   // TSan: allocated and poisoned by whichever thread asks first, but on behalf of the block (no access
   // of that thread for the others to race with).
@@ -530,9 +553,46 @@ void fail(const char* what) {
   std::abort();  // never resumed
 }
 
-void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+namespace {
+std::mutex& attr_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<const void*, size_t>& max_dynamic_smem() {  // kernel -> MaxDynamicSharedMemorySize (opted in)
+  static std::map<const void*, size_t> m;
+  return m;
+}
+}  // namespace
+
+SmemLimits smem_limits() {
+  const char* s = std::getenv("MOKERNELS_EMU_ARCH");
+  const std::string arch = s != nullptr ? s : "";
+  if (arch == "sm_90" || arch == "sm_90a")
+    return {"sm_90", 48 * 1024, 48 * 1024, 232448};
+  if (!arch.empty() && arch != "sm_80")
+    throw std::runtime_error("MOKERNELS_EMU_ARCH must be sm_80 or sm_90, got " + arch);
+  return {"sm_80", 48 * 1024, 48 * 1024, 166912};
+}
+
+void set_max_dynamic_smem(const void* kernel, size_t bytes) {
+  const SmemLimits L = smem_limits();
+  if (bytes > L.optin_max)
+    throw std::runtime_error("emulated cudaFuncSetAttribute: MaxDynamicSharedMemorySize " + std::to_string(bytes) +
+                             " exceeds the " + L.arch + " opt-in limit of " + std::to_string(L.optin_max) + " bytes");
+  std::lock_guard<std::mutex> lock(attr_mutex());
+  max_dynamic_smem()[kernel] = bytes;
+}
+
+void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body, const void* kernel) {
   static std::mutex mu;  // one emulated launch at a time (the shim's thread-locals, the kernels' tags)
   std::lock_guard<std::mutex> lock(mu);
+  const SmemLimits limits = smem_limits();
+  size_t optin = 0;
+  if (kernel != nullptr) {
+    std::lock_guard<std::mutex> attr_lock(attr_mutex());
+    auto it = max_dynamic_smem().find(kernel);
+    if (it != max_dynamic_smem().end()) optin = it->second;
+  }
   // The limits a GPU enforces at launch (cudaErrorInvalidConfiguration there).
   const int64_t nthreads = static_cast<int64_t>(block.x) * block.y * block.z;
   if (nthreads <= 0 || nthreads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64)
@@ -540,10 +600,16 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
                              std::to_string(block.y) + "," + std::to_string(block.z) + ")");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     throw std::runtime_error("emulated launch: invalid grid dimensions");
-  // Above 48 KiB a kernel needs cudaFuncSetAttribute(MaxDynamicSharedMemorySize); no kernel opts in yet.
-  if (smem_bytes > 48 * 1024)
+  // Dynamic shared memory: <= 48 KiB without an opt-in (static + dynamic is checked when the static
+  // arrays are declared), <= the kernel's MaxDynamicSharedMemorySize with one.
+  if (optin == 0 && smem_bytes > limits.default_max)
     throw std::runtime_error("emulated launch: " + std::to_string(smem_bytes) +
-                             " bytes of dynamic shared memory exceed the 48 KiB default limit");
+                             " bytes of dynamic shared memory exceed the 48 KiB default limit (the kernel has not "
+                             "opted in with MK_SET_MAX_DYNAMIC_SMEM)");
+  if (optin != 0 && smem_bytes > optin)
+    throw std::runtime_error("emulated launch: " + std::to_string(smem_bytes) +
+                             " bytes of dynamic shared memory exceed the kernel's MaxDynamicSharedMemorySize of " +
+                             std::to_string(optin));
   // Read at every launch, so a test can run one kernel under both schedules.
   const bool forward_first = [] {
     const char* s = std::getenv("MOKERNELS_EMU_SCHEDULE");
@@ -592,6 +658,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   // Exactly smem_bytes: an access one past the end is a heap-buffer-overflow under ASan.
   b.smem = ::operator new(smem_bytes, std::align_val_t{16});
   b.smem_bytes = smem_bytes;
+  b.limits = limits;
+  b.optin = optin;
   b.forward_first = forward_first;
   if (tsan::kEnabled) {
     b.host_fiber = tsan::current();

@@ -17,7 +17,8 @@
 //    call site (the helper's line): legal CUDA if all threads call it, and not flagged;
 //  * misuse that is undefined behaviour on a GPU is an error here: a warp collective while a lane of
 //    that warp has exited, waits at another kind of collective or does not exist; a barrier that not
-//    all live threads reach (deadlock); launch limits (block dims, 48 KiB dynamic shared memory);
+//    all live threads reach (deadlock); launch limits (block dims; static + dynamic shared memory
+//    against 48 KiB, or the kernel's MaxDynamicSharedMemorySize opt-in, see SmemLimits);
 //    misaligned vector / ldmatrix addresses; a C++ exception escaping the kernel.
 //    Errors abort the launch and surface as std::runtime_error from launch().
 //  * warp-serial scheduling, to expose missing barriers: a phase is the interval between two block
@@ -94,9 +95,36 @@ inline void require_aligned(const void* p, size_t bytes, const char* what) {
 bool mutation_on(const char* name);
 void set_mutation(const char* name);
 
+// Shared-memory limits of the emulated GPU, as the hardware applies them (read at every launch):
+// MOKERNELS_EMU_ARCH=sm_80 (the default: the stricter of our targets; A100) or sm_90 (H100).
+//  * static shared memory (MK_SHARED_ARRAY) of a block: <= 48 KiB (ptxas rejects more);
+//  * without an opt-in: static + dynamic <= 48 KiB;
+//  * with cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, A) (MK_SET_MAX_DYNAMIC_SMEM):
+//    A <= opt-in limit - static (the driver checks at the attribute call; here at the first launch that
+//    shows the static size), and dynamic <= A at every launch. Opt-in limit (sharedMemPerBlockOptin):
+//    sm_80 163 KiB (166912 B), sm_90 227 KiB (232448 B).
+struct SmemLimits {
+  const char* arch;
+  size_t static_max;   // 48 KiB
+  size_t default_max;  // static + dynamic without an opt-in: 48 KiB
+  size_t optin_max;    // static + MaxDynamicSharedMemorySize with an opt-in
+};
+SmemLimits smem_limits();
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), emulated: records
+// the kernel's opt-in (process-wide, per kernel, as the driver does); throws std::runtime_error when
+// `bytes` exceeds the emulated GPU's opt-in limit (cudaErrorInvalidValue on a GPU).
+void set_max_dynamic_smem(const void* kernel, size_t bytes);
+// A kernel's identity for the attribute registry: the address of the kernel function.
+template <class F>
+inline const void* kernel_id(F* f) {
+  return reinterpret_cast<const void*>(f);
+}
+
 // Runs `body` as a kernel over grid x block threads with `smem_bytes` of dynamic shared memory.
+// `kernel` (kernel_id, or null) selects the kernel's MaxDynamicSharedMemorySize opt-in.
 // Throws std::runtime_error when the emulated kernel misbehaves (see above).
-void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body,
+            const void* kernel = nullptr);
 
 // Warp collective `kind`: each lane contributes `v`; returns the value of lane `src_of(lane)`
 // (own value when the source is outside [0, 32)).

@@ -822,14 +822,10 @@ cudaError_t launch_fwd(const TI* z, FwdOut<TO> out, int64_t rows, int n, int kma
     while (np < n) np *= 2;
     auto kernel = route_fwd_sort<TI, TO>;
     const size_t smem = sort_smem_bytes<A>(np);
-#if !defined(MOKERNELS_EMULATION)
     // Up to 48 KiB of keys plus the static reduction arrays exceed the 48 KiB default: opt in (sm_80+ allow
-    // up to 163/227 KiB per block).
+    // up to 163/227 KiB per block). The emulator applies the same limits (static + dynamic, opt-in).
     if (smem > 32 * 1024)
-      if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-          e != cudaSuccess)
-        return e;
-#endif
+      if (cudaError_t e = MK_SET_MAX_DYNAMIC_SMEM(kernel, smem); e != cudaSuccess) return e;
     MK_LAUNCH(kernel, dim3(static_cast<unsigned>(rows)), dim3(kSortThreads), smem, stream, z, out, o, np);
   }
   return last_launch_error();

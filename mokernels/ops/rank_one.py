@@ -33,7 +33,8 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     Returns:
         ``[..., R]`` contiguous, dtype of ``z``; computed in fp32 (fp64 for fp64 inputs), rounded once.
     Differentiable in all three inputs: reverse mode, double backward, forward mode. CUDA tensors run
-    the fused kernel; CPU tensors the reference. Non-contiguous inputs are copied to contiguous ones first.
+    the fused kernel; CPU tensors the reference's arithmetic (fp16/bf16: native one-pass kernels,
+    ``csrc/cpu/cpu_ops.cpp``, bit-identical). Non-contiguous inputs are copied to contiguous ones first.
     """
     if type(z) is Tensor and z.is_cpu and not torch.compiler.is_compiling() and not _dispatch_modes():
         # CPU eager (no FakeTensorMode or other dispatch mode active): fewest Python steps

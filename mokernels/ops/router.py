@@ -36,7 +36,8 @@ Public functions: :func:`route` (logits), :func:`route_cosine` (SAMoRA: codes ``
 cosine logits formed inside the kernel), :func:`route_segments` (one row per sentence, broadcast to
 its tokens by offsets, no host sync). CUDA kernels: ``csrc/kernels/router.cuh`` (N <= 4096 experts, fp64 2048;
 backward N <= 1024;
-larger N runs the reference composition on the GPU). CPU tensors run the reference.
+larger N runs the reference composition on the GPU). CPU tensors: without autograd and without a top-p
+cut a native one-pass kernel (``csrc/cpu/cpu_ops.cpp``), else the reference.
 """
 from __future__ import annotations
 
@@ -211,7 +212,8 @@ def route(
         (ties: lower index), -1 pads. The compact form feeds the multi-adapter GEMM's mixture form.
     Differentiable in ``logits`` (selection held fixed): reverse mode, double backward, forward mode.
     CUDA tensors run the fused kernels (N <= 4096, fp64 2048; larger N runs the reference
-    composition); CPU tensors run :func:`route_reference`.
+    composition); CPU tensors run a native one-pass kernel when no autograd is needed and there is no
+    top-p cut, else :func:`route_reference`.
     """
     if (type(logits) is Tensor and logits.is_cpu and _native_route is not None and logits.dim() >= 1
             and (top_p is None or (type(top_p) in (float, int) and top_p >= 1.0)) and logits.dtype in FLOAT_DTYPES

@@ -15,6 +15,9 @@
 //                         (MK_SHARED_ARRAY(float[33], tile, 32) declares float tile[32][33]); a
 //                         scalar is an array of 1. T must not contain a comma (use an alias).
 //   MK_DYNAMIC_SHARED(T, name)   declares `T* name` pointing at the dynamic shared memory
+//   MK_SET_MAX_DYNAMIC_SMEM(kernel, bytes)  cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize,
+//                         bytes): the opt-in above 48 KiB of static + dynamic shared memory (returns
+//                         cudaError_t; the emulator models the limits, csrc/emu/shim.h SmemLimits)
 //   MK_LAUNCH(kernel, grid, block, smem, stream, args...)
 //                         launches a kernel (a function or function pointer, not a template-id:
 //                         bind `auto k = kern<T, N>;` first, commas would split the macro)
@@ -55,7 +58,9 @@
 #define MK_LAUNCH_BOUNDS(n)
 #define MK_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::mk::emu::dynamic_shared())
 #define MK_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::mk::emu::launch((grid), (block), (smem), [&]() { kernel(__VA_ARGS__); })
+  ::mk::emu::launch((grid), (block), (smem), [&]() { kernel(__VA_ARGS__); }, ::mk::emu::kernel_id(kernel))
+#define MK_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  (::mk::emu::set_max_dynamic_smem(::mk::emu::kernel_id(kernel), (bytes)), cudaSuccess)
 #define MK_MUTABLE(name) (!::mk::emu::mutation_on(name))
 
 namespace mk {
@@ -83,6 +88,8 @@ inline cudaError_t last_launch_error() { return cudaSuccess; }
   T* name = reinterpret_cast<T*>(mk_dyn_smem_)
 #define MK_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define MK_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes))
 #define MK_MUTABLE(name) true
 
 namespace mk {
