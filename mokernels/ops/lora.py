@@ -28,8 +28,11 @@ starting at 0, sorted, ending at T, finite weights) and a bad argument raises Va
 Under ``torch.compile``, CUDA-graph capture or ``validate=False`` nothing is checked on the host; the
 kernels and the reference then treat an invalid id (``< 0`` or ``>= N``), and a token outside every
 segment, as "no adapter" — never an out-of-bounds access. A slot whose weight is exactly 0 is
-skipped by the kernel like a ``-1`` (its adapter is not read). Shapes and dtypes are always checked
-(no sync).
+skipped in the forward like a ``-1`` (the kernels do not read its adapter, the reference masks it out:
+a NaN-filled adapter routed only with weight 0 leaves y finite on every device; the dense reference
+still spreads a non-finite adapter that some token uses with a nonzero weight, see ``_live_only``).
+Its weight still gets its true gradient ``scale · (B_i^T dy) · (A_i x)``. Metadata checks are skipped
+for meta / fake tensors. Shapes and dtypes are always checked (no sync).
 
 Dtypes: x, A, B share one dtype (fp16, bf16, fp32, fp64); accumulation in fp32 (fp64 for fp64);
 mixture weights may have any float dtype (used in fp32). Output: x's dtype.
@@ -180,6 +183,8 @@ def canonical_routing(
 
 def _scale_tensor(scale, N: int, like: Tensor, op: str) -> Tensor:
     acc = acc_dtype(like.dtype)
+    if isinstance(scale, bool):  # an int subclass: True would silently mean 1.0
+        expect(False, op, f"scale must be a float or a [N] tensor, got the bool {scale}")
     if isinstance(scale, (int, float)):
         return torch.full((N,), float(scale), dtype=acc, device=like.device)
     expect(isinstance(scale, Tensor) and tuple(scale.shape) in ((N,), ()), op,
@@ -230,6 +235,8 @@ def validate_routing(rt: LoraRouting, N: int, T: int, op: str = _OP, id_name: st
     for name, t in (("ids", ids), ("weights", w), ("offsets", off)):
         if t is not None and t.device != ids.device:
             raise ValueError(f"mokernels.{op}: routing {name} is on {t.device} but ids are on {ids.device}")
+    if not all(can_sync(t) for t in (ids, w, off) if t is not None):
+        return  # meta / fake tensors (tracing, shape propagation): no values to check
     flags = [((ids < -1) | (ids >= N)).any() if ids.numel() else torch.zeros((), dtype=torch.bool, device=ids.device)]
     if w is not None:
         flags.append(~torch.isfinite(w).all())
@@ -333,6 +340,12 @@ def lora_apply_(
     Not differentiable (use :func:`lora_apply` with ``base_out=`` for training)."""
     forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
     lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
+    if torch.is_grad_enabled():
+        grads = [n for n, t in (("out", out), ("x", x), ("A", A), ("B", B), ("mixture weights", w))
+                 if t is not None and t.requires_grad]
+        expect(not grads, "lora_apply_", f"{', '.join(grads)} require(s) grad, but the in-place op is for inference "
+               "and has no backward (the graph would be dropped silently): use lora_apply(..., base_out=out) for "
+               "training, or call it under torch.no_grad() / torch.inference_mode()")
     expect(out.is_contiguous(), "lora_apply_", "out must be contiguous (it is updated in place)")
     expect(not _same_storage(out, x), "lora_apply_", "out must not share memory with x (the kernels still read x "
            "while other blocks write out); pass a copy of x or use lora_apply")
@@ -365,7 +378,8 @@ def lora_shared_apply(
     """
     op = "lora_shared_apply"
     N, r, d_in, d_out = _check_weights(x, A, B, op, shared=True)
-    expect(isinstance(scale, (int, float)), op, f"scale must be a float, got {type(scale).__name__}")
+    expect(isinstance(scale, (int, float)) and not isinstance(scale, bool), op,
+           f"scale must be a float, got {type(scale).__name__}")
     lead = x.shape[:-1]
     T = int(torch.Size(lead).numel())
     expect((weights is None) != (mixture is None), op, "give exactly one of weights= (dense [..., N]) or mixture=")
@@ -377,7 +391,7 @@ def lora_shared_apply(
         expect_dtype(op, "weights", weights)
         i, w = None, weights.reshape(T, N).to(acc)
         expect(w.device == x.device, op, f"weights are on {w.device} but x is on {x.device}")
-        if validate and _is_eager():
+        if validate and _is_eager() and can_sync(w):
             expect(bool(torch.isfinite(w).all()), op, "weights have a NaN or inf")
     else:
         rt = canonical_routing(lead, mixture=mixture, op=op)
@@ -486,6 +500,26 @@ def _token_routing(rt: LoraRouting, T: int, N: int, device, scale: Optional[Tens
     return idc, valid, coef
 
 
+def _weigh(v: Tensor, coef: Tensor) -> Tensor:
+    """``v [T, k, r] · coef [T, k]`` with the slots of coefficient 0 set to exactly 0: like the kernels,
+    a weight-0 slot is skipped, so a non-finite code of its adapter does not reach the output (0·NaN)."""
+    return torch.where((coef != 0)[:, :, None], v * coef[:, :, None], torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def _live_adapters(idc: Tensor, coef: Tensor, N: int) -> Tensor:
+    """``[N]`` bool: the adapter is used by at least one slot with a nonzero coefficient (no host sync)."""
+    live = (coef != 0).reshape(-1).to(coef.dtype)
+    return torch.zeros(N, dtype=coef.dtype, device=coef.device).index_add(0, idc.reshape(-1), live) > 0
+
+
+def _live_only(W: Tensor, live: Tensor) -> Tensor:
+    """The stacked adapter weights with the adapters no slot uses set to 0: the dense reference then reads an
+    unused (e.g. NaN-filled) adapter as the kernels do — not at all. Caveat of the dense oracle: a
+    non-finite value in an adapter that some token does use still reaches every token's output through
+    0·NaN in the dense GEMM, where the kernels confine it to the tokens that use that adapter."""
+    return torch.where(live.reshape(-1, *([1] * (W.dim() - 1))), W, torch.zeros((), dtype=W.dtype, device=W.device))
+
+
 def _shrink_all(x2: Tensor, A: Tensor) -> Tensor:
     """``[T, N, r]`` codes of every token under every adapter (fp32 / fp64)."""
     acc = acc_dtype(x2.dtype)
@@ -515,7 +549,7 @@ def lora_apply_reference(x, A, B, scale, ids, weights=None, offsets=None, base_o
     idc, _, coef = _token_routing(LoraRouting(ids, weights, offsets), T, N, x.device, scale.to(acc))
     k = idc.shape[1]
     h = _shrink_all(x, A).gather(1, idc[:, :, None].expand(T, k, r))  # [T, k, r]
-    y = _expand_all(_scatter_adapters(h * coef[:, :, None], idc, N), B)
+    y = _expand_all(_scatter_adapters(_weigh(h, coef), idc, N), _live_only(B, _live_adapters(idc, coef, N)))
     if base_out is not None:
         y = y + base_out.to(acc)
     return y.to(x.dtype)
@@ -534,9 +568,9 @@ def _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, nee
     gather = lambda all_: all_.gather(1, idc[:, :, None].expand(T, k, r))  # noqa: E731
     u = gather((G @ Ba.permute(0, 2, 1).reshape(N * r, d_out).T).reshape(T, N, r))  # B_i^T g   [T, k, r]
     h = gather(_shrink_all(x, A))  # A_i x [T, k, r]
-    Zu = _scatter_adapters(u * coef[:, :, None], idc, N).reshape(T, N * r)
-    Zh = _scatter_adapters(h * coef[:, :, None], idc, N).reshape(T, N * r)
-    dx = Zu @ Aa.reshape(N * r, d_in)
+    Zu = _scatter_adapters(_weigh(u, coef), idc, N).reshape(T, N * r)
+    Zh = _scatter_adapters(_weigh(h, coef), idc, N).reshape(T, N * r)
+    dx = Zu @ _live_only(Aa, _live_adapters(idc, coef, N)).reshape(N * r, d_in)
     dA = (Zu.T @ xa).reshape(N, r, d_in)
     dB = (G.T @ Zh).reshape(d_out, N, r).permute(1, 0, 2)
     dw = None
@@ -571,7 +605,7 @@ def lora_shared_apply_reference(x, A, B, scale: float, ids, weights, base_out=No
     acc = acc_dtype(x.dtype)
     h = x.to(acc) @ A.to(acc).T  # [T, r]
     c = _shared_coef(T, N, ids, weights, scale, acc)
-    y = _expand_all(c[:, :, None] * h[:, None, :], B)
+    y = _expand_all(c[:, :, None] * h[:, None, :], _live_only(B, (c != 0).any(0)))  # weight-0 experts skipped
     if base_out is not None:
         y = y + base_out.to(acc)
     return y.to(x.dtype)
@@ -585,7 +619,7 @@ def _lora_shared_backward_reference(g, x, A, B, scale, ids, weights):
     h = xa @ Aa.T
     c = _shared_coef(T, N, ids, weights, scale, acc)
     U = (G @ B.to(acc).permute(0, 2, 1).reshape(N * r, d_out).T).reshape(T, N, r)  # B_i^T g
-    dh = (c[:, :, None] * U).sum(1)
+    dh = _weigh(U, c).sum(1)
     dx, dA = dh @ Aa, dh.T @ xa
     dB = (G.T @ (c[:, :, None] * h[:, None, :]).reshape(T, N * r)).reshape(d_out, N, r).permute(1, 0, 2)
     dw_dense = (U * h[:, None, :]).sum(-1) * scale  # [T, N]
