@@ -38,9 +38,19 @@ Dtypes: x, A, B share one dtype (fp16, bf16, fp32, fp64); accumulation in fp32 (
 mixture weights may have any float dtype (used in fp32). Output: x's dtype.
 
 Autograd: ``lora_apply`` / ``lora_shared_apply`` are differentiable in x, A, B, the mixture weights
-and ``base_out``; ``scale`` is a hyperparameter (no gradient). The backward is the reference
-composition (torch ops, fp32) on every device — no backward kernels yet. ``lora_apply_`` (in place,
-``Tensor(a!)``) is for inference.
+and ``base_out``; ``scale`` is a hyperparameter (no gradient). On CUDA the backward runs the kernels of
+``csrc/kernels/lora_bwd.cuh`` (ops ``lora_apply_backward`` / ``lora_shared_apply_backward``): a fused
+per-token SIMT kernel for dx and the weights' gradient (``u = B_iᵀ dy`` kept on chip, then ``A_iᵀ u``),
+and dA / dB as grouped reductions over each adapter's tokens after a device-side counting sort of the
+(token, slot) pairs — fp32 accumulation, no atomics, bitwise deterministic run to run. CPU tensors
+(and arguments beyond the kernel's shared memory) use the closed-form reference (torch ops, fp32).
+``lora_apply_`` (in place, ``Tensor(a!)``) is for inference: with a tensor that requires grad it
+raises unless grad mode is off (``torch.no_grad()`` / ``torch.inference_mode()``).
+
+Autocast: the ops run in the activations' dtype; cast fp32 adapter parameters to it before the call
+(``MultiLoRALinear`` does: under autocast its fp32 ``lora_A`` / ``lora_B`` are used in the dtype of the
+base layer's output, and their gradients flow back to the fp32 parameters through the cast). Mixed
+dtypes are a ValueError, never a silent upcast.
 
 Kernels: CUDA tensors run the fused SIMT kernel of ``csrc/kernels/lora.cuh`` (shrink -> expand per
 token, ``h`` kept on chip; sized for decode); CPU tensors run the reference :func:`lora_apply_reference`.
@@ -698,12 +708,29 @@ def _setup(ctx, inputs, output):
     ctx.has_w = weights is not None
 
 
+def _bwd_kernel_fits(x: Tensor, k: int, r: int, shared: bool) -> bool:
+    """Whether the CUDA backward kernels run these arguments: CUDA tensors and the token kernel's shared
+    memory ``(k·r + (2r if shared else k·r) + k)·acc + 4k <= 48 KiB`` (csrc/kernels/lora_bwd.cuh,
+    token_tail_bytes); otherwise the reference composition (e.g. a dense shared-A gate over many experts)."""
+    acc = 8 if x.dtype == torch.float64 else 4
+    return x.device.type == "cuda" and (k * r + (2 * r if shared else k * r) + k) * acc + 4 * k <= 48 * 1024
+
+
+def _nonempty(t: Tensor, need: bool):
+    return t if need else None
+
+
 def _backward(ctx, g):
     x, A, B, scale, ids, weights, offsets = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dA, dB, dw = _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, bool(need[5]))
-    return (dx if need[0] else None, dA if need[1] else None, dB if need[2] else None, None, None,
-            dw if need[5] else None, None, g if need[7] else None)
+    need_w = bool(need[5]) and weights is not None
+    if _bwd_kernel_fits(x, ids.shape[1], A.shape[1], False):
+        dx, dA, dB, dw = torch.ops.mokernels.lora_apply_backward(g.contiguous(), x, A, B, scale, ids, weights, offsets,
+                                                                 bool(need[0]), bool(need[1]), bool(need[2]), need_w)
+    else:
+        dx, dA, dB, dw = _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, need_w)
+    return (_nonempty(dx, need[0]), _nonempty(dA, need[1]), _nonempty(dB, need[2]), None, None,
+            dw if need_w else None, None, g if need[7] else None)
 
 
 torch.library.register_autograd("mokernels::lora_apply", _backward, setup_context=_setup)
@@ -748,9 +775,92 @@ def _setup_shared(ctx, inputs, output):
 def _backward_shared(ctx, g):
     x, A, B, ids, weights = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dA, dB, dw = _lora_shared_backward_reference(g, x, A, B, ctx.scale, ids, weights)
-    return (dx if need[0] else None, dA if need[1] else None, dB if need[2] else None, None, None,
-            dw if need[5] else None, g if need[6] else None)
+    k = B.shape[0] if ids is None else ids.shape[1]
+    if _bwd_kernel_fits(x, k, A.shape[0], True):
+        dx, dA, dB, dw = torch.ops.mokernels.lora_shared_apply_backward(
+            g.contiguous(), x, A, B, ctx.scale, ids, weights, bool(need[0]), bool(need[1]), bool(need[2]), bool(need[5]))
+    else:
+        dx, dA, dB, dw = _lora_shared_backward_reference(g, x, A, B, ctx.scale, ids, weights)
+    return (_nonempty(dx, need[0]), _nonempty(dA, need[1]), _nonempty(dB, need[2]), None, None,
+            _nonempty(dw, need[5]), g if need[6] else None)
+
+
+# The backward ops (CUDA: csrc/lora_bwd.cu; here: CPU = the closed-form reference, fake = shapes).
+# An output not asked for is an empty [0] tensor.
+
+
+def _bwd_outputs(x, A, B, R, k, needs, has_w):
+    acc = acc_dtype(x.dtype)
+    T, d_in = x.shape
+    e = lambda dt: x.new_empty((0,), dtype=dt)  # noqa: E731
+    return (x.new_empty((T, d_in)) if needs[0] else e(x.dtype),
+            A.new_empty(A.shape) if needs[1] else e(x.dtype),
+            B.new_empty(B.shape) if needs[2] else e(x.dtype),
+            x.new_empty((R, k), dtype=acc) if needs[3] and has_w else e(acc))
+
+
+def _bwd_pick(ref, needs, has_w):
+    dx, dA, dB, dw = ref
+    like = dx
+    e = lambda dt: like.new_empty((0,), dtype=dt)  # noqa: E731
+    acc = acc_dtype(like.dtype)
+    return (dx if needs[0] else e(like.dtype), dA if needs[1] else e(like.dtype), dB if needs[2] else e(like.dtype),
+            dw.to(acc) if needs[3] and has_w and dw is not None else e(acc))
+
+
+@torch.library.register_fake("mokernels::lora_apply_backward")
+def _fake_bwd(grad, x, A, B, scale, ids, weights, offsets, need_dx, need_dA, need_dB, need_dw):
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, "lora_apply_backward")
+    _check_op_base(x, grad, T, d_out, "lora_apply_backward")
+    return _bwd_outputs(x, A, B, ids.shape[0], ids.shape[1], (need_dx, need_dA, need_dB, need_dw), weights is not None)
+
+
+@torch.library.register_kernel("mokernels::lora_apply_backward", "cpu")
+def _cpu_bwd(grad, x, A, B, scale, ids, weights, offsets, need_dx, need_dA, need_dB, need_dw):
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, "lora_apply_backward")
+    _check_op_base(x, grad, T, d_out, "lora_apply_backward")
+    has_w = weights is not None
+    with torch.no_grad():
+        ref = _lora_apply_backward_reference(grad, x, A, B, scale, ids, weights, offsets, need_dw and has_w)
+    return _bwd_pick(ref, (need_dx, need_dA, need_dB, need_dw), has_w)
+
+
+@torch.library.register_fake("mokernels::lora_shared_apply_backward")
+def _fake_shared_bwd(grad, x, A, B, scale, ids, weights, need_dx, need_dA, need_dB, need_dw):
+    T, d_out = _check_shared_op(x, A, B, scale, ids, weights, None)
+    _check_op_base(x, grad, T, d_out, "lora_shared_apply_backward")
+    return _bwd_outputs(x, A, B, weights.shape[0], weights.shape[1], (need_dx, need_dA, need_dB, need_dw), True)
+
+
+@torch.library.register_kernel("mokernels::lora_shared_apply_backward", "cpu")
+def _cpu_shared_bwd(grad, x, A, B, scale, ids, weights, need_dx, need_dA, need_dB, need_dw):
+    T, d_out = _check_shared_op(x, A, B, scale, ids, weights, None)
+    _check_op_base(x, grad, T, d_out, "lora_shared_apply_backward")
+    with torch.no_grad():
+        ref = _lora_shared_backward_reference(grad, x, A, B, scale, ids, weights)
+    return _bwd_pick(ref, (need_dx, need_dA, need_dB, need_dw), True)
 
 
 torch.library.register_autograd("mokernels::lora_shared_apply", _backward_shared, setup_context=_setup_shared)
+
+
+# Autocast: the LoRA ops are autocast-neutral. Their arguments are not cast (the caller picks the
+# activation dtype, see the module docstring), and what runs below them — the CPU reference's fp32
+# matmuls, the CUDA backward's fallback — runs with autocast off, so "fp32 accumulation" also holds
+# inside a torch.autocast region (without this, the CPU reference's fp32 GEMMs were silently autocast
+# to bf16). The ops are redispatched below the Autocast keys; autograd still records them.
+
+
+def _autocast_neutral(name: str):
+    op = getattr(torch.ops.mokernels, name).default
+
+    def kernel(*args):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return op(*args)
+
+    return kernel
+
+
+for _name in ("lora_apply", "lora_apply_", "lora_shared_apply", "lora_apply_backward", "lora_shared_apply_backward"):
+    for _key in ("AutocastCPU", "AutocastCUDA"):
+        torch.library.impl(f"mokernels::{_name}", _key)(_autocast_neutral(_name))
