@@ -367,3 +367,28 @@ def test_multilora_autocast_uses_fp32_adapters_in_activation_dtype():
     y.float().sum().backward()
     assert m.lora_A.grad.dtype == torch.float32 and m.lora_B.grad.dtype == torch.float32
     assert (m.lora_A.grad[1] != 0).any() and torch.isfinite(m.lora_B.grad).all()
+
+
+@pytest.mark.emu
+def test_emulated_forward_and_backward_skip_nan_adapter_with_weight_zero(emu_ops):
+    """Kernel and reference agree on a NaN adapter routed only with weight 0: y, dx, dA, dB finite (the
+    adapter is not read); its slot's own weight gradient is NaN — the true gradient."""
+    from mokernels.ops.lora import lora_apply_reference
+
+    N, r, d_in, d_out, T = 3, 4, 8, 12, 4
+    A, B = _adapters(N, r, d_in, d_out)
+    A[1], B[1] = float("nan"), float("nan")
+    x, g = torch.randn(T, d_in), torch.randn(T, d_out)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0], [1, -1]], dtype=torch.int32)
+    w = torch.tensor([[0.5, 0.0], [0.0, 0.3], [0.2, 0.7], [0.0, 0.0]])
+    s = torch.tensor([0.5, 1.0, 2.0])
+    y = emu_ops.lora_apply(x, A, B, s, ids, w, None, None)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, lora_apply_reference(x, A, B, s, ids, w, None, None))
+    dx, dA, dB, dw = emu_ops.lora_apply_backward(g, x, A, B, s, ids, w, None, True, True, True, True)
+    assert torch.isfinite(dx).all() and torch.isfinite(dA).all() and torch.isfinite(dB).all()
+    assert (dA[1] == 0).all() and (dB[1] == 0).all()
+    assert torch.isnan(dw[ids == 1]).all() and torch.isfinite(dw[ids != 1]).all()
+    ref = torch.ops.mokernels.lora_apply_backward(g, x, A, B, s, ids, w, None, True, True, True, True)
+    for a, b in zip((dx, dA, dB, dw), ref):
+        torch.testing.assert_close(a, b, equal_nan=True)
