@@ -57,7 +57,7 @@ class _Layer:
                      scale=torch.full((N,), 2.0, device=device))
             if form == "decode":
                 ids = torch.randint(0, N, (T,), generator=g)
-                t["kw"] = dict(ids=ids.to(device))
+                t["kw"] = dict(ids=ids.to(device, torch.int32))  # int32 once per step, as a server would
                 t["tok_ids"] = ids.to(device)
                 t["used"] = int(ids.unique().numel())
             else:
@@ -65,7 +65,7 @@ class _Layer:
                 off = torch.arange(0, T + 1, 128, dtype=torch.int32)
                 if form == "segments":
                     sid = torch.randperm(N, generator=g)[:S] if N >= S else torch.randint(0, N, (S,), generator=g)
-                    t["kw"] = dict(segments=(off.to(device), sid.to(device)))
+                    t["kw"] = dict(segments=(off.to(device), sid.to(device, torch.int32)))
                     t["tok_ids"] = sid.repeat_interleave(128).to(device)
                     t["seg_ids"] = sid
                 else:  # DLP top-2 segment mixture

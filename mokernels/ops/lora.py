@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype
+from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype, grad_or_tangent
 from ._checks import is_eager as _is_eager
 from .router import Routing
 
@@ -278,6 +278,108 @@ def _prepare(x, A, B, scale, forms: dict, base_out, validate: bool, op: str, bas
 # Public API
 
 
+# ------------------------------------------------------------------------------------------------
+# Hot path (validate=False, eager or traced): the canonical arguments without the general form
+# handling above. Host work per call was ~50 µs of Python (measured on the dev CPU; the benchmark's
+# decode rows time it, since ~65 µs of L2 flush is all the head start the host gets) plus ~15 µs of
+# the register_autograd Python layer; the CUDA launches per call were: the LoRA kernel, plus clamp and
+# int32 conversion for int64 ids (2), plus torch.full for a float scale (1). Now: plain tensors in the
+# canonical dtypes (int32 ids/offsets, fp32 weights and scale, or a float scale: cached) take this path
+# with one op call and no other ATen op but views; anything else falls back to the general path (same
+# results, same errors). The op re-checks every shape, dtype and device (C++ on CUDA, _check_op on CPU).
+
+_SCALE_CACHE: dict = {}
+
+
+def _cached_scale(scale: float, N: int, like: Tensor) -> Tensor:
+    """``torch.full((N,), scale)`` in the accumulation dtype on ``like``'s device, built once (a constant
+    input: safe under CUDA-graph capture, never written)."""
+    acc = acc_dtype(like.dtype)
+    key = (float(scale), N, like.device, acc)
+    t = _SCALE_CACHE.get(key)
+    if t is None:
+        if len(_SCALE_CACHE) > 256:
+            _SCALE_CACHE.clear()
+        t = _SCALE_CACHE[key] = torch.full((N,), float(scale), dtype=acc, device=like.device)
+    return t
+
+
+def _fast_routing(lead, T: int, ids, segments, mixture, segment_mixture, acc):
+    """Canonical ``(ids [R, k], weights, offsets)`` as views when the public form is already in the ops'
+    dtypes (int32 ids/offsets, ``acc`` weights) and shapes; else None (the general path decides)."""
+    i32 = torch.int32
+    if ids is not None:
+        if segments is None and mixture is None and segment_mixture is None and type(ids) is Tensor \
+                and ids.dtype == i32 and (ids.shape == lead or (ids.dim() == 1 and ids.shape[0] == T)):
+            return ids.reshape(T, 1), None, None
+        return None
+    if segments is not None:
+        if mixture is None and segment_mixture is None and type(segments) is tuple and len(segments) == 2:
+            off, sid = segments
+            if type(off) is Tensor and type(sid) is Tensor and off.dtype == i32 and sid.dtype == i32 \
+                    and off.dim() == 1 and sid.dim() == 1 and sid.shape[0] == off.shape[0] - 1:
+                return sid.reshape(-1, 1), None, off
+        return None
+    if mixture is not None:
+        if segment_mixture is None and (type(mixture) is Routing or (type(mixture) is tuple and len(mixture) == 2)):
+            mi, mw = (mixture.ids, mixture.weights) if type(mixture) is Routing else mixture
+            if type(mi) is Tensor and type(mw) is Tensor and mi.dtype == i32 and mw.dtype == acc and mi.dim() >= 1 \
+                    and mw.shape == mi.shape and (mi.shape[:-1] == lead or (mi.dim() == 2 and mi.shape[0] == T)):
+                k = mi.shape[-1]
+                return mi.reshape(T, k), mw.reshape(T, k), None
+        return None
+    if segment_mixture is not None and type(segment_mixture) is tuple and len(segment_mixture) in (2, 3):
+        off = segment_mixture[0]
+        if len(segment_mixture) == 3:
+            sid, sw = segment_mixture[1], segment_mixture[2]
+        elif type(segment_mixture[1]) is Routing:
+            sid, sw = segment_mixture[1].ids, segment_mixture[1].weights
+        else:
+            return None
+        if type(off) is Tensor and type(sid) is Tensor and type(sw) is Tensor and off.dtype == i32 and off.dim() == 1 \
+                and sid.dtype == i32 and sw.dtype == acc and sid.dim() == 2 and sw.shape == sid.shape \
+                and sid.shape[0] == off.shape[0] - 1:
+            return sid, sw, off
+    return None
+
+
+def _fast_prepare(x, A, B, scale, ids, segments, mixture, segment_mixture, base_out):
+    """``(lead, T, d_out, ids, weights, offsets, scale [N], base [T, d_out] | None)`` or None."""
+    if not (type(x) is Tensor and type(A) is Tensor and type(B) is Tensor and x.dim() >= 1 and A.dim() == 3
+            and B.dim() == 3):
+        return None
+    N, d_out = B.shape[0], B.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if type(scale) is Tensor:
+        if scale.dtype != acc or scale.shape != (N,) or scale.requires_grad:
+            return None
+    elif type(scale) is not float and type(scale) is not int:
+        return None
+    lead = x.shape[:-1]
+    T = 1
+    for n in lead:
+        T *= n
+    rt = _fast_routing(lead, T, ids, segments, mixture, segment_mixture, acc)
+    if rt is None:
+        return None
+    s = scale if type(scale) is Tensor else _cached_scale(scale, N, x)
+    base = None
+    if base_out is not None:
+        if type(base_out) is not Tensor or base_out.shape[:-1] != lead or base_out.dim() != x.dim():
+            return None
+        base = base_out.reshape(T, base_out.shape[-1])
+    return lead, T, d_out, rt[0], rt[1], rt[2], s, base
+
+
+def _call_op(op, grad_ts, *args):
+    """The op through its autograd kernel only when autograd may see an input (the Python layer of
+    register_autograd costs ~10-15 µs per call even when nothing needs a gradient)."""
+    if grad_or_tangent(*grad_ts) or not _is_eager("cpu"):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def lora_apply(
     x: Tensor,
     A: Tensor,
@@ -309,6 +411,13 @@ def lora_apply(
         ``[..., d_out]`` in x's dtype: ``base_out + delta`` (or the delta alone).
     Differentiable in x, A, B, mixture weights and base_out.
     """
+    fast = None if validate and _is_eager() else _fast_prepare(x, A, B, scale, ids, segments, mixture,
+                                                               segment_mixture, base_out)
+    if fast is not None:
+        lead, T, d_out, i, w, off, s, base = fast
+        grad_ts = (x, A, B) if w is None and base is None else tuple(t for t in (x, A, B, w, base) if t is not None)
+        y = _call_op(torch.ops.mokernels.lora_apply, grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
+        return y.reshape(*lead, d_out)
     forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
     lead, T, d_out, (i, w, off), s, base = _prepare(x, A, B, scale, forms, base_out, validate, "lora_apply")
     y = torch.ops.mokernels.lora_apply(x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
@@ -331,8 +440,13 @@ def lora_apply_(
     """In-place (inference): ``out += Σ_j w_j scale[i_j] B[i_j] A[i_j] x``; ``out [..., d_out]`` in x's
     dtype and contiguous (e.g. the base layer's output). Returns ``out``. Arguments as :func:`lora_apply`.
     Not differentiable (use :func:`lora_apply` with ``base_out=`` for training)."""
-    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
-    lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
+    fast = None if validate and _is_eager() else _fast_prepare(x, A, B, scale, ids, segments, mixture,
+                                                               segment_mixture, out)
+    if fast is not None:
+        lead, T, d_out, i, w, off, s, o2 = fast
+    else:
+        forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
+        lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
     expect(out.is_contiguous(), "lora_apply_", "out must be contiguous (it is updated in place)")
     expect(not _same_storage(out, x), "lora_apply_", "out must not share memory with x (the kernels still read x "
            "while other blocks write out); pass a copy of x or use lora_apply")
