@@ -82,3 +82,132 @@ def test_hot_path_keeps_gradients_and_shape_errors():
         lora_apply(x.detach(), A, B, scale, ids=ids, base_out=torch.zeros(4, 5, dtype=torch.float64), validate=False)
     with pytest.raises(ValueError, match="A"):
         lora_apply(x.detach(), A[:, :, :7], B, scale, ids=ids, validate=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused pass over W: lora_linear
+
+
+def _linear_case(dtype, T, N, r, d_in, d_out, form, k=2, bias=True, seed=0):
+    torch.manual_seed(seed)
+    A, B, scale = weights(N, r, d_in, d_out, dtype)
+    x = torch.randn(T, d_in).to(dtype)
+    W = (torch.randn(d_out, d_in) * d_in ** -0.5).to(dtype)
+    b = torch.randn(d_out).to(dtype) if bias else None
+    kw, routes = make_form(form, (T,), N, k=k, S=3)
+    return x, W, b, A, B, scale, kw, routes
+
+
+def _naive_linear(x, W, b, A, B, scale, routes):
+    y = x.double() @ W.double().T + (0 if b is None else b.double())
+    return y + naive(x, A, B, scale, routes)
+
+
+@pytest.mark.parametrize("form", ["ids", "segment_mixture"])
+def test_lora_linear_cpu_matches_loop_and_unfused_layer(form):
+    from mokernels.ops.lora import lora_linear
+
+    x, W, b, A, B, scale, kw, routes = _linear_case(torch.float64, 6, 4, 3, 16, 10, form)
+    y = lora_linear(x, W, b, A, B, scale, **kw)
+    torch.testing.assert_close(y, _naive_linear(x, W, b, A, B, scale, routes))
+    torch.testing.assert_close(y, lora_apply(x, A, B, scale, base_out=torch.nn.functional.linear(x, W, b), **kw))
+    with pytest.raises(ValueError, match="W"):
+        torch.ops.mokernels.lora_linear(x, W[:, :15], b, A, B, scale.float().double(),
+                                        torch.zeros(6, 1, dtype=torch.int32), None, None)
+
+
+def test_lora_linear_opcheck():
+    x, W, b, A, B, scale, _, _ = _linear_case(torch.float32, 5, 4, 3, 8, 6, "ids")
+    ids = torch.tensor([[0], [3], [-1], [2], [1]], dtype=torch.int32)
+    off = torch.tensor([0, 2, 5], dtype=torch.int32)
+    mix = torch.tensor([[1, 3], [-1, 0]], dtype=torch.int32)
+    for args in ((ids, None, None), (mix, torch.rand(2, 2), off)):
+        torch.library.opcheck(torch.ops.mokernels.lora_linear.default, (x, W, b, A, B, scale.float(), *args),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def _emu_canonical(kw, T):
+    from mokernels.ops.lora import _routing
+
+    return _routing(torch.Size((T,)), 10**9, kw, torch.device("cpu"), torch.float32, False, "test")[1]
+
+
+LINEAR_SHAPES = [  # (T, N, r, d_in, d_out, k, bias): cp.async + 16-byte B rows; d_out and T edges
+    (5, 4, 16, 64, 40, 1, True),
+    (3, 3, 3, 72, 33, 2, False),  # r = 3: scalar B rows; d_in = 72: a partial second K step
+    (1, 2, 8, 12, 8, 2, True),  # d_in % 8 != 0: synchronous element loads (ASYNC = false)
+]
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["ids", "segment_mixture"])
+@pytest.mark.parametrize("T,N,r,d_in,d_out,k,bias", LINEAR_SHAPES)
+def test_emulated_lora_linear_matches_reference(emu_ops, dtype, form, T, N, r, d_in, d_out, k, bias):
+    from mokernels.ops.lora import lora_linear_reference
+
+    x, W, b, A, B, scale, kw, routes = _linear_case(dtype, T, N, r, d_in, d_out, form, k=k, bias=bias)
+    ids, w, off = _emu_canonical(kw, T)
+    s = scale.float()
+    got = emu_ops.lora_linear(x, W, b, A, B, s, ids, w, off)
+    assert got.shape == (T, d_out) and got.dtype == dtype
+    # fp32 GEMM + delta rounded once, vs the reference's base rounded, then + delta rounded: <= 2 roundings
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=3e-3, atol=3e-3)
+    torch.testing.assert_close(got, lora_linear_reference(x, W, b, A, B, s, ids, w, off), **tol)
+    torch.testing.assert_close(got.double(), _naive_linear(x, W, b, A, B, scale, routes), **tol)
+
+
+@pytest.mark.emu
+def test_emulated_lora_linear_two_token_tiles_and_invalid_metadata(emu_ops):
+    """T = 33: a second token tile (grid.y); ids out of range, zero weights and a token outside every
+    segment contribute nothing and are never read (the emulator checks every access)."""
+    from mokernels.ops.lora import lora_linear_reference
+
+    x, W, b, A, B, scale, _, _ = _linear_case(torch.bfloat16, 33, 3, 4, 16, 8, "ids", bias=False)
+    s = scale.float()
+    ids = torch.randint(-1, 3, (33, 1), dtype=torch.int32)
+    ids[0, 0], ids[1, 0], ids[2, 0] = 3, 2**31 - 1, -(2**31)
+    got = emu_ops.lora_linear(x, W, None, A, B, s, ids, None, None)
+    torch.testing.assert_close(got, lora_linear_reference(x, W, None, A, B, s, ids), rtol=2e-2, atol=2e-2)
+    off = torch.tensor([0, 4, 30], dtype=torch.int32)  # tokens 30..32 in no segment
+    mix = torch.tensor([[0, 7], [2, 1]], dtype=torch.int32)
+    mw = torch.tensor([[0.5, 1.0], [0.0, 2.0]])
+    got = emu_ops.lora_linear(x, W, None, A, B, s, mix, mw, off)
+    want = lora_linear_reference(x, W, None, A, B, s, mix, mw, off)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[30:], (x[30:].float() @ W.float().T).to(torch.bfloat16), rtol=2e-2, atol=2e-2)
+    with pytest.raises(Exception, match="float16/bfloat16"):
+        emu_ops.lora_linear(x.float(), W.float(), None, A.float(), B.float(), s, ids, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# MultiLoRALinear's fast paths (CPU runs the same dispatch; the kernels behind it are the references)
+
+
+@pytest.mark.parametrize("T", [3, 40])  # decode (lora_linear) / prefill without bias (delta, then addmm_)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_module_paths_match_naive_with_gradients(T, with_bias):
+    from mokernels.modules import MultiLoRALinear
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(12, 10, bias=with_bias).double()
+    m = MultiLoRALinear.from_linear(lin, 4, 3, alpha=6.0)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(T, 12, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(-1, 4, (T,))
+    y = m(x, ids)
+    # naive per token in fp64, differentiable
+    want = x @ m.weight.T + (m.bias if with_bias else 0)
+    rows = []
+    for t, i in enumerate(ids.tolist()):
+        rows.append(m.scaling[i] * (m.lora_B[i] @ (m.lora_A[i] @ x[t])) if i >= 0 else torch.zeros(10, dtype=x.dtype))
+    want = want + torch.stack(rows)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, m.weight, m.lora_A, m.lora_B), g)
+    exp = torch.autograd.grad(want, (x, m.weight, m.lora_A, m.lora_B), g)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, ids), want)

@@ -55,11 +55,13 @@ from .router import Routing
 
 _OP = "lora"
 MAX_RANK = 128  # kernel limit on r (h lives in shared memory); larger ranks: ValueError
+LINEAR_FUSED_MAX_TOKENS = 32  # lora_linear: the fused pass over W up to this many tokens (one token tile)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 __all__ = [
     "lora_apply",
     "lora_apply_",
+    "lora_linear",
     "lora_shared_apply",
     "lora_shrink",
     "lora_expand",
@@ -454,6 +456,54 @@ def lora_apply_(
     return out
 
 
+def lora_linear(
+    x: Tensor,
+    W: Tensor,
+    bias: Optional[Tensor],
+    A: Tensor,
+    B: Tensor,
+    scale,
+    *,
+    ids: Optional[Tensor] = None,
+    segments=None,
+    mixture=None,
+    segment_mixture=None,
+    validate: bool = True,
+) -> Tensor:
+    """The whole multi-LoRA linear layer: ``y = x Wᵀ + bias + Σ_j w_j scale[i_j] B[i_j] A[i_j] x``.
+
+    Args:
+        x: ``[..., d_in]``; W: ``[d_out, d_in]`` and bias ``[d_out]`` or None (the base layer), x's dtype;
+        A, B, scale, routing forms, validate: as :func:`lora_apply`.
+    Returns:
+        ``[..., d_out]`` in x's dtype.
+
+    Kernels: fp16/bf16 CUDA inputs with at most ``LINEAR_FUSED_MAX_TOKENS`` tokens and no gradient needed
+    take the fused pass over W (``csrc/kernels/lora_fused_w.cuh``: W streamed once on tensor cores with
+    the LoRA expand in its epilogue, the shrink in a small first kernel); every other case (CPU, fp32,
+    larger T, autograd) is ``lora_apply(x, A, B, scale, base_out=F.linear(x, W, bias))`` — the same
+    values up to summation order.
+    """
+    op = "lora_linear"
+    expect(isinstance(W, Tensor) and W.dim() == 2, op, "W must be a [d_out, d_in] tensor")
+    expect(bias is None or isinstance(bias, Tensor), op, "bias must be a [d_out] tensor or None")
+    if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and x.dim() >= 1
+            and x.numel() <= LINEAR_FUSED_MAX_TOKENS * x.shape[-1] and not grad_or_tangent(x, W, A, B)
+            and (bias is None or not grad_or_tangent(bias))):
+        fast = None if validate and _is_eager() else _fast_prepare(x, A, B, scale, ids, segments, mixture,
+                                                                   segment_mixture, None)
+        if fast is not None:
+            lead, T, d_out, i, w, off, s, _ = fast
+        else:
+            forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
+            lead, T, d_out, (i, w, off), s, _ = _prepare(x, A, B, scale, forms, None, validate, op)
+        y = torch.ops.mokernels.lora_linear(x.reshape(T, x.shape[-1]), W, bias, A, B, s, i, w, off)
+        return y.reshape(*lead, d_out)
+    base = torch.nn.functional.linear(x, W, bias)
+    return lora_apply(x, A, B, scale, ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture,
+                      base_out=base, validate=validate)
+
+
 def lora_shared_apply(
     x: Tensor,
     A: Tensor,
@@ -770,6 +820,39 @@ def _cpu_(out, x, A, B, scale, ids, weights, offsets):
     _check_op_base(x, out, T, d_out, "lora_apply_")
     with torch.no_grad():
         out.copy_(lora_apply_reference(x, A, B, scale, ids, weights, offsets, out))
+
+
+def _check_linear_op(x, W, bias, A, B, scale, ids, weights, offsets):
+    op = "lora_linear"
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, op)
+    expect(W.dim() == 2 and tuple(W.shape) == (d_out, x.shape[1]), op,
+           f"W must be [d_out, d_in] = [{d_out}, {x.shape[1]}], got {list(W.shape)}")
+    expect_dtype(op, "W", W, like=x)
+    expect(W.device == x.device, op, f"W is on {W.device} but x is on {x.device}")
+    if bias is not None:
+        expect(tuple(bias.shape) == (d_out,), op, f"bias must be [d_out] = [{d_out}], got {list(bias.shape)}")
+        expect_dtype(op, "bias", bias, like=x)
+        expect(bias.device == x.device, op, f"bias is on {bias.device} but x is on {x.device}")
+    return T, d_out
+
+
+@torch.library.register_fake("mokernels::lora_linear")
+def _fake_linear(x, W, bias, A, B, scale, ids, weights, offsets):
+    T, d_out = _check_linear_op(x, W, bias, A, B, scale, ids, weights, offsets)
+    return x.new_empty((T, d_out))
+
+
+def lora_linear_reference(x, W, bias, A, B, scale, ids, weights=None, offsets=None) -> Tensor:
+    """The op ``lora_linear`` on canonical arguments: ``F.linear(x, W, bias)`` rounded to x's dtype (as
+    the unfused layer computes it), plus the LoRA delta of :func:`lora_apply_reference` in fp32."""
+    return lora_apply_reference(x, A, B, scale, ids, weights, offsets, torch.nn.functional.linear(x, W, bias))
+
+
+@torch.library.register_kernel("mokernels::lora_linear", "cpu")
+def _cpu_linear(x, W, bias, A, B, scale, ids, weights, offsets):
+    _check_linear_op(x, W, bias, A, B, scale, ids, weights, offsets)
+    with torch.no_grad():
+        return lora_linear_reference(x, W, bias, A, B, scale, ids, weights, offsets).contiguous()
 
 
 def _setup(ctx, inputs, output):
