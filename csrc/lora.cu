@@ -159,8 +159,15 @@ void run(const char* op, const at::Tensor& x_in, const at::Tensor& A_in, const a
   run_with(
       [&](auto& a) {
         using T_ = std::remove_cv_t<std::remove_reference_t<decltype(*a.x)>>;
-        if (use_prefill(op, a)) {
-          check_launch(op, launch_prefill<T_>(a, num_sms(), current_stream()));
+        if (use_prefill(op, a)) {  // split-K shrink -> fp32 partials [ksplit, T, k·r16] -> expand
+          PrefillArgs<T_> p{};
+          p.l = a;
+          p.ksplit = prefill_ksplit(a.tokens, a.segs, a.d_in, num_sms());
+          p.kh = static_cast<int>(a.k * ceil_div(a.r, 16) * 16);
+          at::Tensor buf = at::empty({static_cast<int64_t>(prefill_workspace_bytes(a.tokens, a.k, a.r, p.ksplit))},
+                                     x_in.options().dtype(at::kByte));
+          p.hp = reinterpret_cast<float*>(buf.data_ptr());
+          check_launch(op, launch_prefill<T_>(p, num_sms(), current_stream()));
         } else if (a.shared_a) {  // h once per token: the fused SIMT kernel
           check_launch(op, launch<T_>(a, num_sms(), current_stream()));
         } else {  // shrink -> tiny workspace -> expand (lora.cuh "Split decode path")

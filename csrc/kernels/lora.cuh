@@ -1,5 +1,16 @@
-// Segmented multi-adapter LoRA, decode path (METHODS.md §1): a fused SIMT kernel, shrink -> expand
-// per token, so the rank-r code h = A_id x never leaves the chip.
+// Segmented multi-adapter LoRA, decode path (METHODS.md §1). Two designs live here:
+//  * decode_kernel (below): fused SIMT, shrink -> expand per (token, d_out chunk), h on chip. Since the
+//    issue-10 speed work it runs the shared-A form only (h = A x once per token, no adapter gather).
+//  * the split path (shrink_kernel -> workspace -> expand_kernel, further down, with the analysis of why
+//    decode_kernel was slow for per-adapter A): every other form.
+// Measured on an H200 before the redesign (CUDA events, L2 flushed; d = 4096, r = 16, bf16, 32 tokens
+// over 26 adapters): 121 µs for F.linear + lora_apply vs 18 µs for the base alone. Besides the kernel
+// (~20-30 µs by the latency estimate below), the call was host bound: the benchmark's 256 MiB L2 flush
+// gives the host ~55-65 µs of head start, and the host spent ~40-50 µs of Python per lora_apply (form
+// canonicalisation and checks; dev CPU) + ~10-15 µs in the register_autograd layer + F.linear + 2
+// extra launches (clamp and int32 cast of int64 ids); see ops/lora.py "Hot path".
+//
+// decode_kernel, as first written:
 //
 //   y[t, :] = (base[t, :] | y[t, :] | 0) + Σ_j coef_j · B[id_j] (A[id_j] x[t])
 //   coef_j = w_j · scale[id_j]      (ids outside [0, N) and tokens outside every segment: skipped)
@@ -73,6 +84,40 @@ template <class T> inline int staged_x_bytes(int d_in, int r, int k, bool shared
   return x + smem_tail_bytes<T>(r, k, shared_a) <= kMaxSmem ? static_cast<int>(x) : 0;
 }
 
+// The routing row of token t (itself, or its segment: first s with offsets[s + 1] > t) and whether the
+// token is covered; in bounds whatever the offsets.
+template <class T>
+MK_DEVICE int64_t routing_row(const Args<T>& a, int64_t t, bool& covered) {
+  covered = true;
+  if (a.offsets == nullptr) return t;
+  int lo = 0, hi = a.segs;
+  while (lo < hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (static_cast<int64_t>(a.offsets[mid + 1]) > t) hi = mid; else lo = mid + 1;
+  }
+  covered = lo < a.segs && t >= static_cast<int64_t>(a.offsets[lo]);
+  return lo;
+}
+
+// Slot j of routing row `row`: its adapter id and coefficient c = w_j · scale[id]; -1 (c = 0) when the
+// token is not covered, the id is outside [0, N) or the coefficient is 0 (that adapter is never read).
+template <class T>
+MK_DEVICE int slot_adapter(const Args<T>& a, int64_t row, bool covered, int j, acc_t<T>& c) {
+  using Acc = acc_t<T>;
+  c = Acc(0);
+  int id = -1;
+  if (covered) {
+    id = a.ids != nullptr ? a.ids[row * a.k + j] : j;
+    if (id >= 0 && id < a.N)
+      c = (a.weights != nullptr ? a.weights[row * a.k + j] : Acc(1)) * (a.scale != nullptr ? a.scale[id] : a.scale_value);
+  }
+  if (!(id >= 0 && id < a.N) || c == Acc(0)) {
+    c = Acc(0);
+    return -1;
+  }
+  return id;
+}
+
 // 8 blocks of 128 threads per SM (<= 64 registers, half occupancy): with only the 128-thread bound,
 // ptxas (CUDA 13.0) targeted 32-40 registers on sm_90a and spilled (fp16 VEC=8, fp64 VEC=2).
 #if defined(MOKERNELS_EMULATION)
@@ -95,29 +140,12 @@ MK_GLOBAL void MK_LORA_BOUNDS decode_kernel(const Args<T> a) {
   int32_t* sid = reinterpret_cast<int32_t*>(coef + a.k);
 
   // 0. routing row of this token; (id, coef) per slot, -1 where nothing is to be done
-  int64_t row = t;
   bool covered = true;
-  if (a.offsets != nullptr) {  // first segment s with offsets[s + 1] > t (in bounds whatever the offsets)
-    int lo = 0, hi = a.segs;
-    while (lo < hi) {
-      const int mid = lo + (hi - lo) / 2;
-      if (static_cast<int64_t>(a.offsets[mid + 1]) > t) hi = mid; else lo = mid + 1;
-    }
-    covered = lo < a.segs && t >= static_cast<int64_t>(a.offsets[lo]);
-    row = lo;
-  }
+  const int64_t row = routing_row(a, t, covered);
   for (int j = threadIdx.x; j < a.k; j += kThreads) {
     Acc c = Acc(0);
-    int id = -1;
-    if (covered) {
-      id = a.ids != nullptr ? a.ids[row * a.k + j] : j;
-      if (id >= 0 && id < a.N) {
-        c = (a.weights != nullptr ? a.weights[row * a.k + j] : Acc(1)) * (a.scale != nullptr ? a.scale[id] : a.scale_value);
-      }
-    }
-    if (!(id >= 0 && id < a.N) || c == Acc(0)) id = -1;
+    sid[j] = slot_adapter(a, row, covered, j, c);
     coef[j] = c;
-    sid[j] = id;
   }
   block_sync();
   bool any = false;
@@ -210,21 +238,6 @@ struct Workspace {
 
 constexpr int kShrinkUnroll = 4;
 
-// The routing row of token t (itself, or its segment: first s with offsets[s + 1] > t) and whether the
-// token is covered; in bounds whatever the offsets. The same rule as decode_kernel's.
-template <class T>
-MK_DEVICE int64_t routing_row(const Args<T>& a, int64_t t, bool& covered) {
-  covered = true;
-  if (a.offsets == nullptr) return t;
-  int lo = 0, hi = a.segs;
-  while (lo < hi) {
-    const int mid = lo + (hi - lo) / 2;
-    if (static_cast<int64_t>(a.offsets[mid + 1]) > t) hi = mid; else lo = mid + 1;
-  }
-  covered = lo < a.segs && t >= static_cast<int64_t>(a.offsets[lo]);
-  return lo;
-}
-
 // Threads per A row: enough for one batch of U vectors per thread, a warp at least, the block at most.
 inline int shrink_tpr(int d_in, int vec) {
   const int64_t need = ceil_div(d_in, static_cast<int64_t>(vec) * kShrinkUnroll);
@@ -253,12 +266,7 @@ MK_GLOBAL void MK_LORA_BOUNDS shrink_kernel(const Workspace<T> f) {
       rr = static_cast<int>(q % a.r);
       bool covered = true;
       const int64_t row = routing_row(a, t, covered);
-      if (covered) {
-        id = a.ids != nullptr ? a.ids[row * a.k + j] : j;
-        if (id >= 0 && id < a.N)
-          c = (a.weights != nullptr ? a.weights[row * a.k + j] : Acc(1)) * (a.scale != nullptr ? a.scale[id] : a.scale_value);
-      }
-      if (!(id >= 0 && id < a.N) || c == Acc(0)) id = -1;
+      id = slot_adapter(a, row, covered, j, c);
       if (id >= 0) {
         const T* arow = a.A + (static_cast<int64_t>(id) * a.r + rr) * a.d_in;
         const T* xrow = a.x + t * a.d_in;

@@ -13,8 +13,8 @@
 //      fixed batch of 4 16-byte loads: ~one HBM round trip deep, 512 blocks at the benchmark shape.
 //   2. linear_kernel: y^T tile [32 rows of d_out, 32 tokens] = W_tile · x^T on tensor cores (mma.sync
 //      m16n8k16 through the emulatable helpers), W and x tiles of 64 columns of d_in streamed through a
-//      4-stage cp.async ring (3 stages = 12 KiB in flight per block while one is multiplied; one
-//      block_sync per step). 4 warps: 2 along the 32 rows x 2 along each 64-column step (K split), the
+//      5-stage cp.async ring (4 steps = 16 KiB of W + 16 KiB of x in flight per block while one is
+//      multiplied; one block_sync per step; 45 KiB static smem, the fp32 output tile reuses it). 4 warps: 2 along the 32 rows x 2 along each 64-column step (K split), the
 //      two K halves summed through shared memory at the end. Epilogue (fp32): + bias + the expand
 //      Σ_j Σ_q h[t, j, q] B[id_j, o, q] (B rows are r contiguous elements: 16-byte loads; h from the
 //      2 KiB workspace through L1), one write of y in x's dtype, coalesced along d_out.
@@ -25,6 +25,15 @@
 // Floor at d = 4096, T = 32, bf16: W 32 MiB + adapters 6.5 MiB -> ~11.5 µs at 3.35 TB/s (H100), vs
 // cuBLAS's GEMV-shaped GEMM alone measured at 18 µs (H200) / 22 µs (H100) plus the separate LoRA launch.
 // FLOPs 2·32·4096² = 1.07 GFLOP: on CUDA cores ~17 µs (why this is mma, not SIMT), on tensor cores noise.
+// Open risks, for the first GPU run (both this and cuBLAS + the split LoRA kernels are benchmark rows;
+// mokernels.ops.lora.LINEAR_FUSED_MAX_TOKENS = 0 turns this path off):
+//  * bytes in flight: 4 steps x 4 KiB of W per block, ~1 block per SM = 16 KiB per SM, vs ~25 KiB that
+//    3.35 TB/s x ~1 µs of loaded latency wants (Little's law); the 48 KiB static-smem limit (the
+//    emulator has no opt-in above it) caps the ring. If the pass runs at ~60 % of HBM bandwidth: a
+//    split-K grid (row tiles of 128 x 4 K slices, fp32 partials, the last block per tile reducing and
+//    running the epilogue) would quadruple the rows per block and quarter the x re-reads.
+//  * x is re-read from L2 by every block: 128 x 256 KiB = 32 MiB, as much as W itself, over the same
+//    L2 -> SM path (~2x HBM bandwidth): not the bottleneck at T = 32, it would be beyond.
 // Inputs whose rows are not 16-byte aligned (d_in % 8 != 0, shifted pointers) take the same kernel with
 // synchronous element loads into the tiles (ASYNC = false); B rows likewise (BVEC = 1).
 // Status: compiled (nvcc sm_80/sm_90a), emulated in CI; NOT yet run on a GPU.
@@ -40,11 +49,12 @@ constexpr int kBlock = 128;
 constexpr int kBM = 32;                  // d_out rows per block (2 warps x 16)
 constexpr int kTN = 32;                  // tokens per block (4 n8 tiles)
 constexpr int kBK = 64;                  // d_in columns per pipeline step (2 warps x 32)
-constexpr int kStages = 4;
+constexpr int kStages = 5;              // 45 KiB of static smem: 4 steps (16 KiB of W) in flight per block
 constexpr int kLd = kBK + 8;             // padded smem rows: 144 bytes, conflict-free ldmatrix
 constexpr int kStage = (kBM + kTN) * kLd;  // W tile then x tile
 constexpr int kMaxTokensAuto = 32;       // the Python auto switch: T <= this takes the fused pass
 static_assert((kLd * 2) % 16 == 0 && (kStage * 2) % 16 == 0, "16-byte smem rows");
+static_assert(kBM * (kTN + 1) * 4 <= kStages * kStage * 2, "the fp32 output tile reuses the stages");
 
 template <class T>
 struct Args {
@@ -64,7 +74,6 @@ template <class T, bool ASYNC, int BVEC>
 MK_GLOBAL void MK_LORA_FUSED_BOUNDS(4) linear_kernel(const Args<T> f) {
   const lora::Args<T>& a = f.ws.l;
   MK_SHARED_ARRAY_ALIGNED(16, T, st, kStages * kStage);
-  MK_SHARED_ARRAY(float[kTN + 1], yt, kBM);
   const int lane = lane_id(), warp = threadIdx.x / kWarpSize, wm = warp & 1, wk = warp >> 1;
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kBM, t0 = static_cast<int64_t>(blockIdx.y) * kTN;
   const int d_in = a.d_in, d_out = a.d_out;
@@ -125,9 +134,11 @@ MK_GLOBAL void MK_LORA_FUSED_BOUNDS(4) linear_kernel(const Args<T> f) {
       }
     }
   }
-  cp_async_wait_group<0>();
+  cp_async_wait_group<0>();  // only empty groups are left; no copy lands after this
+  block_sync();              // every warp is done with the stages: yt reuses them
 
   // the two K halves -> yt [32 rows of d_out][32 tokens] (fp32)
+  auto yt = reinterpret_cast<float(*)[kTN + 1]>(st);
   if (wk == 1) {
 #pragma unroll
     for (int nt = 0; nt < kTN / 8; ++nt)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.lora import LINEAR_FUSED_MAX_TOKENS, lora_apply, lora_linear
+from ..ops import lora as _lora
+from ..ops.lora import lora_apply, lora_linear
 
 
 def _check_config(num_adapters: int, r: int, dropout: float) -> None:
@@ -102,7 +103,7 @@ class MultiLoRALinear(nn.Module):
                              "before routing adapters")
         if self._plain(x):
             T = x.numel() // max(x.shape[-1], 1)
-            if T <= LINEAR_FUSED_MAX_TOKENS:  # decode: one pass over W applies the adapters too (CUDA)
+            if T <= _lora.LINEAR_FUSED_MAX_TOKENS:  # decode: one pass over W applies the adapters too (CUDA)
                 return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                    validate=validate, **forms)
             if self.bias is None:

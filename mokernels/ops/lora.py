@@ -55,7 +55,7 @@ from .router import Routing
 
 _OP = "lora"
 MAX_RANK = 128  # kernel limit on r (h lives in shared memory); larger ranks: ValueError
-LINEAR_FUSED_MAX_TOKENS = 32  # lora_linear: the fused pass over W up to this many tokens (one token tile)
+LINEAR_FUSED_MAX_TOKENS = 32  # lora_linear / MultiLoRALinear: the fused pass over W up to this many tokens (0: off)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 __all__ = [
@@ -373,6 +373,19 @@ def _fast_prepare(x, A, B, scale, ids, segments, mixture, segment_mixture, base_
     return lead, T, d_out, rt[0], rt[1], rt[2], s, base
 
 
+def _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture, base_out, validate: bool, op: str,
+                 base_name: str = "base_out"):
+    """``(lead, T, d_out, ids, weights, offsets, scale, base)``: the hot path when it applies (no
+    validation asked, canonical dtypes), else the general form handling with its checks."""
+    fast = None if validate and _is_eager() else _fast_prepare(x, A, B, scale, ids, segments, mixture,
+                                                               segment_mixture, base_out)
+    if fast is not None:
+        return fast
+    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
+    lead, T, d_out, (i, w, off), s, base = _prepare(x, A, B, scale, forms, base_out, validate, op, base_name)
+    return lead, T, d_out, i, w, off, s, base
+
+
 def _call_op(op, grad_ts, *args):
     """The op through its autograd kernel only when autograd may see an input (the Python layer of
     register_autograd costs ~10-15 µs per call even when nothing needs a gradient)."""
@@ -413,16 +426,10 @@ def lora_apply(
         ``[..., d_out]`` in x's dtype: ``base_out + delta`` (or the delta alone).
     Differentiable in x, A, B, mixture weights and base_out.
     """
-    fast = None if validate and _is_eager() else _fast_prepare(x, A, B, scale, ids, segments, mixture,
-                                                               segment_mixture, base_out)
-    if fast is not None:
-        lead, T, d_out, i, w, off, s, base = fast
-        grad_ts = (x, A, B) if w is None and base is None else tuple(t for t in (x, A, B, w, base) if t is not None)
-        y = _call_op(torch.ops.mokernels.lora_apply, grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
-        return y.reshape(*lead, d_out)
-    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
-    lead, T, d_out, (i, w, off), s, base = _prepare(x, A, B, scale, forms, base_out, validate, "lora_apply")
-    y = torch.ops.mokernels.lora_apply(x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
+    lead, T, d_out, i, w, off, s, base = _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture,
+                                                      base_out, validate, "lora_apply")
+    grad_ts = (x, A, B) if w is None and base is None else tuple(t for t in (x, A, B, w, base) if t is not None)
+    y = _call_op(torch.ops.mokernels.lora_apply, grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
     return y.reshape(*lead, d_out)
 
 
@@ -442,13 +449,8 @@ def lora_apply_(
     """In-place (inference): ``out += Σ_j w_j scale[i_j] B[i_j] A[i_j] x``; ``out [..., d_out]`` in x's
     dtype and contiguous (e.g. the base layer's output). Returns ``out``. Arguments as :func:`lora_apply`.
     Not differentiable (use :func:`lora_apply` with ``base_out=`` for training)."""
-    fast = None if validate and _is_eager() else _fast_prepare(x, A, B, scale, ids, segments, mixture,
-                                                               segment_mixture, out)
-    if fast is not None:
-        lead, T, d_out, i, w, off, s, o2 = fast
-    else:
-        forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
-        lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
+    lead, T, d_out, i, w, off, s, o2 = _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture, out,
+                                                    validate, "lora_apply_", "out")
     expect(out.is_contiguous(), "lora_apply_", "out must be contiguous (it is updated in place)")
     expect(not _same_storage(out, x), "lora_apply_", "out must not share memory with x (the kernels still read x "
            "while other blocks write out); pass a copy of x or use lora_apply")
@@ -490,13 +492,8 @@ def lora_linear(
     if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and x.dim() >= 1
             and x.numel() <= LINEAR_FUSED_MAX_TOKENS * x.shape[-1] and not grad_or_tangent(x, W, A, B)
             and (bias is None or not grad_or_tangent(bias))):
-        fast = None if validate and _is_eager() else _fast_prepare(x, A, B, scale, ids, segments, mixture,
-                                                                   segment_mixture, None)
-        if fast is not None:
-            lead, T, d_out, i, w, off, s, _ = fast
-        else:
-            forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
-            lead, T, d_out, (i, w, off), s, _ = _prepare(x, A, B, scale, forms, None, validate, op)
+        lead, T, d_out, i, w, off, s, _ = _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture, None,
+                                                       validate, op)
         y = torch.ops.mokernels.lora_linear(x.reshape(T, x.shape[-1]), W, bias, A, B, s, i, w, off)
         return y.reshape(*lead, d_out)
     base = torch.nn.functional.linear(x, W, bias)
