@@ -39,8 +39,11 @@ and ``base_out``; ``scale`` is a hyperparameter (no gradient). The backward is t
 composition (torch ops, fp32) on every device — no backward kernels yet. ``lora_apply_`` (in place,
 ``Tensor(a!)``) is for inference.
 
-Kernels: CUDA tensors run the fused SIMT kernel of ``csrc/kernels/lora.cuh`` (shrink -> expand per
-token, ``h`` kept on chip; sized for decode); CPU tensors run the reference :func:`lora_apply_reference`.
+Kernels: CUDA tensors run ``csrc/kernels/lora.cuh`` — decode: a shrink kernel (h and the resolved ids
+to a [T, k, r] workspace) and an expand kernel (shared A: one fused SIMT kernel, h on chip); prefill
+(segments averaging >= 32 tokens, fp16/bf16): ``lora_prefill.cuh``'s split-K tensor-core shrink and
+expand. :func:`lora_linear` (the whole layer, ``x Wᵀ + bias`` + the adapters) runs the fused pass over W
+of ``lora_fused_w.cuh`` at decode sizes. CPU tensors run the references (:func:`lora_apply_reference`).
 """
 from __future__ import annotations
 
