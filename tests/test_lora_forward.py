@@ -112,6 +112,10 @@ def test_lora_linear_cpu_matches_loop_and_unfused_layer(form):
     y = lora_linear(x, W, b, A, B, scale, **kw)
     torch.testing.assert_close(y, _naive_linear(x, W, b, A, B, scale, routes))
     torch.testing.assert_close(y, lora_apply(x, A, B, scale, base_out=torch.nn.functional.linear(x, W, b), **kw))
+    with pytest.raises(ValueError, match="bias"):
+        lora_linear(x, W, b[:3], A, B, scale, **kw)
+    with pytest.raises(ValueError, match="W"):
+        lora_linear(x, W[:, :15], b, A, B, scale, **kw)
     with pytest.raises(ValueError, match="W"):
         torch.ops.mokernels.lora_linear(x, W[:, :15], b, A, B, scale.float().double(),
                                         torch.zeros(6, 1, dtype=torch.int32), None, None)

@@ -490,8 +490,11 @@ def lora_linear(
     values up to summation order.
     """
     op = "lora_linear"
+    expect(isinstance(x, Tensor) and x.dim() >= 1, op, "x must be a [..., d_in] tensor")
     expect(isinstance(W, Tensor) and W.dim() == 2, op, "W must be a [d_out, d_in] tensor")
-    expect(bias is None or isinstance(bias, Tensor), op, "bias must be a [d_out] tensor or None")
+    expect(W.shape[1] == x.shape[-1], op, f"W must be [d_out, d_in] with d_in = {x.shape[-1]}, got {list(W.shape)}")
+    expect(bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == (W.shape[0],)), op,
+           f"bias must be [d_out] = [{W.shape[0]}] or None")
     if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and x.dim() >= 1
             and x.numel() <= LINEAR_FUSED_MAX_TOKENS * x.shape[-1] and not grad_or_tangent(x, W, A, B)
             and (bias is None or not grad_or_tangent(bias))):
