@@ -16,6 +16,8 @@ Contract additions by H12a (additive: nothing of the agreed contract changed):
   :meth:`merge` adds it to the weight in fp32 and keeps the original, so :meth:`unmerge` is bit-exact)
   or overrides ``merge``/``unmerge``. ``self.merged`` is True while merged; ``forward`` must then return
   :meth:`base_forward` (the default merge relies on it) and routing is refused by the context.
+  ``merged_keeps_routing = True`` (ClassVar; MoORE: only H is folded into V, the gates still route):
+  ``mokernels.merge`` then neither clears nor locks the routing state.
 * ``SharedParams`` parameter names are the keys with "." replaced by "__" (ParameterDict rule);
   :meth:`SharedParams.items` gives the original keys.
 * Demo hooks (optional classmethods, used by ``python -m mokernels.demo``): ``demo_config(num_tasks) -> dict``
@@ -292,6 +294,7 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     can_merge: ClassVar[bool] = False
+    merged_keeps_routing: ClassVar[bool] = False
     routing_keys: ClassVar[tuple] = ()
 
     def __init__(self, linear: nn.Linear, cfg: MethodConfig, *, name: str = "", state: Optional[RoutingState] = None,
