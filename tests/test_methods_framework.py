@@ -359,3 +359,26 @@ def test_cuda_wrapped_minilm_matches_cpu(method, minilm, minilm_batch, minilm_ta
     mokernels.save_adapters(m, tmp_path / "a.safetensors")
     mokernels.load_adapters(fresh, tmp_path / "a.safetensors")
     assert torch.equal(fresh(**batch).last_hidden_state, m(**batch).last_hidden_state)
+
+
+@pytest.mark.parametrize("method,cfg", [("slora", dict(r=4, init_k=4)), ("effilora", dict(r=4))])
+def test_bf16_autocast_cpu(method, cfg):
+    """Under autocast the layers run in the activation dtype (bf16 tokens within bf16 tolerance of fp32);
+    fp32 master parameters get fp32 gradients."""
+    torch.manual_seed(0)
+    m = mokernels.inject(nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 32)).eval(), method,
+                         target_modules=["0", "2"], **cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x = torch.randn(3, 5, 64)
+    y = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = m(x)
+    assert yb.dtype == torch.bfloat16
+    err = ((yb.float() - y).norm(dim=-1) / y.norm(dim=-1)).flatten()
+    # bf16 may flip a top-p selection at its boundary (SLoRA): that token differs by a whole expert
+    assert float((err < 3e-2).float().mean()) >= 0.8, err
+    yb.float().square().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
