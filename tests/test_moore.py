@@ -1,0 +1,158 @@
+"""MoORE on the real MiniLM: fresh wrap == base (fp32 SVD round trip), the layer == a plain torch
+composition with explicit Householder matrices (forward and gradients), the chain is orthogonal, the
+unseen task uses the mean task embedding, merge == unmerged and unmerge is exact, training lowers the
+loss, save -> load is bit-exact and takes U, σ, V from the checkpoint."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mokernels
+from mokernels.methods import moore
+from mokernels.methods.moore import MoOREConfig, MoORELinear
+from mokernels.ops import householder_apply as householder
+
+TARGETS = [r"encoder\.layer\.[01]\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|"
+           r"output\.dense)$"]
+TASKS = torch.tensor([0, 1, 2, -1])
+
+
+def _wrap(minilm, **cfg):
+    m = mokernels.inject(copy.deepcopy(minilm), "moore", target_modules=TARGETS, **cfg)
+    mokernels.set_task(m, TASKS)
+    return m
+
+
+def _layers(m):
+    return [x for x in m.modules() if isinstance(x, MoORELinear)]
+
+
+def _randomize(m, seed=1, router=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lay in _layers(m):
+            lay.router_P.copy_(torch.randn(lay.router_P.shape, generator=g) * router)
+            lay.router_Q.copy_(torch.randn(lay.router_Q.shape, generator=g) * router * 0.1)
+            lay.householder_u.add_(torch.randn(lay.householder_u.shape, generator=g) * 0.3)
+
+
+def test_fresh_wrap_equals_base(minilm, minilm_batch):
+    m = _wrap(minilm)
+    assert len(_layers(m)) == 12
+    with torch.no_grad():
+        ref = minilm(**minilm_batch).last_hidden_state
+        out = m(**minilm_batch).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    lay = _layers(m)[4]  # intermediate.dense 384 -> 1536: R = 384
+    assert lay.svd_U.shape == (1536, 384) and lay.svd_V.shape == (384, 384) and lay.svd_sigma.shape == (384,)
+
+
+def test_householder_chain_is_orthogonal_and_identity_at_init():
+    u = torch.randn(3, 16).repeat_interleave(2, 0)
+    eye = torch.eye(16)
+    torch.testing.assert_close(householder(eye, u), eye, atol=1e-6, rtol=0)
+    u = torch.randn(6, 16)
+    H = householder(eye, u).T  # rows e_i -> (H e_i)^T, so householder(I) = H^T
+    torch.testing.assert_close(H.T @ H, eye, atol=1e-5, rtol=0)
+    Hl = [eye - 2 * torch.outer(v, v) / v.dot(v) for v in u]
+    torch.testing.assert_close(H, Hl[0] @ Hl[1] @ Hl[2] @ Hl[3] @ Hl[4] @ Hl[5], atol=1e-5, rtol=0)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(householder(x, u, transpose=True), x @ H, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="even"):
+        MoORELinear.check_linear(torch.nn.Linear(16, 16), MoOREConfig(householder=7), "l")
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_layer_matches_torch_composition(minilm, clip):
+    lin = copy.deepcopy(minilm.encoder.layer[0].intermediate.dense)
+    m = torch.nn.Sequential(lin)
+    m = mokernels.inject(m, "moore", target_modules=["0"], clip=clip)
+    mokernels.set_task(m, torch.tensor([0, 3, -1]))
+    _randomize(m, router=0.5)
+    lay = m[0]
+    x = torch.randn(3, 5, 384)
+    dy = torch.randn(3, 5, 1536)
+    params = [lay.householder_u, lay.task_emb, lay.router_P, lay.router_gamma, lay.router_Q]
+    y = lay(x)
+    g = torch.autograd.grad((y * dy).sum(), params)
+    y_ref = lay.reference_forward(x)
+    g_ref = torch.autograd.grad((y_ref * dy).sum(), params)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    assert (y - lay.base_forward(x)).abs().max() > 1e-1
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_unseen_task_uses_the_mean_task_embedding(minilm):
+    """Without the clip y is linear in g = P^T e_task + ..., so the unseen task's output is the mean."""
+    m = torch.nn.Sequential(copy.deepcopy(minilm.encoder.layer[0].attention.self.query))
+    m = mokernels.inject(m, "moore", target_modules=["0"])
+    _randomize(m, router=0.5)
+    K = m[0].cfg.num_tasks
+    mokernels.set_task(m, torch.tensor(list(range(K)) + [-1]))
+    x = torch.randn(1, 5, 384).expand(K + 1, 5, 384)
+    with torch.no_grad():
+        y = m[0](x)  # not m(x): inject adds mokernels_shared as a child of the Sequential
+    torch.testing.assert_close(y[K], y[:K].mean(0), rtol=1e-4, atol=1e-4)
+    assert (y[0] - y[1]).abs().max() > 1e-3
+
+
+def test_merge_equals_unmerged(minilm, minilm_batch):
+    m = _wrap(minilm)
+    assert MoORELinear.can_merge
+    _randomize(m)
+    with torch.no_grad():
+        out = m(**minilm_batch).last_hidden_state
+        moore.merge(m)  # keeps the routing (mokernels.merge clears it: see MoORELinear.merged_keeps_routing)
+        assert all(lay.merged for lay in _layers(m))
+        merged = m(**minilm_batch).last_hidden_state
+        moore.unmerge(m)
+        back = m(**minilm_batch).last_hidden_state
+    assert (out - minilm(**minilm_batch).last_hidden_state).abs().max() > 1e-2  # the adapter is really on
+    torch.testing.assert_close(merged, out, rtol=1e-4, atol=1e-4)
+    assert torch.equal(back, out)
+
+
+def test_training_reduces_loss(minilm, minilm_batch):
+    m = _wrap(minilm)
+    params = [p for p in m.parameters() if p.requires_grad]
+    names = {n.rsplit(".", 1)[-1] for n, p in m.named_parameters() if p.requires_grad}
+    assert names == {"householder_u", "task_emb", "router_P", "router_gamma", "router_Q"}, names
+    head = torch.randn(384, 3, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.Adam(params, lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(m(**minilm_batch).last_hidden_state.mean(1) @ head, labels)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_save_load_bit_exact_from_the_checkpoints_svd(minilm, minilm_batch, tmp_path):
+    m = _wrap(minilm)
+    _randomize(m)
+    with torch.no_grad():
+        out = m(**minilm_batch).last_hidden_state
+    mokernels.save_adapters(m, tmp_path / "ad")
+    m2 = _wrap(minilm)
+    with torch.no_grad():  # a reload must not depend on the SVD of the wrap: spoil it
+        for lay in _layers(m2):
+            lay.svd_U.mul_(-1)
+            lay.svd_sigma.add_(1)
+            lay.svd_V.mul_(2)
+    mokernels.load_adapters(m2, tmp_path / "ad")
+    with torch.no_grad():
+        out2 = m2(**minilm_batch).last_hidden_state
+    assert torch.equal(out, out2)
+
+
+def test_missing_task_ids_is_an_error(minilm, minilm_batch):
+    m = torch.nn.Sequential(copy.deepcopy(minilm.encoder.layer[0].attention.self.query))
+    m = mokernels.inject(m, "moore", target_modules=["0"])
+    with pytest.raises(RuntimeError, match="task"):
+        m[0](torch.randn(2, 3, 384))

@@ -1,0 +1,160 @@
+"""SAMoRA on the real MiniLM: fresh wrap == base, the layer == a plain torch composition (forward and
+gradients), the unseen task uses the mean gate, training lowers the loss, save -> load is bit-exact, the
+extra losses are finite, differentiable and have their closed-form values at init."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mokernels
+from mokernels.methods.samora import SAMoRAConfig, SAMoRALinear
+
+
+TARGETS = ["query", "value"]
+TASKS = torch.tensor([0, 1, 2, -1])  # one per sentence of minilm_batch; -1 = unseen
+
+
+def _wrap(minilm, **cfg):
+    m = mokernels.inject(copy.deepcopy(minilm), "samora", target_modules=TARGETS, **cfg)
+    mokernels.set_task(m, TASKS)
+    return m
+
+
+def _layers(m):
+    return [x for x in m.modules() if isinstance(x, SAMoRALinear)]
+
+
+def _randomize(m, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lay in _layers(m):
+            lay.lora_B.copy_(torch.randn(lay.lora_B.shape, generator=g) * 0.05)
+            lay.gate_w.copy_(torch.randn(lay.gate_w.shape, generator=g))
+
+
+def test_fresh_wrap_equals_base(minilm, minilm_batch):
+    m = _wrap(minilm)
+    assert len(_layers(m)) == 12
+    with torch.no_grad():
+        ref = minilm(**minilm_batch).last_hidden_state
+        out = m(**minilm_batch).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    lay = _layers(m)[0]
+    # A = top-r right singular vectors of W (orthonormal rows spanning W's top directions), S = top-r σ
+    s = torch.linalg.svdvals(lay.weight.detach())
+    torch.testing.assert_close(lay.lora_S.detach(), s[: lay.cfg.r])
+    torch.testing.assert_close(lay.lora_A @ lay.lora_A.T, torch.eye(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.norm(lay.weight @ lay.lora_A.T, dim=0), s[:8], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_layer_matches_torch_composition(minilm, minilm_batch, top_k):
+    m = _wrap(minilm, top_k=top_k)
+    _randomize(m)
+    lay = _layers(m)[3]
+    x = torch.randn(4, 7, lay.in_features)
+    dy = torch.randn(4, 7, lay.out_features)
+    params = [lay.lora_A, lay.lora_S, lay.lora_B, lay.keys, lay.task_emb, lay.gate_w, lay.gate_b]
+    y = lay(x)
+    g = torch.autograd.grad((y * dy).sum(), params)
+    y_ref = lay.reference_forward(x)
+    g_ref = torch.autograd.grad((y_ref * dy).sum(), params)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    assert (y - lay.base_forward(x)).abs().max() > 1e-2  # the adapter is really on
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unseen_task_uses_the_mean_gate(minilm):
+    """y - Wx is linear in the task gate, so the unseen task's delta is the mean of the tasks' deltas."""
+    m = _wrap(minilm)
+    _randomize(m)
+    lay = _layers(m)[0]
+    K = lay.cfg.num_tasks
+    x = torch.randn(1, 5, lay.in_features).expand(K + 1, 5, lay.in_features)
+    mokernels.set_task(m, torch.tensor(list(range(K)) + [-1]))
+    with torch.no_grad():
+        d = lay(x) - lay.base_forward(x)
+    torch.testing.assert_close(d[K], d[:K].mean(0), rtol=1e-4, atol=1e-5)
+    assert (d[0] - d[1]).abs().max() > 1e-4  # tasks differ
+
+
+def test_training_reduces_loss(minilm, minilm_batch):
+    m = _wrap(minilm)
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert params and all(not p.requires_grad for n, p in m.named_parameters() if n.endswith((".weight", ".bias"))
+                          and "lora" not in n and "gate" not in n)
+    losses = _train(m, minilm_batch, params, lr=1e-3)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def _train(m, batch, params, lr, steps=6):
+    """A few Adam steps on a small sentence-classification loss through a fixed random head."""
+    head = torch.randn(384, 3, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        h = m(**batch).last_hidden_state.mean(1)
+        loss = torch.nn.functional.cross_entropy(h @ head, labels)
+        losses.append(loss.item())
+        (loss + mokernels.extra_losses(m)).backward()
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def test_save_load_bit_exact(minilm, minilm_batch, tmp_path):
+    m = _wrap(minilm)
+    _randomize(m)
+    with torch.no_grad():
+        for lay in _layers(m):
+            lay.keys.add_(1.0)
+            lay.lora_S.mul_(1.5)
+        out = m(**minilm_batch).last_hidden_state
+    mokernels.save_adapters(m, tmp_path / "ad")
+    m2 = _wrap(minilm)
+    mokernels.load_adapters(m2, tmp_path / "ad")
+    with torch.no_grad():
+        out2 = m2(**minilm_batch).last_hidden_state
+    assert torch.equal(out, out2)
+
+
+def test_extra_losses_values_and_gradients(minilm):
+    m = _wrap(minilm)
+    lay = _layers(m)[0]
+    c = lay.cfg
+    el = lay.extra_losses()
+    assert set(el) == {"samora_orth", "samora_match"}
+    # at init A A^T = I and B = 0: L_orth = sum_i ||0 - I||^2 = N r
+    torch.testing.assert_close(el["samora_orth"], torch.tensor(c.lambda_orth * c.num_experts * c.r), rtol=1e-4, atol=0)
+    # B = 0: P_b is uniform, KL(u || softmax(k)) = -log r - mean_j log softmax(k)_j
+    lk = torch.log_softmax(lay.keys.detach(), -1)
+    kl = (-torch.log(torch.tensor(float(c.r))) - lk.mean(-1)).mean()
+    torch.testing.assert_close(el["samora_match"], c.lambda_match * kl, rtol=1e-4, atol=1e-7)
+    _randomize(m)
+    el = lay.extra_losses()
+    assert all(torch.isfinite(v) for v in el.values())
+    gA, gB, gk = torch.autograd.grad(el["samora_orth"] + el["samora_match"], [lay.lora_A, lay.lora_B, lay.keys],
+                                     allow_unused=True)
+    assert gB.abs().sum() > 0 and gk.abs().sum() > 0 and torch.isfinite(gA).all()
+    # L_match's target P_b is detached: no gradient into B from it
+    (gB_match,) = torch.autograd.grad(lay.extra_losses()["samora_match"], [lay.lora_B], allow_unused=True)
+    assert gB_match is None or gB_match.abs().sum() == 0
+    total = mokernels.extra_losses(m)
+    assert total.requires_grad and torch.isfinite(total)
+
+
+def test_bad_config_and_missing_task_ids(minilm, minilm_batch):
+    with pytest.raises(ValueError, match="r"):
+        mokernels.inject(copy.deepcopy(minilm), "samora", target_modules=TARGETS, r=400)
+    m = mokernels.inject(copy.deepcopy(minilm), "samora", target_modules=TARGETS)
+    with pytest.raises(RuntimeError, match="task"):
+        m(**minilm_batch)
+
+
+def test_config_round_trip():
+    c = SAMoRAConfig(r=4, top_k=2)
+    assert SAMoRAConfig.from_dict(c.to_dict()) == c
