@@ -12,12 +12,13 @@ import torch
 import mokernels
 from mokernels.methods import dlp_lora
 from mokernels.methods.dlp_lora import DLPLoRALinear, TaskClassifier
+from test_samora import layers_of, train_few_steps  # shared MiniLM helpers
 
 TARGETS = ["query", "value"]
 
 
 def _layers(m):
-    return [x for x in m.modules() if isinstance(x, DLPLoRALinear)]
+    return layers_of(m, DLPLoRALinear)
 
 
 def _randomize(m, seed=1):
@@ -119,6 +120,20 @@ def test_classifier_training_reduces_its_loss(minilm, minilm_batch):
     assert (clf(emb).argmax(-1) == labels).float().mean() > 0.9
 
 
+def test_minilm_embedder_routes_sentences(minilm, minilm_batch):
+    from conftest import MINILM_SENTENCES
+
+    embed = dlp_lora.minilm_embedder()
+    with torch.no_grad():
+        ref = dlp_lora.mean_pool(minilm(**minilm_batch).last_hidden_state, minilm_batch["attention_mask"])
+    torch.testing.assert_close(embed(MINILM_SENTENCES), ref, rtol=1e-5, atol=1e-5)
+    m = mokernels.inject(copy.deepcopy(minilm), "dlp_lora", target_modules=TARGETS, num_adapters=3)
+    clf = TaskClassifier(384, 3, hidden=64).eval()
+    with dlp_lora.routing(m, clf, embedder=embed, inputs=MINILM_SENTENCES) as rt:
+        torch.testing.assert_close(rt.routing.weights.sum(-1), torch.ones(4))  # renormalised mixtures
+        assert m.mokernels_state.extra["dlp_lora"] is rt
+
+
 def test_mean_pool_ignores_padding():
     h = torch.randn(2, 4, 3)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
@@ -130,17 +145,8 @@ def test_pool_training_reduces_loss(minilm, minilm_batch):
                          trainable_pool=True)
     params = [p for p in m.parameters() if p.requires_grad]
     assert len(params) == 2 * 12
-    head = torch.randn(384, 3, generator=torch.Generator().manual_seed(3))
-    labels = torch.tensor([0, 1, 2, 0])
-    opt = torch.optim.Adam(params, lr=1e-3)
-    losses = []
-    for _ in range(5):
-        with dlp_lora.routing(m, probs=torch.eye(3)[[0, 1, 2, 0]]):
-            loss = torch.nn.functional.cross_entropy(m(**minilm_batch).last_hidden_state.mean(1) @ head, labels)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    dlp_lora.set_routing(m, probs=torch.eye(3)[[0, 1, 2, 0]])  # sticky: also over the backward
+    losses = train_few_steps(m, minilm_batch, params, lr=1e-3, steps=5)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

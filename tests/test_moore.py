@@ -13,20 +13,18 @@ import mokernels
 from mokernels.methods import moore
 from mokernels.methods.moore import MoOREConfig, MoORELinear
 from mokernels.ops import householder_apply as householder
+from test_samora import layers_of, train_few_steps, wrap_with_tasks  # shared MiniLM helpers
 
 TARGETS = [r"encoder\.layer\.[01]\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|"
            r"output\.dense)$"]
-TASKS = torch.tensor([0, 1, 2, -1])
 
 
 def _wrap(minilm, **cfg):
-    m = mokernels.inject(copy.deepcopy(minilm), "moore", target_modules=TARGETS, **cfg)
-    mokernels.set_task(m, TASKS)
-    return m
+    return wrap_with_tasks(minilm, "moore", TARGETS, **cfg)
 
 
 def _layers(m):
-    return [x for x in m.modules() if isinstance(x, MoORELinear)]
+    return layers_of(m, MoORELinear)
 
 
 def _randomize(m, seed=1, router=0.05):
@@ -120,16 +118,7 @@ def test_training_reduces_loss(minilm, minilm_batch):
     params = [p for p in m.parameters() if p.requires_grad]
     names = {n.rsplit(".", 1)[-1] for n, p in m.named_parameters() if p.requires_grad}
     assert names == {"householder_u", "task_emb", "router_P", "router_gamma", "router_Q"}, names
-    head = torch.randn(384, 3, generator=torch.Generator().manual_seed(3))
-    labels = torch.tensor([0, 1, 2, 0])
-    opt = torch.optim.Adam(params, lr=1e-3)
-    losses = []
-    for _ in range(5):
-        loss = torch.nn.functional.cross_entropy(m(**minilm_batch).last_hidden_state.mean(1) @ head, labels)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    losses = train_few_steps(m, minilm_batch, params, lr=1e-3, steps=5)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

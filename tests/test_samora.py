@@ -16,14 +16,42 @@ TARGETS = ["query", "value"]
 TASKS = torch.tensor([0, 1, 2, -1])  # one per sentence of minilm_batch; -1 = unseen
 
 
-def _wrap(minilm, **cfg):
-    m = mokernels.inject(copy.deepcopy(minilm), "samora", target_modules=TARGETS, **cfg)
-    mokernels.set_task(m, TASKS)
+def wrap_with_tasks(minilm, method, targets, tasks=TASKS, **cfg):
+    """A deep copy of the session MiniLM wrapped with ``method``, task ids set (sticky). Shared by the
+    SAMoRA / MoORE / DLP-LoRA tests (they import it from here)."""
+    m = mokernels.inject(copy.deepcopy(minilm), method, target_modules=targets, **cfg)
+    if tasks is not None:
+        mokernels.set_task(m, tasks)
     return m
 
 
+def layers_of(m, cls):
+    return [x for x in m.modules() if isinstance(x, cls)]
+
+
+def train_few_steps(m, batch, params, lr, steps=6):
+    """A few Adam steps on a small sentence-classification loss through a fixed random head (plus the
+    model's extra losses); returns the losses. The model's routing must be set (sticky) by the caller."""
+    head = torch.randn(384, 3, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        h = m(**batch).last_hidden_state.mean(1)
+        loss = torch.nn.functional.cross_entropy(h @ head, labels)
+        losses.append(loss.item())
+        (loss + mokernels.extra_losses(m)).backward()
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def _wrap(minilm, **cfg):
+    return wrap_with_tasks(minilm, "samora", TARGETS, **cfg)
+
+
 def _layers(m):
-    return [x for x in m.modules() if isinstance(x, SAMoRALinear)]
+    return layers_of(m, SAMoRALinear)
 
 
 def _randomize(m, seed=1):
@@ -86,24 +114,8 @@ def test_training_reduces_loss(minilm, minilm_batch):
     params = [p for p in m.parameters() if p.requires_grad]
     assert params and all(not p.requires_grad for n, p in m.named_parameters() if n.endswith((".weight", ".bias"))
                           and "lora" not in n and "gate" not in n)
-    losses = _train(m, minilm_batch, params, lr=1e-3)
+    losses = train_few_steps(m, minilm_batch, params, lr=1e-3)
     assert losses[-1] < 0.9 * losses[0], losses
-
-
-def _train(m, batch, params, lr, steps=6):
-    """A few Adam steps on a small sentence-classification loss through a fixed random head."""
-    head = torch.randn(384, 3, generator=torch.Generator().manual_seed(3))
-    labels = torch.tensor([0, 1, 2, 0])
-    opt = torch.optim.Adam(params, lr=lr)
-    losses = []
-    for _ in range(steps):
-        h = m(**batch).last_hidden_state.mean(1)
-        loss = torch.nn.functional.cross_entropy(h @ head, labels)
-        losses.append(loss.item())
-        (loss + mokernels.extra_losses(m)).backward()
-        opt.step()
-        opt.zero_grad()
-    return losses
 
 
 def test_save_load_bit_exact(minilm, minilm_batch, tmp_path):

