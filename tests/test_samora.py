@@ -170,3 +170,30 @@ def test_bad_config_and_missing_task_ids(minilm, minilm_batch):
 def test_config_round_trip():
     c = SAMoRAConfig(r=4, top_k=2)
     assert SAMoRAConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["samora", "moore", "dlp_lora"])
+def test_half_precision_layers_match_their_torch_composition(method, dtype):
+    """All three H12b methods (here once, on a toy layer): fp16/bf16 weights and activations run, keep
+    their dtype in forward and backward, and agree with the fp32-math torch composition within rounding."""
+    from mokernels.methods import dlp_lora
+
+    m = torch.nn.ModuleDict({"lin": torch.nn.Linear(64, 96)}).to(dtype)
+    cfg = dict(num_adapters=3, r=4) if method == "dlp_lora" else {}
+    m = mokernels.inject(m, method, target_modules=["lin"], **cfg)
+    lay = m["lin"]
+    with torch.no_grad():
+        for n, p in lay.named_parameters():
+            if n in ("lora_B", "gate_w", "router_P"):
+                p.normal_(std=0.1)
+    if method == "dlp_lora":
+        dlp_lora.set_routing(m, logits=torch.randn(2, 3), top_p=0.9)
+    else:
+        mokernels.set_task(m, torch.tensor([0, -1]))
+    x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
+    y = lay(x)
+    (gx,) = torch.autograd.grad(y.float().sum(), [x])
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert (y.float() - lay.base_forward(x).float()).abs().max() > 0.05
+    torch.testing.assert_close(y.float(), lay.reference_forward(x).float(), rtol=2e-2, atol=2e-2)

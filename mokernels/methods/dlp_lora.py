@@ -165,8 +165,8 @@ class DLPLoRALinear(AdapterLayer):
         """The layer as a straightforward torch composition (per sentence: the weighted sum of its
         LoRAs' deltas, no mokernels op): the tests' oracle and the benchmark's torch peer."""
         offsets, rt = self._routing(x)
+        y = self.base_forward(x.reshape(-1, x.shape[-1])).float()
         x2 = x.reshape(-1, x.shape[-1]).float()
-        y = self.base_forward(x2).float()
         seg = torch.searchsorted(offsets[1:].long(), torch.arange(x2.shape[0], device=x.device), right=True)
         ids, w = rt.ids.long()[seg], rt.weights.float()[seg]  # [T, k], each token's sentence mixture
         for i in range(self.lora_A.shape[0]):  # every adapter densely, weighted by its per-token coefficient
