@@ -15,6 +15,8 @@ import mokernels
 from mokernels.methods import METHODS, AdapterLayer, MethodConfig, register_method
 from mokernels.ops.lora import lora_apply
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @dataclass
 class ToyConfig(MethodConfig):

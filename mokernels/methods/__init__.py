@@ -17,8 +17,9 @@ for _m in METHOD_MODULES:
     except ModuleNotFoundError as _e:  # that method's module is not there (yet): skip only that case
         if _e.name != f"{__name__}.{_m}":
             raise
+from .reducer import Reducer  # noqa: E402
 
-__all__ = ["METHODS", "AdapterLayer", "MethodConfig", "RoutingState", "SharedParams", "register_method", "routing",
+__all__ = ["Reducer", "METHODS", "AdapterLayer", "MethodConfig", "RoutingState", "SharedParams", "register_method", "routing",
            "set_routing", "set_task", "clear_routing", "routing_state", "inject", "save_adapters", "load_adapters",
            "read_adapter_metadata", "merge", "unmerge", "extra_losses", "trainable_parameters", "adapter_layers",
            "match_targets"]

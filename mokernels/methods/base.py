@@ -237,7 +237,8 @@ class SharedParams(nn.Module):
     """Model-level parameters shared by several layers (``model.mokernels_shared``, created by inject):
     ``get_or_create(key, factory)`` returns the one Parameter of ``key`` (e.g. EffiLoRA's A per input width,
     key ``"effilora.A.384"``), calling ``factory() -> Tensor`` the first time. Saved once by save_adapters
-    (under ``mokernels_shared.<key>``), never inside a layer's own state."""
+    (under ``mokernels_shared.<key>``), never inside a layer's own state. Its forward is the identity, so a
+    wrapped ``nn.Sequential`` still runs (the holder becomes the model's last child)."""
 
     def __init__(self):
         super().__init__()
@@ -265,6 +266,11 @@ class SharedParams(nn.Module):
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def forward(self, x, *args, **kwargs):
+        """Identity: containers that call every child in order (``nn.Sequential`` as the wrapped model)
+        pass straight through this holder of parameters."""
+        return x
 
 
 # ------------------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def inject(model: nn.Module, method: str, target_modules: Sequence[str] = (), ex
             parent = model.get_submodule(parent_name)
             lin = getattr(parent, child)
             layer = cls.from_linear(lin, conf, name=n, state=state, shared=shared)
+            layer.train(lin.training)  # new submodules (dropout) follow the model's train/eval mode
             setattr(parent, child, layer)
             done.append((parent, child, lin))
     except BaseException:
@@ -127,7 +128,7 @@ def inject(model: nn.Module, method: str, target_modules: Sequence[str] = (), ex
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         raise
-    model.mokernels_shared = shared
+    model.mokernels_shared = shared.train(model.training)
     model.mokernels_state = state
     model.mokernels_config = {"method": method, "config": conf.to_dict(), "targets": names,
                               "target_modules": _as_list(target_modules), "exclude_modules": _as_list(exclude_modules)}
