@@ -168,3 +168,117 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="init"):
         HouseholderChain(8, 2, init="eye")
     HouseholderChain(8, 3, "random")  # odd L is fine without the identity init
+
+
+# ---------------------------------------------------------------- the op and the fused kernels
+
+# (dtype, L, N, D, transpose): odd D (scalar access), vector widths 2/4/8, several column chunks per thread
+# (D = 1030 fp32: 3 vec-2 chunks; 2056 fp16), a partial last row tile, L in {1, 2, 7, 8, 9, 32, 64} (one to
+# eight 8-reflection groups), fp64; D = 3076 fp32 does not fit the shared-memory stage (x re-read path).
+KERNEL_CASES = [
+    (torch.float32, 1, 3, 5, False),
+    (torch.float16, 2, 9, 33, True),
+    (torch.bfloat16, 7, 17, 64, False),
+    (torch.float32, 8, 8, 1030, True),
+    (torch.bfloat16, 32, 5, 40, False),
+    (torch.float64, 64, 3, 24, True),
+    (torch.float16, 9, 20, 2056, False),
+    (torch.float32, 3, 9, 3076, False),
+]
+KERNEL = pytest.mark.parametrize("dtype,L,N,D,transpose", KERNEL_CASES)
+
+
+def kernel_tol(dtype, L):
+    """The kernel and the reference both accumulate in fp32 and round once, in different orders."""
+    t = dict(TOL[dtype])
+    if dtype == torch.float32:
+        t = dict(rtol=2e-5, atol=2e-5 * L ** 0.5)
+    return t
+
+
+@pytest.mark.emu
+@KERNEL
+def test_emulated_forward(emu_ops, dtype, L, N, D, transpose):
+    x, U = rand(N, D, dtype=dtype), rand(L, D, dtype=dtype)
+    out, s = emu_ops.householder_apply(x, U, transpose, 1e-12, True)
+    assert out.shape == x.shape and out.dtype == dtype and s.shape == (N, L)
+    want = householder_sequential_reference(x.double(), U.double(), transpose=transpose)
+    torch.testing.assert_close(out, want.to(dtype), **kernel_tol(dtype, L))
+    Y, _ = householder_wy(U.double())
+    torch.testing.assert_close(s.double(), x.double() @ Y.T, rtol=1e-5, atol=1e-5 * D ** 0.5)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("init", ["pairs", "zero_row", "empty"])
+def test_emulated_special_vectors(emu_ops, init):
+    x = rand(6, 24, dtype=torch.float32)
+    U = rand(4, 24, dtype=torch.float32)
+    if init == "pairs":  # identity init: the chain is the identity
+        U = U[[0, 0, 1, 1]].contiguous()
+    elif init == "zero_row":  # documented eps: a zero vector is the identity
+        U[2] = 0
+    else:
+        U = U[:0]
+    out, _ = emu_ops.householder_apply(x, U, False, 1e-12, False)
+    want = x if init == "pairs" else householder_apply_reference(x, U)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 5, 9, 21, False), (torch.float32, 8, 7, 64, True),
+                                                  (torch.bfloat16, 3, 4, 16, False)])
+def test_emulated_backward(emu_ops, dtype, L, N, D, transpose):
+    from mokernels.ops.householder import kernel_backward
+
+    x = rand(N, D, dtype=dtype).requires_grad_()
+    U = rand(L, D, dtype=dtype).requires_grad_()
+    out = householder_sequential_reference(x, U, transpose=transpose)
+    grad = rand(N, D, dtype=dtype)
+    want = torch.autograd.grad(out, (x, U), grad)
+    got = kernel_backward(emu_ops, grad, x.detach(), U.detach(), transpose, 1e-12)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    if dtype == torch.bfloat16:  # autograd of the reference rounds its intermediates to bf16; compare in fp64
+        want = householder_apply_backward_reference(grad.double(), x.detach().double(), U.detach().double(),
+                                                    transpose=transpose)
+        tol = dict(rtol=3e-2, atol=3e-2)
+    for name, a, b in zip(("dx", "dU"), got, want):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b.double(), **tol, msg=name)
+
+
+@pytest.mark.emu
+def test_emulated_backward_with_projection_grad(emu_ops):
+    """The op's second output s = x Yᵀ is differentiable too (grad_s flows to x and U)."""
+    from mokernels.ops.householder import kernel_backward
+
+    x, U = rand(5, 12).requires_grad_(), rand(3, 12).requires_grad_()
+    Y, _ = householder_wy(U)
+    out, s = householder_apply_reference(x, U), x @ Y.T
+    g, gs = rand(5, 12), rand(5, 3)
+    want = torch.autograd.grad((out * g).sum() + (s * gs).sum(), (x, U))
+    got = kernel_backward(emu_ops, g, x.detach(), U.detach(), False, 1e-12, grad_s=gs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.emu
+def test_emulated_bad_inputs(emu_ops):
+    x = rand(3, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="L <= 64"):
+        emu_ops.householder_apply(x, rand(65, 8, dtype=torch.float32), False, 1e-12, False)
+    with pytest.raises(ValueError, match=r"U must be \[L, D\]"):
+        emu_ops.householder_apply(x, rand(2, 9, dtype=torch.float32), False, 1e-12, False)
+    with pytest.raises(ValueError, match="dtype"):
+        emu_ops.householder_apply(x, rand(2, 8), False, 1e-12, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    from mokernels.ops.householder import _HAS_OP
+
+    if not _HAS_OP:
+        pytest.fail("the loaded extension lacks mokernels::householder_apply (rebuild)")
+    x, U = rand(2, 3, 10, dtype=dtype).requires_grad_(), rand(4, 10, dtype=dtype).requires_grad_()
+    for transpose in (False, True):
+        for return_s in (False, True):
+            torch.library.opcheck(torch.ops.mokernels.householder_apply.default, (x, U, transpose, 1e-12, return_s))

@@ -15,6 +15,7 @@
 #include "../tile_gemm.cu"
 #include "../router.cu"
 #include "../lora.cu"
+#include "../householder.cu"
 
 #include "selftest.h"
 #pragma GCC diagnostic pop

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, autocast_like, expect, expect_dtype, expect_same_device
+from ._checks import acc_dtype, autocast_like, expect, expect_dtype, expect_same_device, grad_or_tangent, is_eager
 
 _OP = "householder_apply"
 MAX_L = 64  # the fused SIMT kernel's limit (L <= 64); longer chains run the reference composition
@@ -120,16 +120,13 @@ def householder_sequential_reference(x: Tensor, U: Tensor, *, transpose: bool = 
     return out.to(x.dtype).contiguous()
 
 
-def householder_apply_backward_reference(grad: Tensor, x: Tensor, U: Tensor, *, transpose: bool = False,
-                                         eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
-    """``(dx, dU)`` of :func:`householder_apply` by the derived formulas (module docstring), fp32 (fp64) math;
-    ``dx`` in ``x``'s dtype, ``dU`` in ``U``'s. The tests check it against autograd of the sequential
-    reference; the CUDA backward follows it (dx by the fused kernel, the rest as thin GEMMs)."""
-    check_args(_OP, x, U, eps)
-    acc = acc_dtype(x.dtype)
-    D, L = x.shape[-1], U.shape[0]
-    if L == 0:
-        return grad.to(x.dtype).contiguous(), torch.zeros_like(U)
+def _grads_from_projections(a: Tensor, b: Tensor, x2: Tensor, g2: Tensor, U: Tensor, transpose: bool, eps: float,
+                            grad_s: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(dx_extra, dU)`` from the projections ``a = x Yᵀ``, ``b = g Yᵀ`` ([N, L], acc dtype) and the flattened
+    ``x2``, ``g2`` ([N, D], acc dtype): the derived formulas of the module docstring. ``dx_extra`` is the
+    contribution of ``grad_s`` (the gradient of the op's projection output ``s = a``) to dx, or None."""
+    acc = a.dtype
+    L = U.shape[0]
     Uf = U.to(acc)
     n = Uf.norm(dim=1, keepdim=True)
     nc = n.clamp_min(eps)
@@ -137,18 +134,47 @@ def householder_apply_backward_reference(grad: Tensor, x: Tensor, U: Tensor, *, 
     S = torch.triu(Y @ Y.T, diagonal=1) + 0.5 * torch.eye(L, dtype=acc, device=U.device)
     T = torch.linalg.solve_triangular(S, torch.eye(L, dtype=acc, device=U.device), upper=True)
     M = T if transpose else T.T
-    g2, x2 = grad.reshape(-1, D).to(acc), x.reshape(-1, D).to(acc)
-    a, b = x2 @ Y.T, g2 @ Y.T  # [N, L]
-    dx = g2 - (b @ M.T) @ Y
     dM = -(a.T @ b)
     dY = -(M.T @ (a.T @ g2) + M @ (b.T @ x2))
+    dx_extra = None
+    if grad_s is not None:
+        gs = grad_s.to(acc)
+        dY = dY + gs.T @ x2
+        dx_extra = gs @ Y
     dT = dM if transpose else dM.T
     dS = -(T.T @ dT @ T.T)
     dG = torch.triu(dS, diagonal=1)
     dY = dY + (dG + dG.T) @ Y
-    clamped = n < eps
-    du = torch.where(clamped, dY, dY - (dY * Y).sum(1, keepdim=True) * Y) / nc
-    return dx.to(x.dtype).reshape(x.shape).contiguous(), du.to(U.dtype)
+    du = torch.where(n < eps, dY, dY - (dY * Y).sum(1, keepdim=True) * Y) / nc
+    return dx_extra, du.to(U.dtype)
+
+
+def householder_apply_backward_reference(grad: Tensor, x: Tensor, U: Tensor, *, transpose: bool = False,
+                                         eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
+    """``(dx, dU)`` of :func:`householder_apply` by the derived formulas (module docstring), fp32 (fp64) math;
+    ``dx`` in ``x``'s dtype, ``dU`` in ``U``'s. The tests check it against autograd of the sequential
+    reference; the device backward follows it (dx and ``b`` by the fused kernel, the rest thin GEMMs)."""
+    check_args(_OP, x, U, eps)
+    return _reference_backward(grad, x, U, transpose, eps, None)
+
+
+def _reference_backward(grad: Tensor, x: Tensor, U: Tensor, transpose: bool, eps: float,
+                        grad_s: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The op's backward in torch ops (CPU kernel, tracing, double backward), including the gradient of
+    its projection output ``s``."""
+    acc = acc_dtype(x.dtype)
+    D, L = x.shape[-1], U.shape[0]
+    if L == 0:
+        return grad.to(x.dtype).contiguous(), torch.zeros_like(U)
+    Y, T = householder_wy(U, eps)
+    M = T if transpose else T.T
+    g2, x2 = grad.reshape(-1, D).to(acc), x.reshape(-1, D).to(acc)
+    a, b = x2 @ Y.T, g2 @ Y.T
+    dx = g2 - (b @ M.T) @ Y
+    dx_extra, dU = _grads_from_projections(a, b, x2, g2, U, transpose, eps, grad_s)
+    if dx_extra is not None:
+        dx = dx + dx_extra
+    return dx.to(x.dtype).reshape(x.shape).contiguous(), dU
 
 
 # ---------------------------------------------------------------- public ops
@@ -170,7 +196,13 @@ def householder_apply(x: Tensor, U: Tensor, *, transpose: bool = False, eps: flo
     if isinstance(x, Tensor):
         (U,) = autocast_like(x.device.type, x, U)
     check_args(_OP, x, U, eps)
-    return householder_apply_reference(x, U, transpose=transpose, eps=eps)
+    if x.device.type != "cuda" or not _HAS_OP or not 1 <= U.shape[0] <= MAX_L:
+        return householder_apply_reference(x, U, transpose=transpose, eps=eps)
+    if not is_eager("cuda"):
+        return torch.ops.mokernels.householder_apply(x, U, bool(transpose), float(eps), False)[0]
+    if grad_or_tangent(x, U):
+        return _HouseholderFn.apply(x, U, bool(transpose), float(eps))[0]
+    return torch.ops.mokernels.householder_apply(x, U, bool(transpose), float(eps), False)[0]
 
 
 def merge_householder(W: Tensor, U: Tensor, *, eps: float = DEFAULT_EPS) -> Tensor:
@@ -282,3 +314,103 @@ def hra_vectors(hra_u: Tensor) -> Tensor:
     expect(isinstance(hra_u, Tensor) and hra_u.dim() == 2, "hra_vectors", "hra_u must be [D, r]")
     return hra_u.T.contiguous()
 
+
+# ---------------------------------------------------------------- the torch.ops.mokernels op
+# `householder_apply(x, U, transpose, eps, return_s) -> (out, s)`: CUDA = the fused kernels (csrc/householder.cu),
+# CPU = the reference. Registered only when the loaded extension defines the schema (a checkout running an
+# older prebuilt _C keeps working on the reference path).
+
+
+def _op_defined(ns: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, ns), "householder_apply")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_HAS_OP = _op_defined("mokernels")
+
+
+def _fake_outputs(x, U, return_s):
+    N = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    L = U.shape[0]
+    s = x.new_empty((N, L) if return_s else (0, 0), dtype=acc_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), s
+
+
+def _cpu_op(x, U, transpose, eps, return_s):
+    check_args(_OP, x, U, eps)
+    with torch.no_grad():
+        out = householder_apply_reference(x, U, transpose=transpose, eps=eps)
+        _, s = _fake_outputs(x, U, return_s)
+        if return_s and U.shape[0]:
+            Y, _ = householder_wy(U, eps)
+            s = x.reshape(-1, x.shape[-1]).to(Y.dtype) @ Y.T
+        return out, s
+
+
+def kernel_backward(ops, grad: Tensor, x: Tensor, U: Tensor, transpose: bool, eps: float, a: Tensor | None = None,
+                    grad_s: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(dx, dU)`` through the fused kernel of the op namespace ``ops`` (``torch.ops.mokernels`` on CUDA,
+    ``torch.ops.mokernels_emu`` in the tests): ``dx`` and ``b = g Yᵀ`` in one kernel pass (the op with the
+    other orientation), ``a = x Yᵀ`` saved by the forward (recomputed by a kernel pass when None), dU as thin
+    GEMMs (:func:`_grads_from_projections`; fp32 copies of x and g: ~2·N·D·4 bytes transient)."""
+    D = x.shape[-1]
+    dx, b = ops.householder_apply(grad.contiguous(), U, not transpose, eps, True)
+    if a is None:
+        _, a = ops.householder_apply(x, U, transpose, eps, True)
+    acc = b.dtype
+    dx_extra, dU = _grads_from_projections(a, b, x.reshape(-1, D).to(acc), grad.reshape(-1, D).to(acc), U,
+                                           transpose, eps, grad_s)
+    if dx_extra is not None:
+        dx = (dx.reshape(-1, D).to(acc) + dx_extra).to(x.dtype).reshape(x.shape)
+    return dx, dU
+
+
+if _HAS_OP:
+    torch.library.register_fake("mokernels::householder_apply")(
+        lambda x, U, transpose, eps, return_s: (check_args(_OP, x, U, eps), _fake_outputs(x, U, return_s))[1])
+    torch.library.register_kernel("mokernels::householder_apply", "cpu")(_cpu_op)
+
+    def _setup_context(ctx, inputs, output):
+        x, U, transpose, eps, return_s = inputs
+        ctx.transpose, ctx.eps, ctx.return_s = transpose, eps, return_s
+        ctx.save_for_backward(x, U, output[1] if return_s else None)
+
+    def _backward(ctx, grad_out, grad_s):
+        x, U, a = ctx.saved_tensors
+        grad_s = grad_s if ctx.return_s else None
+        if grad_out is None:
+            grad_out = torch.zeros_like(x)
+        if x.device.type == "cpu" or torch.is_grad_enabled():  # the differentiable torch formulas
+            dx, dU = _reference_backward(grad_out, x, U, ctx.transpose, ctx.eps, grad_s)
+        else:
+            dx, dU = kernel_backward(torch.ops.mokernels, grad_out, x, U, ctx.transpose, ctx.eps, a, grad_s)
+        return dx, dU, None, None, None
+
+    torch.library.register_autograd("mokernels::householder_apply", _backward, setup_context=_setup_context)
+
+
+class _HouseholderFn(torch.autograd.Function):
+    """Eager CUDA path with autograd: the fused forward saves ``a = x Yᵀ`` ([N, L] fp32) for the backward."""
+
+    @staticmethod
+    def forward(x, U, transpose, eps):
+        return torch.ops.mokernels.householder_apply(x, U, transpose, eps, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, U, transpose, eps = inputs
+        ctx.transpose, ctx.eps = transpose, eps
+        ctx.save_for_backward(x, U, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_s):
+        x, U, a = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: differentiable reference formulas
+            dx, dU = householder_apply_backward_reference(grad, x, U, transpose=ctx.transpose, eps=ctx.eps)
+        else:
+            dx, dU = kernel_backward(torch.ops.mokernels, grad, x, U, ctx.transpose, ctx.eps, a)
+        return dx, dU, None, None
