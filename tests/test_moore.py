@@ -111,6 +111,10 @@ def test_merge_equals_unmerged(minilm, minilm_batch):
     assert (out - minilm(**minilm_batch).last_hidden_state).abs().max() > 1e-2  # the adapter is really on
     torch.testing.assert_close(merged, out, rtol=1e-4, atol=1e-4)
     assert torch.equal(back, out)
+    mokernels.merge(m)  # the framework's merge folds H too, but clears and locks the routing: a clear error
+    with pytest.raises(RuntimeError, match="moore.merge"):
+        m(**minilm_batch)
+    mokernels.unmerge(m)
 
 
 def test_training_reduces_loss(minilm, minilm_batch):

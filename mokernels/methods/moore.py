@@ -118,6 +118,10 @@ class MoORELinear(AdapterLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         merged = self.merged_V is not None
+        if merged and self.routing_state.merged and self.routing_state.task_ids is None:
+            raise RuntimeError(f"moore: layer {self.layer_name!r}: merged MoORE layers still route (only H is folded "
+                               "into V), but mokernels.merge(model) cleared and locks the routing; use "
+                               "mokernels.methods.moore.merge(model) / moore.unmerge(model), which keep it")
         y = rank_one_experts(x, self.svd_U, self.svd_sigma, self.merged_V if merged else self.svd_V,
                              F.linear(x, self.router_gamma), self.router_Q, self.task_gates(x),
                              None if merged or not self.cfg.householder else self.householder_u, clip=self.cfg.clip)
