@@ -155,7 +155,7 @@ def test_lora_quick_workloads_run_and_agree():
                 torch.testing.assert_close(outs[peer], outs[bench_lora.OURS], rtol=tol, atol=tol)
 
 
-def test_methods_quick_workloads_run_and_agree():
+def test_methods_quick_workloads_run_and_agree(one_thread):
     """Every impl of the quick methods workloads runs on CPU; ours and the plain-torch composition of
     each method give the same output (fwd) and the same gradients (fwd+bwd)."""
     import torch

@@ -14,6 +14,8 @@ from mokernels.methods import dlp_lora
 from mokernels.methods.dlp_lora import DLPLoRALinear, TaskClassifier
 from test_samora import layers_of, train_few_steps  # shared MiniLM helpers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small matmuls: one thread is faster
+
 TARGETS = ["query", "value"]
 
 

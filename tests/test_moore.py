@@ -4,13 +4,14 @@ unseen task uses the mean task embedding, merge == unmerged and unmerge is exact
 loss, save -> load is bit-exact and takes U, σ, V from the checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
 import mokernels
-from mokernels.methods import moore
+from mokernels.methods import dlp_lora, moore
 from mokernels.methods.moore import MoOREConfig, MoORELinear
 from mokernels.ops import householder_apply as householder
 from test_samora import layers_of, train_few_steps, wrap_with_tasks  # shared MiniLM helpers
@@ -149,3 +150,91 @@ def test_missing_task_ids_is_an_error(minilm, minilm_batch):
     m = mokernels.inject(m, "moore", target_modules=["0"])
     with pytest.raises(RuntimeError, match="task"):
         m[0](torch.randn(2, 3, 384))
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP (issue 12 item 7): the three H12b methods in one 2-process gloo spawn; MoORE's SVD buffers ride along
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 24), torch.nn.Linear(24, 16)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+DDP_METHODS = {"moore": dict(task_dim=8, router_dim=4, householder=2, num_tasks=3),
+               "samora": dict(r=4, num_tasks=3), "dlp_lora": dict(num_adapters=3, r=2, trainable_pool=True)}
+
+
+def _ddp_model(method):
+    torch.manual_seed(0)
+    m = mokernels.inject(_Net(), method, target_modules=["up", "down"], **DDP_METHODS[method])
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.rsplit(".", 1)[-1] in ("lora_B", "router_P", "router_Q", "gate_w"):
+                p.normal_(0, 0.2)
+    return m
+
+
+def _ddp_data():
+    g = torch.Generator().manual_seed(5)  # 8 sequences of 3 tokens; per-sequence task ids / sentence logits
+    return (torch.randn(8, 3, 16, generator=g), torch.randn(8, 3, 16, generator=g), torch.tensor([0, 1, 2, -1] * 2),
+            torch.randn(8, 3, generator=g))
+
+
+def _ddp_step(m, model, sl):
+    x, y, tasks, logits = _ddp_data()
+    with contextlib.ExitStack() as stack:
+        if isinstance(m.up, dlp_lora.DLPLoRALinear):
+            stack.enter_context(dlp_lora.routing(m, logits=logits[sl], top_p=0.9))
+        else:
+            stack.enter_context(mokernels.routing(m, task_ids=tasks[sl]))
+        (model(x[sl]) - y[sl]).square().mean().backward()
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _ddp_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = {}
+        for method in DDP_METHODS:
+            m = _ddp_model(method)
+            half = 8 // world
+            res[method] = _ddp_step(m, torch.nn.parallel.DistributedDataParallel(m), slice(rank * half, (rank + 1) * half))
+            if method == "moore":
+                res["moore_V"] = m.up.svd_V.clone()
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo_matches_single_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "res")
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    res = [torch.load(f"{out}.{r}") for r in range(2)]
+    for method in DDP_METHODS:
+        m = _ddp_model(method)
+        want = _ddp_step(m, m, slice(0, 8))
+        assert want
+        for rank in range(2):
+            got = res[rank][method]
+            assert set(got) == set(want), method
+            for n, g in want.items():
+                torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6, msg=f"{method} rank {rank}: {n}")
+    assert torch.equal(res[0]["moore_V"], res[1]["moore_V"])

@@ -12,6 +12,8 @@ import mokernels
 from mokernels.methods.samora import SAMoRAConfig, SAMoRALinear
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small matmuls: one thread is faster
+
 TARGETS = ["query", "value"]
 TASKS = torch.tensor([0, 1, 2, -1])  # one per sentence of minilm_batch; -1 = unseen
 
