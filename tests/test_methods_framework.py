@@ -293,3 +293,32 @@ def test_compile_routing_changes_without_recompiles():
         with mokernels.routing(m, task_ids=torch.tensor(ids)):
             torch.testing.assert_close(cm(x), m(x), rtol=0, atol=0)
     assert len(frames) == 1
+
+
+def test_merge_keeping_routing():
+    """A method whose merged layers still route (merged_keeps_routing, as MoORE): merge keeps the routing."""
+
+    @register_method("test_task_merge")
+    class TaskMerge(ToyTaskLoRA):
+        can_merge = True
+        merged_keeps_routing = True
+
+        def merge(self):
+            self.merged = True
+
+        def unmerge(self):
+            self.merged = False
+
+    try:
+        m = mokernels.inject(MLP(), "test_task_merge", target_modules=["up"])
+        mokernels.set_task(m, [1])
+        mokernels.merge(m)
+        assert m.mokernels_state.task_ids.tolist() == [1] and m.blocks[0]["up"].merged
+        with mokernels.routing(m, task_ids=[2]):
+            m(torch.randn(2, 8))
+        with pytest.raises(RuntimeError, match="already merged"):
+            mokernels.merge(m)
+        mokernels.unmerge(m)
+        assert not m.blocks[0]["up"].merged
+    finally:
+        METHODS.pop("test_task_merge")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 from .base import METHODS, AdapterLayer, MethodConfig, RoutingState, SharedParams, register_method
-from .context import clear_routing, routing, routing_state, set_routing, set_task
+from .context import clear_routing, routing, routing_state, set_adapter_ids, set_routing, set_task
 from .inject import (adapter_layers, extra_losses, inject, load_adapters, match_targets, merge, read_adapter_metadata,
                      save_adapters, trainable_parameters, unmerge)
 
@@ -20,6 +20,6 @@ for _m in METHOD_MODULES:
 from .reducer import Reducer  # noqa: E402
 
 __all__ = ["Reducer", "METHODS", "AdapterLayer", "MethodConfig", "RoutingState", "SharedParams", "register_method", "routing",
-           "set_routing", "set_task", "clear_routing", "routing_state", "inject", "save_adapters", "load_adapters",
+           "set_routing", "set_task", "set_adapter_ids", "clear_routing", "routing_state", "inject", "save_adapters", "load_adapters",
            "read_adapter_metadata", "merge", "unmerge", "extra_losses", "trainable_parameters", "adapter_layers",
            "match_targets"]

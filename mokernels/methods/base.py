@@ -16,8 +16,15 @@ Contract additions by H12a (additive: nothing of the agreed contract changed):
   :meth:`merge` adds it to the weight in fp32 and keeps the original, so :meth:`unmerge` is bit-exact)
   or overrides ``merge``/``unmerge``. ``self.merged`` is True while merged; ``forward`` must then return
   :meth:`base_forward` (the default merge relies on it) and routing is refused by the context.
+  ``merged_keeps_routing = True`` (ClassVar; MoORE: only H is folded into V, the gates still route):
+  ``mokernels.merge`` then neither clears nor locks the routing state.
 * ``SharedParams`` parameter names are the keys with "." replaced by "__" (ParameterDict rule);
   :meth:`SharedParams.items` gives the original keys.
+* Demo hooks (optional classmethods, used by ``python -m mokernels.demo``): ``demo_config(num_tasks) -> dict``
+  (hyperparameters for a run on the demo's toy multitask set, default ``{}``), ``demo_targets() -> list``
+  (default ``["query", "value"]``), ``demo_routing(cfg, task_ids) -> dict`` (the routing context for a batch
+  whose sentences have ``task_ids [B]``; default: ``task_ids`` and/or ``adapter_ids`` = the task ids, for
+  whichever of the two ``routing_limits`` names, else ``{}``).
 * ``METHODS`` lives here; ``mokernels.methods`` imports every method module it finds (slora, effilora,
   dlp_lora, samora, moore), so a method registers itself just by existing — no edit of __init__.py.
 """
@@ -287,6 +294,7 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     can_merge: ClassVar[bool] = False
+    merged_keeps_routing: ClassVar[bool] = False
     routing_keys: ClassVar[tuple] = ()
 
     def __init__(self, linear: nn.Linear, cfg: MethodConfig, *, name: str = "", state: Optional[RoutingState] = None,
@@ -325,6 +333,19 @@ class AdapterLayer(nn.Module):
     def validate_routing_extra(cls, key: str, value, cfg: MethodConfig):
         """Validates/normalises an extra routing entry (one of ``routing_keys``) once, on entry."""
         return value
+
+    @classmethod
+    def demo_config(cls, num_tasks: int) -> dict:
+        return {}
+
+    @classmethod
+    def demo_targets(cls) -> list:
+        return ["query", "value"]
+
+    @classmethod
+    def demo_routing(cls, cfg: MethodConfig, task_ids: Tensor) -> dict:
+        lim = cls.routing_limits(cfg)
+        return {k: task_ids for k in ("task_ids", "adapter_ids") if k in lim}
 
     # -- forward -----------------------------------------------------------------------------------
 

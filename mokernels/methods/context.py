@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import RoutingState
 
-__all__ = ["routing", "set_routing", "set_task", "clear_routing", "routing_state"]
+__all__ = ["routing", "set_routing", "set_task", "set_adapter_ids", "clear_routing", "routing_state"]
 
 
 def routing_state(model: nn.Module) -> RoutingState:
@@ -49,6 +49,11 @@ def set_routing(model: nn.Module, **ctx) -> None:
 def set_task(model: nn.Module, task_ids) -> None:
     """Sticky task ids: ``[B]`` per sequence, ``[T]`` per token, or one int for every token; -1 = unseen task."""
     routing_state(model).set(task_ids=task_ids)
+
+
+def set_adapter_ids(model: nn.Module, adapter_ids) -> None:
+    """Sticky adapter ids (``[B]`` per sequence or ``[T]`` per token; -1 = none)."""
+    routing_state(model).set(adapter_ids=adapter_ids)
 
 
 def clear_routing(model: nn.Module) -> None:

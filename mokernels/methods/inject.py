@@ -264,15 +264,16 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Merges every wrapped layer into its base weight (methods with ``can_merge``); routing is refused
-    until :func:`unmerge`. NotImplementedError for methods that cannot merge (nothing is changed)."""
+    """Merges every wrapped layer into its base weight (methods with ``can_merge``). Unless the method's
+    merged layers still route (``merged_keeps_routing``, MoORE), the routing is cleared and refused until
+    :func:`unmerge`. NotImplementedError for methods that cannot merge (nothing is changed)."""
     c = _config(model)
     layers = adapter_layers(model)
-    if layers and not type(layers[0][1]).can_merge:
+    cls = type(layers[0][1]) if layers else None
+    if cls is not None and not cls.can_merge:
         raise NotImplementedError(f"mokernels.merge: method {c['method']!r} cannot merge into the base weights "
                                   "(its update depends on the input through a router)")
-    st = model.mokernels_state
-    if st.merged:
+    if c.get("merged"):
         raise RuntimeError("mokernels.merge: the model is already merged")
     done = []
     try:
@@ -283,18 +284,21 @@ def merge(model: nn.Module) -> nn.Module:
         for layer in reversed(done):
             layer.unmerge()
         raise
-    st.clear()
-    st.merged = True
+    c["merged"] = True
+    if cls is not None and not cls.merged_keeps_routing:
+        st = model.mokernels_state
+        st.clear()
+        st.merged = True
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Restores every base weight bit-exactly (LIFO); no-op when not merged."""
-    _config(model)
-    st = model.mokernels_state
-    if not st.merged:
+    c = _config(model)
+    if not c.get("merged"):
         return model
     for _, layer in reversed(adapter_layers(model)):
         layer.unmerge()
-    st.merged = False
+    c["merged"] = False
+    model.mokernels_state.merged = False
     return model
