@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import mokernels
-from mokernels.methods import dlp_lora, moore
+from mokernels.methods import dlp_lora
 from mokernels.methods.moore import MoOREConfig, MoORELinear
 from mokernels.ops import householder_apply as householder
-from test_samora import layers_of, train_few_steps, wrap_with_tasks  # shared MiniLM helpers
+from test_samora import TASKS, layers_of, train_few_steps, wrap_with_tasks  # shared MiniLM helpers
 
 TARGETS = [r"encoder\.layer\.[01]\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|"
            r"output\.dense)$"]
@@ -104,18 +104,21 @@ def test_merge_equals_unmerged(minilm, minilm_batch):
     _randomize(m)
     with torch.no_grad():
         out = m(**minilm_batch).last_hidden_state
-        moore.merge(m)  # keeps the routing (mokernels.merge clears it: see MoORELinear.merged_keeps_routing)
+        mokernels.merge(m)  # H folded into V; the routing stays (merged_keeps_routing)
         assert all(lay.merged for lay in _layers(m))
         merged = m(**minilm_batch).last_hidden_state
-        moore.unmerge(m)
+        mokernels.set_task(m, torch.tensor([2, 2, 0, 1]))  # still routes while merged
+        merged_other = m(**minilm_batch).last_hidden_state
+        mokernels.set_task(m, TASKS)
+        mokernels.unmerge(m)
         back = m(**minilm_batch).last_hidden_state
+        mokernels.set_task(m, torch.tensor([2, 2, 0, 1]))
+        other = m(**minilm_batch).last_hidden_state
     assert (out - minilm(**minilm_batch).last_hidden_state).abs().max() > 1e-2  # the adapter is really on
     torch.testing.assert_close(merged, out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged_other, other, rtol=1e-4, atol=1e-4)
+    assert (merged_other - merged).abs().max() > 1e-3
     assert torch.equal(back, out)
-    mokernels.merge(m)  # the framework's merge folds H too, but clears and locks the routing: a clear error
-    with pytest.raises(RuntimeError, match="moore.merge"):
-        m(**minilm_batch)
-    mokernels.unmerge(m)
 
 
 def test_training_reduces_loss(minilm, minilm_batch):

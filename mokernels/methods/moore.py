@@ -14,8 +14,9 @@ The base weight W stays registered (same state_dict names as ``nn.Linear``) but 
 U, σ, V: a fresh wrap equals ``W x + b`` up to the fp32 SVD round trip. Trainable: the Householder
 vectors, the task embeddings, P, Γ, Q (σ too with ``train_sigma=True``).
 
-Inference: :meth:`MoORELinear.merge` folds H into V (``V' = Hᵀ V``, kept beside V so that
-:meth:`unmerge` is exact) and the forward then skips the chain. The layer is
+Inference: ``mokernels.merge(model)`` (:meth:`MoORELinear.merge`) folds H into V (``V' = Hᵀ V``, kept beside V so that
+:meth:`unmerge` is exact) and the forward then skips the chain; the routing stays (task ids and x
+still gate the experts). The layer is
 :func:`mokernels.ops.rank_one_experts` (issue 11: the chain, the two expert GEMMs and the gate in one
 op; today its reference composition) and :func:`mokernels.ops.householder_apply` for the merge.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +63,7 @@ class MoORELinear(AdapterLayer):
     method = "moore"
     Config = MoOREConfig
     can_merge = True
-    # The merged layer still routes (only H is folded into V; the gates need task ids and x). NOTE for the
-    # framework: mokernels.merge(model) currently clears and then refuses routing while merged, so a
-    # model-level merged MoORE cannot be given task ids; use moore.merge(model) below until it honours this.
-    merged_keeps_routing: ClassVar[bool] = True
+    merged_keeps_routing = True  # only H is folded into V: the merged layer still routes (task ids and x)
 
     @classmethod
     def check_linear(cls, linear: nn.Linear, cfg: MoOREConfig, name: str) -> None:
@@ -118,10 +115,6 @@ class MoORELinear(AdapterLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         merged = self.merged_V is not None
-        if merged and self.routing_state.merged and self.routing_state.task_ids is None:
-            raise RuntimeError(f"moore: layer {self.layer_name!r}: merged MoORE layers still route (only H is folded "
-                               "into V), but mokernels.merge(model) cleared and locks the routing; use "
-                               "mokernels.methods.moore.merge(model) / moore.unmerge(model), which keep it")
         y = rank_one_experts(x, self.svd_U, self.svd_sigma, self.merged_V if merged else self.svd_V,
                              F.linear(x, self.router_gamma), self.router_Q, self.task_gates(x),
                              None if merged or not self.cfg.householder else self.householder_u, clip=self.cfg.clip)
@@ -166,18 +159,3 @@ class MoORELinear(AdapterLayer):
         return (f"in_features={self.in_features}, out_features={self.out_features}, R={self.svd_sigma.shape[0]}, "
                 f"householder={c.householder}, tasks={c.num_tasks}, clip={c.clip}")
 
-
-def merge(model: nn.Module) -> nn.Module:
-    """Folds every MoORE layer's Householder chain into its V, keeping the model's routing (task ids can
-    still be set: the merged layers route). :func:`unmerge` undoes it exactly."""
-    for mod in model.modules():
-        if isinstance(mod, MoORELinear) and not mod.merged:
-            mod.merge()
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    for mod in model.modules():
-        if isinstance(mod, MoORELinear):
-            mod.unmerge()
-    return model
