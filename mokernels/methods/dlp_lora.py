@@ -81,6 +81,16 @@ class DLPLoRALinear(AdapterLayer):
     routing_keys = (STATE_KEY,)
 
     @classmethod
+    def demo_config(cls, num_tasks: int) -> dict:
+        return {"num_adapters": num_tasks, "trainable_pool": True}  # no finished LoRAs in the demo: train the pool
+
+    @classmethod
+    def demo_routing(cls, cfg: DLPLoRAConfig, task_ids: Tensor) -> dict:
+        """The demo knows each sentence's task: a perfect (one-hot) classifier routes it to its own LoRA."""
+        probs = F.one_hot(task_ids.clamp_min(0), cfg.num_adapters).float()
+        return {STATE_KEY: sentence_routing(probs=probs, num_adapters=cfg.num_adapters)}
+
+    @classmethod
     def validate_routing_extra(cls, key: str, value, cfg: DLPLoRAConfig):
         """``mokernels.routing(model, dlp_lora=...)``: a :class:`DLPRouting` (see :func:`sentence_routing`);
         checked once on entry: shapes, offsets sorted from 0, adapter ids below the pool size (one host sync)."""

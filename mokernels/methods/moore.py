@@ -78,6 +78,14 @@ class MoORELinear(AdapterLayer):
     def routing_limits(cls, cfg: MoOREConfig) -> dict:
         return {"task_ids": cfg.num_tasks}
 
+    @classmethod
+    def demo_config(cls, num_tasks: int) -> dict:
+        return {"num_tasks": num_tasks}
+
+    @classmethod
+    def demo_targets(cls) -> list:
+        return [r"encoder\..*\.(query|key|value|attention\.output\.dense)"]  # QKVO (FFN too costs the demo time)
+
     def __init__(self, linear: nn.Linear, cfg: MoOREConfig, *, name: str, state, shared):
         self.check_linear(linear, cfg, name)  # also for direct construction (inject checks in its dry run)
         super().__init__(linear, cfg, name=name, state=state, shared=shared)

@@ -95,6 +95,10 @@ class SAMoRALinear(AdapterLayer):
     def routing_limits(cls, cfg: SAMoRAConfig) -> dict:
         return {"task_ids": cfg.num_tasks}
 
+    @classmethod
+    def demo_config(cls, num_tasks: int) -> dict:
+        return {"num_tasks": num_tasks}
+
     def __init__(self, linear: nn.Linear, cfg: SAMoRAConfig, *, name: str, state, shared):
         self.check_linear(linear, cfg, name)  # also for direct construction (inject checks in its dry run)
         super().__init__(linear, cfg, name=name, state=state, shared=shared)
