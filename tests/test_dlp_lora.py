@@ -160,6 +160,9 @@ def test_routing_errors(minilm, minilm_batch, tmp_path):
         dlp_lora.set_routing(m, logits=torch.randn(4, 5))
     with pytest.raises(ValueError, match="sequences"), dlp_lora.routing(m, logits=torch.randn(3, 3)):
         m(**minilm_batch)
+    with pytest.raises(ValueError, match="cover 10 tokens"), \
+            dlp_lora.routing(m, logits=torch.randn(2, 3), offsets=torch.tensor([0, 4, 10])):
+        m(**minilm_batch)  # packed offsets must cover the flattened tokens exactly
     with pytest.raises(ValueError, match="sorted"):
         dlp_lora.set_routing(m, logits=torch.randn(2, 3), offsets=torch.tensor([0, 5, 3]))
     with pytest.raises(ValueError, match="exactly one"):

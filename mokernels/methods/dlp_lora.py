@@ -68,6 +68,7 @@ class DLPRouting(NamedTuple):
 
     offsets: Optional[Tensor]
     routing: Routing
+    num_tokens: Optional[int] = None  # offsets[S] (filled when the routing enters the model): T of the input
 
 
 @register_method("dlp_lora")
@@ -103,16 +104,18 @@ class DLPLoRALinear(AdapterLayer):
                              f"{list(value.routing.weights.shape)}")
         if off is not None and (off.dim() != 1 or off.shape[0] != ids.shape[0] + 1):
             raise ValueError(f"mokernels.routing: {key} offsets must be [S+1] = [{ids.shape[0] + 1}], got {list(off.shape)}")
-        if ids.numel():
-            checks = [ids.max() >= cfg.num_adapters]
+        if ids.numel() or off is not None:
+            checks = [ids.max() >= cfg.num_adapters if ids.numel() else torch.zeros((), dtype=torch.bool, device=ids.device)]
             if off is not None:
-                checks.append((off[1:] < off[:-1]).any() | (off[0] != 0))
-            bad_id, *bad_off = torch.stack(checks).tolist()  # one host sync
+                checks += [(off[1:] < off[:-1]).any() | (off[0] != 0), off[-1]]
+            bad_id, *rest = torch.stack([c.to(torch.int64) for c in checks]).tolist()  # one host sync
             if bad_id:
                 raise ValueError(f"mokernels.routing: {key} routes to adapter {int(ids.max())} but the pool has "
                                  f"{cfg.num_adapters}")
-            if bad_off and bad_off[0]:
+            if rest and rest[0]:
                 raise ValueError(f"mokernels.routing: {key} offsets must be sorted with offsets[0] = 0")
+            if rest:
+                value = value._replace(num_tokens=int(rest[1]))
         return value
 
     @classmethod
@@ -153,9 +156,11 @@ class DLPLoRALinear(AdapterLayer):
         self.lora_scale[slot] = float(scale)
 
     def _routing(self, x: Tensor) -> tuple[Tensor, Routing]:
-        st = self.routing_state.get(STATE_KEY, self.layer_name)
-        offsets, rt = st
+        offsets, rt, n_tok = self.routing_state.get(STATE_KEY, self.layer_name)
         S = rt.ids.shape[0]
+        if offsets is not None and n_tok is not None and n_tok != x.numel() // max(x.shape[-1], 1):
+            raise ValueError(f"dlp_lora: layer {self.layer_name!r}: the sentence offsets cover {n_tok} tokens but the "
+                             f"input has {x.numel() // max(x.shape[-1], 1)} (x {list(x.shape)})")
         if offsets is None:  # one sentence per sequence
             Bsz = x.shape[0] if x.dim() >= 2 else 1
             if S != Bsz:
@@ -320,7 +325,7 @@ def set_routing(model: nn.Module, classifier: Optional[nn.Module] = None, **kw) 
     until the next set_routing / set_task / ``mokernels.clear_routing(model)``. Returns it."""
     rt = sentence_routing(classifier, num_adapters=pool_size(model), **kw)
     mk_set_routing(model, **{STATE_KEY: rt})
-    return rt
+    return model.mokernels_state.extra[STATE_KEY]  # as validated (num_tokens filled)
 
 
 @contextlib.contextmanager
@@ -329,8 +334,8 @@ def routing(model: nn.Module, classifier: Optional[nn.Module] = None, **kw):
     dlp_lora layer of ``model`` (``mokernels.routing(model, dlp_lora=...)``; the previous routing is
     restored on exit). Yields the :class:`DLPRouting`."""
     rt = sentence_routing(classifier, num_adapters=pool_size(model), **kw)
-    with mk_routing(model, **{STATE_KEY: rt}):
-        yield rt
+    with mk_routing(model, **{STATE_KEY: rt}) as st:
+        yield st.extra[STATE_KEY]  # as validated (num_tokens filled)
 
 
 # ------------------------------------------------------------------------------------------------
