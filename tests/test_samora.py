@@ -199,3 +199,39 @@ def test_half_precision_layers_match_their_torch_composition(method, dtype):
     assert y.dtype == dtype and gx.dtype == dtype
     assert (y.float() - lay.base_forward(x).float()).abs().max() > 0.05
     torch.testing.assert_close(y.float(), lay.reference_forward(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_compile_fullgraph_of_the_three_layers():
+    """torch.compile(fullgraph=True) (Dynamo, eager backend: no graph break is the point) of a model with
+    each H12b method gives the eager forward and gradients; new routing data does not break the graph."""
+    from mokernels.methods import dlp_lora
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(32, 48)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x))
+
+    cfgs = {"samora": dict(r=4), "moore": dict(task_dim=8, router_dim=4, householder=2),
+            "dlp_lora": dict(num_adapters=3, r=4, trainable_pool=True)}
+    for method, cfg in cfgs.items():
+        torch._dynamo.reset()
+        m = mokernels.inject(Net(), method, target_modules=["lin"], **cfg)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n.rsplit(".", 1)[-1] in ("lora_B", "router_P", "gate_w"):
+                    p.normal_(0, 0.2)
+        c = torch.compile(m, fullgraph=True, backend="eager")
+        x = torch.randn(2, 5, 32)
+        for step in range(2):  # the second batch routes differently
+            if method == "dlp_lora":
+                dlp_lora.set_routing(m, logits=torch.randn(2, 3) * 3, top_p=0.9)
+            else:
+                mokernels.set_task(m, torch.tensor([step, -1]))
+            params = [p for p in m.parameters() if p.requires_grad]
+            want = torch.autograd.grad(m(x).sum(), params)
+            got = torch.autograd.grad(c(x).sum(), params)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=method)
