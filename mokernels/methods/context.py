@@ -25,6 +25,9 @@ def routing_state(model: nn.Module) -> RoutingState:
     st = getattr(model, "mokernels_state", None)
     if not isinstance(st, RoutingState):
         raise ValueError(f"mokernels: {type(model).__name__} has no mokernels adapters; call mokernels.inject(model, ...) first")
+    p = next(model.parameters(), None)
+    if p is not None:
+        st.device = p.device  # follows model.to(...): routing metadata is moved there once, on entry
     return st
 
 

@@ -186,7 +186,14 @@ def save_adapters(model: nn.Module, path: str) -> None:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": c["method"],
             "config": json.dumps(c["config"], sort_keys=True), "targets": json.dumps(c["targets"]),
             "mokernels_version": VERSION}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _tensors(model).items()}
+    tensors, seen = {}, set()
+    for k, v in _tensors(model).items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:  # safetensors refuses aliased tensors (e.g. a buffer that views another): store a copy
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
     save_file(tensors, str(path), metadata=meta)
 
 
