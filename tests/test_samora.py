@@ -235,3 +235,33 @@ def test_compile_fullgraph_of_the_three_layers():
             got = torch.autograd.grad(c(x).sum(), params)
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=method)
+
+
+@pytest.mark.parametrize("method", ["samora", "moore", "dlp_lora"])
+def test_bf16_autocast_cpu_runs_in_the_activation_dtype(method):
+    """Under autocast the three H12b layers compute in the activation dtype (bf16 output within bf16
+    tolerance of fp32) and the fp32 master parameters get fp32 gradients."""
+    from mokernels.methods import dlp_lora
+
+    torch.manual_seed(0)
+    cfg = {"samora": dict(r=4), "moore": dict(task_dim=8, router_dim=4),
+           "dlp_lora": dict(num_adapters=3, r=4, trainable_pool=True)}[method]
+    m = mokernels.inject(torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 32)),
+                         method, target_modules=["0", "2"], **cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.rsplit(".", 1)[-1] in ("lora_B", "router_P", "gate_w"):
+                p.normal_(0, 0.1)
+    if method == "dlp_lora":
+        dlp_lora.set_routing(m, logits=torch.randn(3, 3), top_p=0.9)
+    else:
+        mokernels.set_task(m, torch.tensor([0, 1, -1]))
+    x = torch.randn(3, 5, 64)
+    y = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = m(x)
+    assert yb.dtype == torch.bfloat16
+    assert float(((yb.float() - y).norm(dim=-1) / y.norm(dim=-1)).max()) < 3e-2
+    yb.float().square().sum().backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)

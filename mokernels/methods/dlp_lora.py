@@ -173,8 +173,9 @@ class DLPLoRALinear(AdapterLayer):
     def forward(self, x: Tensor) -> Tensor:
         offsets, rt = self._routing(x)
         y0 = self.base_forward(x)
-        return lora_apply(x, self.lora_A, self.lora_B, self.lora_scale, segment_mixture=(offsets, rt), base_out=y0,
-                          validate=False)
+        act = y0.dtype  # the activation dtype (autocast's, if on); .to is a no-op otherwise
+        return lora_apply(x.to(act), self.lora_A.to(act), self.lora_B.to(act), self.lora_scale,
+                          segment_mixture=(offsets, rt), base_out=y0, validate=False)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The layer as a straightforward torch composition (per sentence: the weighted sum of its

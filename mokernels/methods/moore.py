@@ -122,11 +122,15 @@ class MoORELinear(AdapterLayer):
         return self.task_gates(x) + F.linear(x, self.router_gamma) @ self.router_Q
 
     def forward(self, x: Tensor) -> Tensor:
+        dev = x.device.type
+        act = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # activation dtype
+        c = lambda t: None if t is None else t.to(act)  # noqa: E731  (no-op without autocast)
+        xa = x.to(act)
         merged = self.merged_V is not None
-        y = rank_one_experts(x, self.svd_U, self.svd_sigma, self.merged_V if merged else self.svd_V,
-                             F.linear(x, self.router_gamma), self.router_Q, self.task_gates(x),
-                             None if merged or not self.cfg.householder else self.householder_u, clip=self.cfg.clip)
-        return y if self.bias is None else y + self.bias
+        y = rank_one_experts(xa, c(self.svd_U), c(self.svd_sigma), c(self.merged_V if merged else self.svd_V),
+                             F.linear(xa, c(self.router_gamma)), c(self.router_Q), c(self.task_gates(x)),
+                             None if merged or not self.cfg.householder else c(self.householder_u), clip=self.cfg.clip)
+        return y if self.bias is None else y + c(self.bias)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The layer as a straightforward torch composition (the chain as explicit Householder

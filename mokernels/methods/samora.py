@@ -124,16 +124,19 @@ class SAMoRALinear(AdapterLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         y0 = self.base_forward(x)
+        act = y0.dtype  # the activation dtype (autocast's, if on); .to is a no-op otherwise
+        xa = x.to(act)
         T = y0.numel() // self.out_features
         tid = self.routing_state.token_task_ids(x, self.layer_name)  # [T] long, -1 = unseen
         gate = self.task_gates()[tid]  # [T]
-        h = F.linear(x, self.lora_A)  # [..., r]: the router's codes
-        rt = route_cosine(h, self.keys, temperature=self.cfg.temperature, top_k=self.cfg.top_k, validate=False)
+        A = self.lora_A.to(act)
+        h = F.linear(xa, A)  # [..., r]: the router's codes
+        rt = route_cosine(h, self.keys.to(act), temperature=self.cfg.temperature, top_k=self.cfg.top_k, validate=False)
         k = rt.ids.shape[-1]
         w = rt.weights.reshape(T, k) * gate.to(rt.weights.dtype)[:, None]
-        a_s = self.lora_A * self.lora_S[:, None]  # diag(S) A: S ⊙ (A x) inside the shared shrink
-        return lora_shared_apply(x, a_s, self.lora_B, self.scaling, mixture=(rt.ids.reshape(T, k), w), base_out=y0,
-                                 validate=False)
+        a_s = (self.lora_A * self.lora_S[:, None]).to(act)  # diag(S) A: S ⊙ (A x) inside the shared shrink
+        return lora_shared_apply(xa, a_s, self.lora_B.to(act), self.scaling, mixture=(rt.ids.reshape(T, k), w),
+                                 base_out=y0, validate=False)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The same layer as a straightforward torch composition (every expert evaluated densely, no
