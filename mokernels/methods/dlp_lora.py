@@ -321,10 +321,20 @@ def pool_size(model: nn.Module) -> int:
     raise ValueError("dlp_lora: the model has no dlp_lora layer (mokernels.inject(model, 'dlp_lora', ...))")
 
 
+def _to_model(model: nn.Module, rt: DLPRouting) -> DLPRouting:
+    """The routing on the model's device (e.g. a CPU classifier for a CUDA model); no copy if already there."""
+    p = next(model.parameters(), None)
+    if p is None or rt.routing.ids.device == p.device:
+        return rt
+    r = rt.routing
+    mv = lambda t: None if t is None else t.to(p.device, non_blocking=True)  # noqa: E731
+    return rt._replace(offsets=mv(rt.offsets), routing=Routing(mv(r.ids), mv(r.weights), mv(r.counts), mv(r.dense)))
+
+
 def set_routing(model: nn.Module, classifier: Optional[nn.Module] = None, **kw) -> DLPRouting:
     """Sticky form of :func:`routing` (``mokernels.set_routing(model, dlp_lora=...)``): the routing stays
     until the next set_routing / set_task / ``mokernels.clear_routing(model)``. Returns it."""
-    rt = sentence_routing(classifier, num_adapters=pool_size(model), **kw)
+    rt = _to_model(model, sentence_routing(classifier, num_adapters=pool_size(model), **kw))
     mk_set_routing(model, **{STATE_KEY: rt})
     return model.mokernels_state.extra[STATE_KEY]  # as validated (num_tokens filled)
 
@@ -334,7 +344,7 @@ def routing(model: nn.Module, classifier: Optional[nn.Module] = None, **kw):
     """Context manager: the batch's sentence routing (arguments as :func:`sentence_routing`) for every
     dlp_lora layer of ``model`` (``mokernels.routing(model, dlp_lora=...)``; the previous routing is
     restored on exit). Yields the :class:`DLPRouting`."""
-    rt = sentence_routing(classifier, num_adapters=pool_size(model), **kw)
+    rt = _to_model(model, sentence_routing(classifier, num_adapters=pool_size(model), **kw))
     with mk_routing(model, **{STATE_KEY: rt}) as st:
         yield st.extra[STATE_KEY]  # as validated (num_tokens filled)
 
