@@ -6,11 +6,12 @@ installation was built with; :mod:`mokernels.emu` runs the kernel source on CPU 
 from ._ext import build_info
 
 from . import ops  # noqa: E402
-from .ops import rank_one_scale  # noqa: E402
+from .ops import householder_apply, rank_one_experts, rank_one_scale  # noqa: E402
 from . import modules  # noqa: E402
-from .modules import MultiLoRALinear  # noqa: E402
+from .modules import HouseholderChain, MultiLoRALinear, RankOneExperts  # noqa: E402
 
-__all__ = ["build_info", "ops", "modules", "rank_one_scale", "MultiLoRALinear"]
+__all__ = ["build_info", "ops", "modules", "rank_one_scale", "MultiLoRALinear", "householder_apply", "rank_one_experts",
+           "HouseholderChain", "RankOneExperts"]
 
 from .peft_accel import AccelerationReport, accelerate, restore  # noqa: E402  (peft itself is imported lazily)
 
