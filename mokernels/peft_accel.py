@@ -43,6 +43,11 @@ disabled with an input dtype other than the adapters'. Each kind is logged once 
 ``mokernels.peft``, level WARNING) and listed in the report. Mixed ranks are supported (zero padding
 to the largest rank is exact).
 
+HRA (``peft.tuners.hra.HRALinear``): PEFT materialises ``delta = H_1 … H_r`` (``D x D``) and ``W delta``
+on every forward; here the active adapters' vectors go through :func:`mokernels.ops.householder_apply`
+(``x ↦ x deltaᵀ`` in the compact WY form, no ``D x D`` matrix), then ``F.linear`` with the base weight.
+``apply_GS=True`` (Gram-Schmidt: a different transform), HRA Conv2d and merged HRA stay on PEFT's path.
+
 Unknown adapter names in ``adapter_names`` raise PEFT's own ``ValueError("Trying to infer with
 non-existing adapter(s): ...")`` also when a layer is called directly (PEFT's layer silently returns
 the base output there: peft #2090).
@@ -81,6 +86,7 @@ K_DTYPE = "adapter dtypes or devices differ"
 K_MERGED = "merged adapters"
 K_CAST = "input dtype casting disabled and x's dtype differs from the adapters'"
 K_KWARGS = "variant forward kwargs (alora_offsets)"
+K_HRA_GS = "HRA apply_GS=True (Gram-Schmidt: a different transform)"
 
 _WHY = {
     K_LAYER: "not a peft.tuners.lora.Linear (Embedding/Conv/custom layers run PEFT's forward)",
@@ -94,6 +100,7 @@ _WHY = {
     K_MERGED: "PEFT's forward (base weights already contain the adapters) until unmerged",
     K_CAST: "PEFT's forward",
     K_KWARGS: "PEFT's forward",
+    K_HRA_GS: "those adapters run PEFT's HRA forward",
 }
 _QUANT_HINTS = ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "torchao", "inc", "quant")
 
@@ -489,12 +496,74 @@ def accelerate(model: nn.Module) -> AccelerationReport:
         if st is not None:
             st.shared.logged |= logged
     if not report.accelerated and not report.hra:
-        log.warning("mokernels.accelerate: no PEFT LoRA Linear layer found in %s", type(model).__name__)
+        log.warning("mokernels.accelerate: no PEFT LoRA Linear or HRA Linear layer found in %s", type(model).__name__)
     return report
 
 
-def _accelerate_hra(model, report, shared):  # filled in once the Householder op lands (issue 11)
-    return None
+def _hra_types():
+    from peft.tuners.hra.layer import HRALayer, HRALinear
+
+    return HRALayer, HRALinear
+
+
+def _accel_hra_forward(self, x: torch.Tensor, *args, **kwargs):
+    """PEFT's ``HRALinear.forward`` without the ``[D, D]`` transform: PEFT builds ``delta = H_1 … H_r``
+    per active adapter (``D x D``, r dense rank-1 updates), multiplies the active deltas left to right,
+    merges them into ``W`` and runs ``F.linear``. Here ``x ↦ x deltaᵀ`` is one Householder-chain op over
+    the active adapters' vectors (``U = [hra_u[a₁]ᵀ; hra_u[a₂]ᵀ; …]``: ``H`` of the concatenation is the
+    product of the deltas in PEFT's order), then ``F.linear`` with PEFT's own (detached) base weight."""
+    st: _LayerState = self.__dict__[_STATE]
+    shared = st.shared
+    if self.disable_adapters or self.merged:
+        if self.merged:
+            shared.note(K_MERGED, st.name)
+        return _peft_forward(self, st, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.hra_u]
+    if not active:
+        return _peft_forward(self, st, x, *args, **kwargs)
+    if any(self.hra_apply_GS.get(a, False) for a in active):
+        shared.note(K_HRA_GS, st.name)
+        return _peft_forward(self, st, x, *args, **kwargs)
+    us = [self.hra_u[a] for a in active]
+    dt, dev = us[0].dtype, us[0].device
+    if any(u.dtype != dt or u.device != dev for u in us) or x.device != dev or dt not in FLOAT_DTYPES:
+        shared.note(K_DTYPE, st.name)
+        return _peft_forward(self, st, x, *args, **kwargs)
+    base = self.get_base_layer()
+    W = self._cast_input_dtype(base.weight.data, dt)  # PEFT: orig_weight = base.weight.data, cast
+    bias = self._cast_input_dtype(base.bias, dt)
+    xl = self._cast_input_dtype(x, dt) if self.cast_input_dtype_enabled else x.to(base.weight.data.dtype)
+    if xl.dtype != dt or W.dtype != dt or (bias is not None and bias.dtype != dt):
+        shared.note(K_CAST, st.name)
+        return _peft_forward(self, st, x, *args, **kwargs)
+    U = us[0].T if len(us) == 1 else torch.cat([u.T for u in us])
+    from .ops.householder import householder_apply
+
+    return F.linear(householder_apply(xl, U), W, bias).to(x.dtype)
+
+
+def _accelerate_hra(model, report, shared):
+    try:
+        HRALayer, HRALinear = _hra_types()
+    except ImportError:  # an older peft without HRA
+        return shared
+    for name, m in model.named_modules():
+        if not isinstance(m, HRALayer):
+            continue
+        if type(m) is not HRALinear:
+            report.not_accelerated[name] = _skip_kind(m)
+            continue
+        if _STATE not in m.__dict__:
+            shared = shared or _Shared(model)
+            m.__dict__[_STATE] = _LayerState(shared, name, m.__dict__.get("forward"))
+            m.forward = types.MethodType(_accel_hra_forward, m)
+        report.hra.append(name)
+        kinds = [K_HRA_GS] if any(m.hra_apply_GS.values()) else []
+        if m.merged:
+            kinds.append(K_MERGED)
+        if kinds:
+            report.partial[name] = kinds
+    return shared
 
 
 def restore(model: nn.Module) -> int:

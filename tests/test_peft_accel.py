@@ -290,3 +290,51 @@ def test_unsupported_cases_are_reported_logged_once_and_still_correct(base, batc
         with pytest.raises(ValueError, match="merged adapters"):  # PEFT's own error
             _out(acc, batch.copy(), adapter_names=["plain"] * 4)
     assert [r.getMessage() for r in caplog.records if peft_accel.K_MERGED in r.getMessage()].__len__() == 1
+
+
+def test_hra_layers_equal_peft_hra_outputs_and_gradients(base, batch, monkeypatch):
+    """PEFT HRA (no Gram-Schmidt) through householder_apply: one and two active adapters (odd and even r),
+    outputs and gradients to hra_u equal PEFT's D x D construction; apply_GS stays on PEFT's path."""
+    torch.manual_seed(5)
+    hcfg = lambda r, **kw: peft.HRAConfig(r=r, target_modules=["query", "intermediate.dense"],  # noqa: E731
+                                          init_weights=False, **kw)
+    ref = peft.get_peft_model(copy.deepcopy(base), hcfg(8), adapter_name="h0")
+    ref.add_adapter("h1", hcfg(5))
+    ref.add_adapter("gs", hcfg(4, apply_GS=True))
+    ref.eval()
+    acc = copy.deepcopy(ref)
+    rep = mokernels.accelerate(acc)
+    assert len(rep.hra) == 6 and not rep.accelerated and set(rep.kinds()) == {peft_accel.K_HRA_GS}
+    calls = []
+    real = __import__("mokernels.ops.householder", fromlist=["x"]).householder_apply
+
+    def spy(x, U, **k):
+        calls.append(tuple(U.shape))
+        return real(x, U, **k)
+
+    monkeypatch.setattr("mokernels.ops.householder.householder_apply", spy)
+    w = torch.randn(4, 7, 384)
+    for active, n_calls in (("h0", 6), (["h0", "h1"], 6), ("gs", 0)):
+        for m in (ref, acc):
+            m.base_model.set_adapter(active)
+        calls.clear()
+        y_ref, g_ref = _fwd_bwd_params(ref, batch, w, "hra_u")
+        y_acc, g_acc = _fwd_bwd_params(acc, batch, w, "hra_u")
+        assert len(calls) == n_calls and (not calls or calls[0] == (8 if active == "h0" else 13, 384))
+        torch.testing.assert_close(y_acc, y_ref, **TOL)
+        assert g_ref and set(g_acc) == set(g_ref)
+        for n in g_ref:
+            _close_grad(g_acc[n], g_ref[n], f"{active}: {n}")
+    assert mokernels.restore(acc) == 6
+    with torch.no_grad():
+        assert torch.equal(_out(acc, batch), _out(ref, batch))
+
+
+def _fwd_bwd_params(m, batch, w, key):
+    ps = {n: p for n, p in m.named_parameters() if key in n}
+    for p in ps.values():
+        p.requires_grad_(True)
+        p.grad = None
+    y = _out(m, batch)
+    (y * w).sum().backward()
+    return y.detach(), {n: p.grad for n, p in ps.items() if p.grad is not None and p.grad.abs().max() > 0}
