@@ -338,3 +338,22 @@ def _fwd_bwd_params(m, batch, w, key):
     y = _out(m, batch)
     (y * w).sum().backward()
     return y.detach(), {n: p.grad for n, p in ps.items() if p.grad is not None and p.grad.abs().max() > 0}
+
+
+def test_bench_peft_quick_linear_workloads_agree():
+    """The benchmark compares like with like: ours and PEFT's forward give the same layer output."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, root)
+    try:
+        from benchmarks import bench_peft
+    finally:
+        sys.path.remove(root)
+    ws = [w for w in bench_peft.workloads(torch.device("cpu"), quick=True) if w.name.startswith("lora.Linear")]
+    assert len(ws) == 6
+    for w in ws[:1] + ws[-1:]:  # N = 8 decode, N = 100 prefill
+        outs = {label: fn() for label, fn in w.impls.items()}
+        torch.testing.assert_close(outs[bench_peft.OURS], outs[bench_peft.PEFT], **TOL)
+        assert not torch.allclose(outs[bench_peft.PEFT], outs[bench_peft.BASE], atol=1e-3)
