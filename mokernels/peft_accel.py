@@ -54,6 +54,7 @@ the base output there: peft #2090).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 import weakref
@@ -253,24 +254,24 @@ def _pad_B(b: torch.Tensor, r: int) -> torch.Tensor:
     return b if b.shape[1] == r else F.pad(b, (0, r - b.shape[1]))
 
 
-def _build_stack(layer, st: _LayerState, keys: tuple) -> None:
-    """(Re)builds the inference-path stack of every adapter of ``layer`` (unsupported ones as zeros)."""
+def _build_stack(layer, st: _LayerState, keys: tuple, dtype, device) -> None:
+    """(Re)builds the inference-path stack of every adapter of ``layer`` in ``dtype`` on ``device`` (slots
+    are filled by :func:`_refresh` when first used)."""
     st._clear()
     st.keys = keys
     st.slot = {n: i for i, n in enumerate(keys)}
     ok = [n for n in keys if _static_reason(layer, n) is None]
     if not ok:
         return
-    a0 = layer.lora_A[ok[0]].weight
     rmax = max(layer.lora_A[n].weight.shape[0] for n in ok)
     with torch.inference_mode(False), torch.no_grad():
-        st.A = torch.zeros((len(keys), rmax, layer.in_features), dtype=a0.dtype, device=a0.device)
-        st.B = torch.zeros((len(keys), layer.out_features, rmax), dtype=a0.dtype, device=a0.device)
+        st.A = torch.zeros((len(keys), rmax, layer.in_features), dtype=dtype, device=device)
+        st.B = torch.zeros((len(keys), layer.out_features, rmax), dtype=dtype, device=device)
     st.sig = [None] * len(keys)
     st.scale_vals = [0.0] * len(keys)
 
 
-def _refresh(layer, st: _LayerState, names) -> Optional[str]:
+def _refresh(layer, st: _LayerState, names, rebuilt: bool = False) -> Optional[str]:
     """Makes the cached stack's slots of ``names`` current; returns a reason when they cannot be used."""
     for n in names:
         i = st.slot[n]
@@ -280,11 +281,14 @@ def _refresh(layer, st: _LayerState, names) -> Optional[str]:
         if why is not None:
             return why
         a, b = _weights(layer, n)
-        if a.dtype != st.A.dtype or b.dtype != st.A.dtype or a.device != st.A.device or b.device != st.A.device:
-            return K_DTYPE
-        if a.shape[0] > st.A.shape[1] or a.shape[1] != st.A.shape[2] or b.shape[0] != st.B.shape[1]:
-            _build_stack(layer, st, st.keys)  # a larger rank than the stack holds: rebuild
-            return _refresh(layer, st, names)
+        if a.dtype != st.A.dtype or a.device != st.A.device or a.shape[0] > st.A.shape[1] \
+                or a.shape[1] != st.A.shape[2] or b.shape[0] != st.B.shape[1]:
+            # model.to(device/dtype), or a larger rank than the stack holds: rebuild (the caller checked that
+            # the used adapters share one dtype and device)
+            if rebuilt:
+                return K_DTYPE
+            _build_stack(layer, st, st.keys, a.dtype, a.device)
+            return _refresh(layer, st, names, True) if st.A is not None else K_DTYPE
         r = a.shape[0]
         with torch.inference_mode(False), torch.no_grad():
             st.A[i].zero_()
@@ -387,7 +391,7 @@ def _accel_lora_forward(self, x: torch.Tensor, *args, **kwargs):
     else:
         keys = tuple(lora_A._modules)
         if st.keys != keys or st.A is None:
-            _build_stack(self, st, keys)
+            _build_stack(self, st, keys, wdt, dev)
         why = _refresh(self, st, used) if st.A is not None else K_DTYPE
         if why is not None:
             shared.note(why, st.name)
@@ -485,6 +489,8 @@ def accelerate(model: nn.Module) -> AccelerationReport:
         if kinds:
             report.partial[name] = kinds
     _accelerate_hra(model, report, shared)
+    if report.accelerated:
+        _guard_peft_hooks(model)
     logged = set()
     for kind, names in report.kinds().items():
         if kind not in logged:
@@ -566,12 +572,63 @@ def _accelerate_hra(model, report, shared):
     return shared
 
 
+_HOOK_GUARD = "_mokernels_hook_guard"
+
+
+def _peft_hook_fns():
+    from peft.tuners.lora import model as lora_model
+
+    return tuple(getattr(lora_model, n) for n in ("_adapter_names_pre_forward_hook", "_alora_offsets_pre_forward_hook")
+                 if hasattr(lora_model, n))
+
+
+@contextlib.contextmanager
+def _guarded_forward_hooks(self, *args, **kwargs):
+    """PEFT's ``LoraModel._enable_peft_forward_hooks`` with cleanup on error (bound per tuner instance)."""
+    orig = type(self)._enable_peft_forward_hooks
+    if kwargs.get("adapter_names") is None and kwargs.get("alora_offsets") is None:
+        with orig(self, *args, **kwargs):
+            yield
+        return
+    mods = list(self.modules())
+    before = [set(m._forward_pre_hooks) for m in mods]
+    try:
+        with orig(self, *args, **kwargs):
+            yield
+    except BaseException:
+        fns = _peft_hook_fns()
+        for m, old in zip(mods, before):
+            for k in [k for k, h in m._forward_pre_hooks.items() if k not in old and getattr(h, "func", None) in fns]:
+                del m._forward_pre_hooks[k]
+                m._forward_pre_hooks_with_kwargs.pop(k, None)
+        raise
+
+
+def _guard_peft_hooks(model: nn.Module) -> None:
+    """PEFT's ``_enable_peft_forward_hooks`` registers the ``adapter_names`` pre-hooks and removes them after
+    the ``yield`` without ``try/finally``: a forward that raises leaves them on every layer, and every later
+    call silently reuses the stale ``adapter_names`` (or keeps failing). Each PEFT ``LoraModel`` gets an
+    instance-level wrapper (removed by :func:`restore`) that removes the pre-hooks the failed call added."""
+    try:
+        from peft.tuners.lora.model import LoraModel
+    except ImportError:
+        return
+    for tuner in model.modules():
+        if isinstance(tuner, LoraModel) and _HOOK_GUARD not in tuner.__dict__ \
+                and "_enable_peft_forward_hooks" not in tuner.__dict__:
+            tuner.__dict__[_HOOK_GUARD] = True
+            tuner._enable_peft_forward_hooks = types.MethodType(_guarded_forward_hooks, tuner)
+
+
 def restore(model: nn.Module) -> int:
     """Puts PEFT's own forward back on every layer :func:`accelerate` patched (the instance attribute
     is removed, or the forward found at patch time is put back) and drops the cached stacks.
-    Returns the number of layers restored."""
+    Also removes the guard :func:`accelerate` put on PEFT's forward-hook context. Returns the number of
+    layers restored."""
     n = 0
     for m in model.modules():
+        if m.__dict__.pop(_HOOK_GUARD, None):
+            m.__dict__.pop("_enable_peft_forward_hooks", None)
         st = m.__dict__.pop(_STATE, None)
         if st is None:
             continue

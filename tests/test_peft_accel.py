@@ -145,6 +145,12 @@ def test_mixed_batch_inference_cache_tracks_peft_parameters(base, batch, monkeyp
             layer.scaling["a0"] *= 0.5
             m.base_model.model.encoder.layer[0].intermediate.dense.lora_B["a0"].weight.add_(0.05)
         torch.testing.assert_close(_out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names), **TOL)
+        calls = _spy(monkeypatch)
+        for m in (ref, acc):  # model.to(dtype): new tensors everywhere, the stacks are rebuilt in fp64
+            m.double()
+        y_acc, y_ref = _out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names)
+        assert y_acc.dtype == torch.float64 and len(calls) == N_LAYERS
+        torch.testing.assert_close(y_acc, y_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_training_step_with_dropout_single_adapter_matches_peft(base, batch):
@@ -242,6 +248,7 @@ def test_restore_gives_back_peft_forward_exactly(base, batch):
     assert mokernels.restore(acc) == N_LAYERS
     for m in acc.modules():
         assert peft_accel._STATE not in m.__dict__ and "forward" not in m.__dict__
+        assert "_enable_peft_forward_hooks" not in m.__dict__
     with torch.no_grad():
         names = ["a1", "a2", "__base__", "a0"]
         assert torch.equal(_out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names))
@@ -357,3 +364,20 @@ def test_bench_peft_quick_linear_workloads_agree():
         outs = {label: fn() for label, fn in w.impls.items()}
         torch.testing.assert_close(outs[bench_peft.OURS], outs[bench_peft.PEFT], **TOL)
         assert not torch.allclose(outs[bench_peft.PEFT], outs[bench_peft.BASE], atol=1e-3)
+
+
+def test_failed_mixed_batch_call_leaves_no_adapter_names_hooks_behind(base, batch):
+    """PEFT removes its adapter_names pre-hooks only when the forward returns; after accelerate a forward
+    that raises leaves nothing behind, so the next plain call is a plain call."""
+    ref, acc, _ = _pair(base)
+    with torch.no_grad():
+        y_plain = _out(ref, batch)
+        for m in (ref, acc):
+            with pytest.raises(ValueError, match="Length of `adapter_names`"):
+                _out(m, batch, adapter_names=["a1", "a2", "a3"])  # 3 names for 4 sequences
+        with pytest.raises(ValueError, match="Length of `adapter_names`"):  # PEFT alone: the stale hooks stay
+            _out(ref, batch)
+        torch.testing.assert_close(_out(acc, batch), y_plain, **TOL)
+        names = ["a1", "a2", "a3", "a0"]
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names),
+                                   _out(_pair(base)[0], batch, adapter_names=names), **TOL)
