@@ -82,28 +82,40 @@ def _linear_build(device, dtype, d, N, n_seq, L, seed=0):
     return _Lazy(build)
 
 
-def _linear_workload(device, dtype, d, N, n_seq, L, form):
-    lz = _linear_build(device, dtype, d, N, n_seq, L)
+def _impls(lz, fwd, base_fwd) -> dict:
+    """``{ours, PEFT, base}`` callables: ``fwd(inputs, model)`` on the accelerated copy / PEFT's model,
+    ``base_fwd(inputs)``; all under ``torch.no_grad``."""
 
-    def call(which):
+    def make(which):
         def run():
             t = lz()
             with torch.no_grad():
-                return t[which](t["x"], adapter_names=t["names"])
+                return fwd(t, t[which])
 
         return run
 
     def base():
         t = lz()
         with torch.no_grad():
-            return t["peft"].base_layer(t["x"])
+            return base_fwd(t)
 
+    return {OURS: make("ours"), PEFT: make("peft"), BASE: base}
+
+
+def _base_minilm(t):
+    with t["peft"].disable_adapter():
+        return t["peft"](**t["batch"]).last_hidden_state
+
+
+def _linear_workload(device, dtype, d, N, n_seq, L, form):
+    lz = _linear_build(device, dtype, d, N, n_seq, L)
+    impls = _impls(lz, lambda t, m: m(t["x"], adapter_names=t["names"]), lambda t: t["peft"].base_layer(t["x"]))
     elt = torch.empty((), dtype=dtype).element_size()
     T = n_seq * L
     used = min(N, n_seq)
     return Workload(family=FAMILY, name=f"lora.Linear d={d} N={N} {form} {n_seq}x{L}",
-                    impls={OURS: call("ours"), PEFT: call("peft"), BASE: base}, ours=OURS,
-                    bytes_moved=(d * d + 2 * T * d + used * 2 * R * d) * elt, flops=2 * T * d * d,
+                    impls=impls, ours=OURS, flops=2 * T * d * d,
+                    bytes_moved=(d * d + 2 * T * d + used * 2 * R * d) * elt,
                     params=dict(d=d, N=N, r=R, T=T, sequences=n_seq, tokens_per_sequence=L, form=form,
                                 dtype=str(dtype).replace("torch.", ""), layer="peft.tuners.lora.Linear"))
 
@@ -131,22 +143,9 @@ def _minilm_build(device, dtype, N, n_seq, L, blocks, seed=0):
 
 def _minilm_workload(device, dtype, N, n_seq, L, form, blocks):
     lz = _minilm_build(device, dtype, N, n_seq, L, blocks)
-
-    def call(which):
-        def run():
-            t = lz()
-            with torch.no_grad():
-                return t[which](**t["batch"], adapter_names=t["names"]).last_hidden_state
-
-        return run
-
-    def base():
-        t = lz()
-        with torch.no_grad(), t["peft"].disable_adapter():
-            return t["peft"](**t["batch"]).last_hidden_state
-
+    impls = _impls(lz, lambda t, m: m(**t["batch"], adapter_names=t["names"]).last_hidden_state, _base_minilm)
     return Workload(family=FAMILY, name=f"MiniLM x{blocks} blocks N={N} {form} {n_seq}x{L}",
-                    impls={OURS: call("ours"), PEFT: call("peft"), BASE: base}, ours=OURS,
+                    impls=impls, ours=OURS,
                     params=dict(N=N, r=R, T=n_seq * L, sequences=n_seq, tokens_per_sequence=L, form=form, blocks=blocks,
                                 dtype=str(dtype).replace("torch.", ""),
                                 targets="query,key,value,attention.output.dense,intermediate.dense,output.dense"))

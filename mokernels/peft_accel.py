@@ -50,7 +50,12 @@ on every forward; here the active adapters' vectors go through :func:`mokernels.
 
 Unknown adapter names in ``adapter_names`` raise PEFT's own ``ValueError("Trying to infer with
 non-existing adapter(s): ...")`` also when a layer is called directly (PEFT's layer silently returns
-the base output there: peft #2090).
+the base output there: peft #2090). PEFT's forward-hook context removes its ``adapter_names`` pre-hooks only
+when the forward returns; :func:`accelerate` wraps it on each ``LoraModel`` so that a forward that raises
+leaves no stale pre-hooks behind (otherwise every later call reuses the failed call's ``adapter_names``).
+
+On CPU the op runs its pure-torch reference, which is dense over the stacked adapters (a correctness
+path, not a fast one); the kernels are the CUDA path.
 """
 from __future__ import annotations
 
@@ -411,8 +416,8 @@ def _accel_lora_forward(self, x: torch.Tensor, *args, **kwargs):
     T = lead.numel()
     if adapter_names is None:
         if len(slots) == 1:
-            seg = shared.cached(("seg1", T, slots, dev), lambda: (
-                torch.tensor([0, T], dtype=torch.int32, device=dev), torch.tensor(slots, dtype=torch.int32, device=dev)))
+            seg = shared.cached(("seg1", T, slots, dev), lambda: (torch.tensor([0, T], dtype=torch.int32, device=dev),
+                                                                  torch.tensor(slots, dtype=torch.int32, device=dev)))
             route = dict(segments=seg)
         else:
             acc = torch.float64 if wdt == torch.float64 else torch.float32
