@@ -384,3 +384,17 @@ def test_failed_mixed_batch_call_leaves_no_adapter_names_hooks_behind(base, batc
         names = ["a1", "a2", "a3", "a0"]
         torch.testing.assert_close(_out(acc, batch, adapter_names=names),
                                    _out(_pair(base)[0], batch, adapter_names=names), **TOL)
+
+
+def test_report_kinds_for_layers_without_a_peft_lora_linear(caplog):
+    """Quantized-base LoRA classes (bnb/GPTQ/... live in their own peft modules) are reported as such;
+    a model without PEFT layers gives an empty report and one log line; a non-module is a TypeError."""
+    fake_bnb = type("Linear8bitLt", (torch.nn.Module,), {"__module__": "peft.tuners.lora.bnb"})
+    fake_custom = type("MyLoraLinear", (torch.nn.Module,), {"__module__": "mylib.layers"})
+    assert peft_accel._skip_kind(fake_bnb()) == peft_accel.K_QUANT
+    assert peft_accel._skip_kind(fake_custom()) == peft_accel.K_LAYER
+    with caplog.at_level(logging.WARNING, logger="mokernels.peft"):
+        rep = mokernels.accelerate(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    assert rep == peft_accel.AccelerationReport() and "no PEFT LoRA Linear" in caplog.text
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        mokernels.accelerate("model")
