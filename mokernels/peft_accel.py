@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import types
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -148,13 +146,13 @@ class AccelerationReport:
 
 class _Shared:
     """Per accelerated model: logged kinds, the device metadata cache (shared by layers with the same
-    adapter set: built once per batch, not per layer), a weak reference to the root module (for the
-    model-wide adapter-name check)."""
+    adapter set: built once per batch, not per layer), the root module (for the model-wide adapter-name
+    check; a plain reference, so deep copies and pickles of the model point at their own root)."""
 
     MAX_META = 256
 
     def __init__(self, root: nn.Module):
-        self.root = weakref.ref(root)
+        self.root = root
         self.logged: set[str] = set()
         self.meta: OrderedDict = OrderedDict()
 
@@ -176,11 +174,11 @@ class _Shared:
             self.meta.move_to_end(key)
         return hit
 
-    def __getstate__(self):  # pickling / deepcopy: drop the caches and the weak reference
-        return {"logged": set(self.logged)}
+    def __getstate__(self):  # pickling / deepcopy: no device caches
+        return {"root": self.root, "logged": set(self.logged)}
 
     def __setstate__(self, s):
-        self.root = lambda: None
+        self.root = s["root"]
         self.logged = s["logged"]
         self.meta = OrderedDict()
 
@@ -206,6 +204,27 @@ class _LayerState:
     def __setstate__(self, s):
         self.__dict__.update(s)
         self._clear()
+
+
+class _Patched:
+    """``fn`` bound to ``module``: what :func:`accelerate` sets as the instance's ``forward`` (a bound method
+    would not survive pickling: ``torch.save(model)`` pickles it as ``getattr(module, fn.__name__)``).
+    Deep copies bind to the copy."""
+
+    __slots__ = ("module", "fn")
+
+    def __init__(self, module: nn.Module, fn):
+        self.module = module
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+    def __getstate__(self):
+        return (self.module, self.fn)
+
+    def __setstate__(self, s):
+        self.module, self.fn = s
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,9 +340,7 @@ def _peft_forward(layer, st: _LayerState, x, *args, **kwargs):
 
 def _check_known(layer, st: _LayerState, missing: set) -> None:
     """PEFT's model-level check, also for direct layer calls: a name no LoRA layer of the model has."""
-    root = st.shared.root()
-    if root is None:
-        return
+    root = st.shared.root
     LoraLayer, _ = _lora_types()
     known = set()
     for m in root.modules():
@@ -479,7 +496,7 @@ def accelerate(model: nn.Module) -> AccelerationReport:
             shared = shared or _Shared(model)
             st = _LayerState(shared, name, m.__dict__.get("forward"))
             m.__dict__[_STATE] = st
-            m.forward = types.MethodType(_accel_lora_forward, m)
+            m.forward = _Patched(m, _accel_lora_forward)
         report.accelerated.append(name)
         kinds = []
         for n in m.lora_A:
@@ -567,7 +584,7 @@ def _accelerate_hra(model, report, shared):
         if _STATE not in m.__dict__:
             shared = shared or _Shared(model)
             m.__dict__[_STATE] = _LayerState(shared, name, m.__dict__.get("forward"))
-            m.forward = types.MethodType(_accel_hra_forward, m)
+            m.forward = _Patched(m, _accel_hra_forward)
         report.hra.append(name)
         kinds = [K_HRA_GS] if any(m.hra_apply_GS.values()) else []
         if m.merged:
@@ -622,7 +639,7 @@ def _guard_peft_hooks(model: nn.Module) -> None:
         if isinstance(tuner, LoraModel) and _HOOK_GUARD not in tuner.__dict__ \
                 and "_enable_peft_forward_hooks" not in tuner.__dict__:
             tuner.__dict__[_HOOK_GUARD] = True
-            tuner._enable_peft_forward_hooks = types.MethodType(_guarded_forward_hooks, tuner)
+            tuner._enable_peft_forward_hooks = _Patched(tuner, _guarded_forward_hooks)
 
 
 def restore(model: nn.Module) -> int:

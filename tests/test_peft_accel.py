@@ -398,3 +398,26 @@ def test_report_kinds_for_layers_without_a_peft_lora_linear(caplog):
     assert rep == peft_accel.AccelerationReport() and "no PEFT LoRA Linear" in caplog.text
     with pytest.raises(TypeError, match="torch.nn.Module"):
         mokernels.accelerate("model")
+
+
+def test_deepcopy_and_torch_save_of_an_accelerated_model(base, batch):
+    """Copies stay accelerated and bound to themselves (their own Parameters, their own root)."""
+    import io
+
+    ref, acc, _ = _pair(base, names=("a0", "a1"))
+    names = ["a1", "a0", "__base__", "a1"]
+    with torch.no_grad():
+        y = _out(acc, batch, adapter_names=names)
+        buf = io.BytesIO()
+        torch.save(acc, buf)
+        buf.seek(0)
+        for c in (copy.deepcopy(acc), torch.load(buf, weights_only=False)):
+            q = c.base_model.model.encoder.layer[0].attention.self.query
+            assert q.forward.module is q and q.__dict__[peft_accel._STATE].shared.root is c
+            torch.testing.assert_close(_out(c, batch, adapter_names=names), y, rtol=0, atol=0)
+            with pytest.raises(ValueError, match="non-existing adapter"):
+                q(torch.randn(2, 3, 384), adapter_names=["zz", "a1"])
+            q.lora_B["a1"].weight.zero_()  # the copy's own Parameters; the original is untouched
+            assert not torch.equal(_out(c, batch, adapter_names=names), y)
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names), y, rtol=0, atol=0)
+        assert mokernels.restore(acc) == N_LAYERS
