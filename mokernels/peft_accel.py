@@ -90,6 +90,7 @@ K_DTYPE = "adapter dtypes or devices differ"
 K_MERGED = "merged adapters"
 K_CAST = "input dtype casting disabled and x's dtype differs from the adapters'"
 K_KWARGS = "variant forward kwargs (alora_offsets)"
+K_TUNER = "PEFT tuner type other than LoRA and HRA"
 K_HRA_GS = "HRA apply_GS=True (Gram-Schmidt: a different transform)"
 
 _WHY = {
@@ -105,6 +106,7 @@ _WHY = {
     K_CAST: "PEFT's forward",
     K_KWARGS: "PEFT's forward",
     K_HRA_GS: "those adapters run PEFT's HRA forward",
+    K_TUNER: "PEFT's forward (no mokernels op for it)",
 }
 _QUANT_HINTS = ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "torchao", "inc", "quant")
 
@@ -482,7 +484,10 @@ def accelerate(model: nn.Module) -> AccelerationReport:
     if not isinstance(model, nn.Module):
         raise TypeError(f"mokernels.accelerate: model must be a torch.nn.Module (e.g. a peft.PeftModel), got "
                         f"{type(model).__name__}")
-    LoraLayer, LoraLinear = _lora_types()
+    try:
+        LoraLayer, LoraLinear = _lora_types()
+    except ImportError as exc:
+        raise ImportError("mokernels.accelerate needs the peft package (pip install peft)") from exc
     report = AccelerationReport()
     shared = None
     for name, m in model.named_modules():
@@ -511,6 +516,12 @@ def accelerate(model: nn.Module) -> AccelerationReport:
         if kinds:
             report.partial[name] = kinds
     _accelerate_hra(model, report, shared)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, m in model.named_modules():  # IA3, LoKr, OFT, ...: reported, untouched
+        if isinstance(m, BaseTunerLayer) and name not in report.not_accelerated and name not in report.hra \
+                and name not in report.accelerated:
+            report.not_accelerated[name] = K_TUNER
     if report.accelerated:
         _guard_peft_hooks(model)
     logged = set()

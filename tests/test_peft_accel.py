@@ -421,3 +421,16 @@ def test_deepcopy_and_torch_save_of_an_accelerated_model(base, batch):
             assert not torch.equal(_out(c, batch, adapter_names=names), y)
         torch.testing.assert_close(_out(acc, batch, adapter_names=names), y, rtol=0, atol=0)
         assert mokernels.restore(acc) == N_LAYERS
+
+
+def test_other_tuner_types_are_reported_and_untouched(base, batch):
+    torch.manual_seed(4)
+    m = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(target_modules=["key", "intermediate.dense"],
+                                                                feedforward_modules=["intermediate.dense"])).eval()
+    with torch.no_grad():
+        y = _out(m, batch)
+        rep = mokernels.accelerate(m)
+        assert not rep.accelerated and len(rep.not_accelerated) == 2 * BLOCKS
+        assert set(rep.not_accelerated.values()) == {peft_accel.K_TUNER}
+        assert all("forward" not in mod.__dict__ for mod in m.modules())
+        assert torch.equal(_out(m, batch), y)
