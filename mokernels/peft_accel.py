@@ -27,7 +27,8 @@ No stale copies. Two weight paths:
   slot is refreshed, and the whole stack is rebuilt when adapters are added or deleted. In-place
   updates (optimizer steps, ``load_state_dict``, ``copy_``) bump ``_version``; ``param.data = t``
   changes ``data_ptr``; a new Parameter changes its identity. Cost: one extra copy of the adapter
-  weights per layer.
+  weights per layer (``report.cache_bytes``); ``accelerate(model, cache=False)`` trades it for
+  stacking the used adapters at every call, as the autograd path does.
 
 Routing metadata is built on the host once per batch (not once per layer: peft #804) and cached on
 the device (keyed by the adapter-name tuple, the layer's adapter set and the token layout); the op
@@ -122,6 +123,7 @@ class AccelerationReport:
     partial: dict[str, list[str]] = field(default_factory=dict)
     not_accelerated: dict[str, str] = field(default_factory=dict)
     hra: list[str] = field(default_factory=list)
+    cache_bytes: int = 0  # upper bound of the inference caches' memory (accelerate(cache=True))
 
     def kinds(self) -> dict[str, list[str]]:
         """``kind -> [layer names]`` over ``partial`` and ``not_accelerated``."""
@@ -136,7 +138,8 @@ class AccelerationReport:
     def __str__(self) -> str:
         lines = [f"mokernels.accelerate: {len(self.accelerated)} LoRA layer(s) accelerated"
                  + (f", {len(self.hra)} HRA layer(s)" if self.hra else "")
-                 + f", {len(self.not_accelerated)} left on PEFT's path"]
+                 + f", {len(self.not_accelerated)} left on PEFT's path"
+                 + (f"; inference cache <= {self.cache_bytes / 2**20:.1f} MiB" if self.cache_bytes else "")]
         for k, names in self.kinds().items():
             lines.append(f"  {k}: {len(names)} layer(s), e.g. {names[0]} -- {_WHY.get(k, '')}")
         return "\n".join(lines)
@@ -190,6 +193,7 @@ class _LayerState:
         self.shared = shared
         self.name = name
         self.saved_forward = saved_forward  # an instance-level forward found at patch time (else None)
+        self.cache = True
         self._clear()
 
     def _clear(self):
@@ -201,9 +205,10 @@ class _LayerState:
         self.scale = None
 
     def __getstate__(self):
-        return {"shared": self.shared, "name": self.name, "saved_forward": self.saved_forward}
+        return {"shared": self.shared, "name": self.name, "saved_forward": self.saved_forward, "cache": self.cache}
 
     def __setstate__(self, s):
+        self.cache = True
         self.__dict__.update(s)
         self._clear()
 
@@ -404,7 +409,7 @@ def _accel_lora_forward(self, x: torch.Tensor, *args, **kwargs):
     rdt = result.dtype
 
     needs_grad = torch.is_grad_enabled() and any(p.requires_grad for n in used for p in _weights(self, n))
-    if needs_grad:  # stack PEFT's own Parameters in the graph: gradients reach them
+    if needs_grad or not st.cache:  # stack PEFT's own Parameters in the graph: gradients reach them
         r = max(lora_A[n].weight.shape[0] for n in used)
         A = torch.stack([_pad_A(lora_A[n].weight, r) for n in used])
         B = torch.stack([_pad_B(self.lora_B[n].weight, r) for n in used])
@@ -474,12 +479,18 @@ def _skip_kind(m: nn.Module) -> str:
     return K_LAYER
 
 
-def accelerate(model: nn.Module) -> AccelerationReport:
+def accelerate(model: nn.Module, *, cache: bool = True) -> AccelerationReport:
     """Routes the LoRA layers of a PEFT model (a ``peft.PeftModel``, its ``LoraModel`` or any module
     holding PEFT LoRA layers) through mokernels' multi-adapter op, in place. Returns an
     :class:`AccelerationReport`; unsupported layers/adapters stay on PEFT's path (one WARNING log line
-    per kind). Calling it again refreshes the report (already patched layers stay patched).
-    :func:`restore` undoes it. Loading, training, ``save_pretrained`` and adapter management stay PEFT's.
+    per kind). Calling it again refreshes the report and the ``cache`` setting (patched layers stay
+    patched). :func:`restore` undoes it. Loading, training, ``save_pretrained`` and adapter management
+    stay PEFT's.
+
+    ``cache``: keep a stacked copy of each layer's adapters for calls without autograd (one extra copy
+    of the adapter weights, ``report.cache_bytes`` at most; refreshed when PEFT's Parameters change).
+    ``cache=False``: stack the adapters a call uses at every call instead (no extra memory, one copy of
+    the used adapters per layer and call).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"mokernels.accelerate: model must be a torch.nn.Module (e.g. a peft.PeftModel), got "
@@ -502,7 +513,15 @@ def accelerate(model: nn.Module) -> AccelerationReport:
             st = _LayerState(shared, name, m.__dict__.get("forward"))
             m.__dict__[_STATE] = st
             m.forward = _Patched(m, _accel_lora_forward)
+        if st.cache != cache:
+            st.cache = cache
+            st._clear()
         report.accelerated.append(name)
+        ok = [n for n in m.lora_A if _static_reason(m, n) is None]
+        if cache and ok:
+            w = m.lora_A[ok[0]].weight
+            report.cache_bytes += (len(m.lora_A) * max(m.lora_A[n].weight.shape[0] for n in ok)
+                                   * (m.in_features + m.out_features) * w.element_size())
         kinds = []
         for n in m.lora_A:
             why = _static_reason(m, n)

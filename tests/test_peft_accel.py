@@ -434,3 +434,23 @@ def test_other_tuner_types_are_reported_and_untouched(base, batch):
         assert set(rep.not_accelerated.values()) == {peft_accel.K_TUNER}
         assert all("forward" not in mod.__dict__ for mod in m.modules())
         assert torch.equal(_out(m, batch), y)
+
+
+def test_cache_false_keeps_no_stack_and_gives_the_same_outputs(base, batch):
+    ref, acc, rep = _pair(base)
+    q = acc.base_model.model.encoder.layer[0].attention.self.query
+    in_plus_out = [384 + 384, 384 + 384, 384 + 1536, 384 + 384, 1536 + 384]  # q, v, intermediate, both outputs
+    assert rep.cache_bytes == BLOCKS * sum(4 * 16 * io * 4 for io in in_plus_out)  # N = 4 padded to r = 16, fp32
+    names = ["a2", "a0", "a3", "__base__"]
+    with torch.no_grad():
+        y_ref = _out(ref, batch, adapter_names=names)
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names), y_ref, **TOL)
+        assert q.__dict__[peft_accel._STATE].A is not None
+        rep2 = mokernels.accelerate(acc, cache=False)
+        assert rep2.cache_bytes == 0 and rep2.accelerated == rep.accelerated
+        assert q.__dict__[peft_accel._STATE].A is None  # dropped
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names), y_ref, **TOL)
+        assert q.__dict__[peft_accel._STATE].A is None  # and not rebuilt
+        for m in (ref, acc):
+            m.base_model.model.encoder.layer[0].attention.self.query.lora_B["a2"].weight.mul_(3)
+        torch.testing.assert_close(_out(acc, batch, adapter_names=names), _out(ref, batch, adapter_names=names), **TOL)
