@@ -41,7 +41,7 @@ for tool in ${SAN_TOOLS-memcheck racecheck synccheck}; do
   { echo "=== $tool"; tail -200 /tmp/san_$tool.log; } >> "$OUT/sanitizers.log"
 done
 # One family at a time, each with its own limit, so a slow family cannot starve the others.
-for fam in ${BENCH_FAMILIES:-router rank_one lora}; do
+for fam in ${BENCH_FAMILIES:-router rank_one lora householder methods peft}; do
   step "benchmarks: $fam"
   timeout "$T_BENCH" $PY -m benchmarks --only "$fam" ${BENCH_ARGS:-} --out "/tmp/bench_$fam" > /tmp/bench_$fam.log 2>&1
   echo "bench $fam rc=$? (124 = step time limit)"; cat /tmp/bench_$fam.log >> "$OUT/bench.log"

@@ -1063,6 +1063,7 @@ def _autocast_neutral(name: str):
     return kernel
 
 
-for _name in ("lora_apply", "lora_apply_", "lora_shared_apply", "lora_apply_backward", "lora_shared_apply_backward"):
+for _name in ("lora_apply", "lora_apply_", "lora_shared_apply", "lora_linear", "lora_apply_backward",
+              "lora_shared_apply_backward"):
     for _key in ("AutocastCPU", "AutocastCUDA"):
         torch.library.impl(f"mokernels::{_name}", _key)(_autocast_neutral(_name))
