@@ -34,6 +34,13 @@ inline void define_schemas(torch::Library& m) {
   // Shared A [r,d_in], experts B [N,d_out,r]: y = base_out + scale * sum_i w[t,i] B_i (A x[t]); weights
   // dense [T,N] (ids None) or compact [T,k] with ids [T,k] int32 (-1 pads); weights fp32 (fp64).
   m.def("lora_shared_apply(Tensor x, Tensor A, Tensor B, float scale, Tensor? ids, Tensor weights, Tensor? base_out) -> Tensor");
+  // Backward of lora_apply (kernels/lora_bwd.cuh; CPU: the reference): grad [T,d_out], the forward's
+  // canonical arguments, and which gradients to form. Returns (dx [T,d_in], dA [N,r,d_in], dB [N,d_out,r],
+  // dweights [R,k] fp32/fp64); one not asked for (or dweights without weights) is an empty [0] tensor.
+  // Slots with coefficient 0 add nothing to dx/dA/dB but get their weight's gradient. Deterministic.
+  m.def("lora_apply_backward(Tensor grad, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets, bool need_dx, bool need_dA, bool need_dB, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of lora_shared_apply: (dx, dA [r,d_in], dB [N,d_out,r], dweights like weights), as above.
+  m.def("lora_shared_apply_backward(Tensor grad, Tensor x, Tensor A, Tensor B, float scale, Tensor? ids, Tensor weights, bool need_dx, bool need_dA, bool need_dB, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor)");
   // Test kernel for the mma.sync / ldmatrix wrappers: fp32 [M, N] = a [M, K] @ b, with b [N, K]
   // used transposed (b_kn=False) or b [K, N] (b_kn=True); a, b fp16 or bf16.
   m.def("_tile_gemm(Tensor a, Tensor b, bool b_kn=False) -> Tensor");

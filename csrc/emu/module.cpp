@@ -15,6 +15,7 @@
 #include "../tile_gemm.cu"
 #include "../router.cu"
 #include "../lora.cu"
+#include "../lora_bwd.cu"
 
 #include "selftest.h"
 #pragma GCC diagnostic pop

@@ -28,16 +28,29 @@ starting at 0, sorted, ending at T, finite weights) and a bad argument raises Va
 Under ``torch.compile``, CUDA-graph capture or ``validate=False`` nothing is checked on the host; the
 kernels and the reference then treat an invalid id (``< 0`` or ``>= N``), and a token outside every
 segment, as "no adapter" — never an out-of-bounds access. A slot whose weight is exactly 0 is
-skipped by the kernel like a ``-1`` (its adapter is not read). Shapes and dtypes are always checked
-(no sync).
+skipped in the forward like a ``-1`` (the kernels do not read its adapter, the reference masks it out:
+a NaN-filled adapter routed only with weight 0 leaves y finite on every device; the dense reference
+still spreads a non-finite adapter that some token uses with a nonzero weight, see ``_live_only``).
+Its weight still gets its true gradient ``scale · (B_i^T dy) · (A_i x)``. Metadata checks are skipped
+for meta / fake tensors. Shapes and dtypes are always checked (no sync).
 
 Dtypes: x, A, B share one dtype (fp16, bf16, fp32, fp64); accumulation in fp32 (fp64 for fp64);
 mixture weights may have any float dtype (used in fp32). Output: x's dtype.
 
 Autograd: ``lora_apply`` / ``lora_shared_apply`` are differentiable in x, A, B, the mixture weights
-and ``base_out``; ``scale`` is a hyperparameter (no gradient). The backward is the reference
-composition (torch ops, fp32) on every device — no backward kernels yet. ``lora_apply_`` (in place,
-``Tensor(a!)``) is for inference.
+and ``base_out``; ``scale`` is a hyperparameter (no gradient). On CUDA the backward runs the kernels of
+``csrc/kernels/lora_bwd.cuh`` (ops ``lora_apply_backward`` / ``lora_shared_apply_backward``): a fused
+per-token SIMT kernel for dx and the weights' gradient (``u = B_iᵀ dy`` kept on chip, then ``A_iᵀ u``),
+and dA / dB as grouped reductions over each adapter's tokens after a device-side counting sort of the
+(token, slot) pairs — fp32 accumulation, no atomics, bitwise deterministic run to run. CPU tensors
+(and arguments beyond the kernel's shared memory) use the closed-form reference (torch ops, fp32).
+``lora_apply_`` (in place, ``Tensor(a!)``) is for inference: with a tensor that requires grad it
+raises unless grad mode is off (``torch.no_grad()`` / ``torch.inference_mode()``).
+
+Autocast: the ops run in the activations' dtype; cast fp32 adapter parameters to it before the call
+(``MultiLoRALinear`` does: under autocast its fp32 ``lora_A`` / ``lora_B`` are used in the dtype of the
+base layer's output, and their gradients flow back to the fp32 parameters through the cast). Mixed
+dtypes are a ValueError, never a silent upcast.
 
 Kernels: CUDA tensors run the fused SIMT kernel of ``csrc/kernels/lora.cuh`` (shrink -> expand per
 token, ``h`` kept on chip; sized for decode); CPU tensors run the reference :func:`lora_apply_reference`.
@@ -180,6 +193,8 @@ def canonical_routing(
 
 def _scale_tensor(scale, N: int, like: Tensor, op: str) -> Tensor:
     acc = acc_dtype(like.dtype)
+    if isinstance(scale, bool):  # an int subclass: True would silently mean 1.0
+        expect(False, op, f"scale must be a float or a [N] tensor, got the bool {scale}")
     if isinstance(scale, (int, float)):
         return torch.full((N,), float(scale), dtype=acc, device=like.device)
     expect(isinstance(scale, Tensor) and tuple(scale.shape) in ((N,), ()), op,
@@ -230,6 +245,8 @@ def validate_routing(rt: LoraRouting, N: int, T: int, op: str = _OP, id_name: st
     for name, t in (("ids", ids), ("weights", w), ("offsets", off)):
         if t is not None and t.device != ids.device:
             raise ValueError(f"mokernels.{op}: routing {name} is on {t.device} but ids are on {ids.device}")
+    if not all(can_sync(t) for t in (ids, w, off) if t is not None):
+        return  # meta / fake tensors (tracing, shape propagation): no values to check
     flags = [((ids < -1) | (ids >= N)).any() if ids.numel() else torch.zeros((), dtype=torch.bool, device=ids.device)]
     if w is not None:
         flags.append(~torch.isfinite(w).all())
@@ -333,6 +350,12 @@ def lora_apply_(
     Not differentiable (use :func:`lora_apply` with ``base_out=`` for training)."""
     forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
     lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
+    if torch.is_grad_enabled():
+        grads = [n for n, t in (("out", out), ("x", x), ("A", A), ("B", B), ("mixture weights", w))
+                 if t is not None and t.requires_grad]
+        expect(not grads, "lora_apply_", f"{', '.join(grads)} require(s) grad, but the in-place op is for inference "
+               "and has no backward (the graph would be dropped silently): use lora_apply(..., base_out=out) for "
+               "training, or call it under torch.no_grad() / torch.inference_mode()")
     expect(out.is_contiguous(), "lora_apply_", "out must be contiguous (it is updated in place)")
     expect(not _same_storage(out, x), "lora_apply_", "out must not share memory with x (the kernels still read x "
            "while other blocks write out); pass a copy of x or use lora_apply")
@@ -365,7 +388,8 @@ def lora_shared_apply(
     """
     op = "lora_shared_apply"
     N, r, d_in, d_out = _check_weights(x, A, B, op, shared=True)
-    expect(isinstance(scale, (int, float)), op, f"scale must be a float, got {type(scale).__name__}")
+    expect(isinstance(scale, (int, float)) and not isinstance(scale, bool), op,
+           f"scale must be a float, got {type(scale).__name__}")
     lead = x.shape[:-1]
     T = int(torch.Size(lead).numel())
     expect((weights is None) != (mixture is None), op, "give exactly one of weights= (dense [..., N]) or mixture=")
@@ -377,7 +401,7 @@ def lora_shared_apply(
         expect_dtype(op, "weights", weights)
         i, w = None, weights.reshape(T, N).to(acc)
         expect(w.device == x.device, op, f"weights are on {w.device} but x is on {x.device}")
-        if validate and _is_eager():
+        if validate and _is_eager() and can_sync(w):
             expect(bool(torch.isfinite(w).all()), op, "weights have a NaN or inf")
     else:
         rt = canonical_routing(lead, mixture=mixture, op=op)
@@ -486,6 +510,26 @@ def _token_routing(rt: LoraRouting, T: int, N: int, device, scale: Optional[Tens
     return idc, valid, coef
 
 
+def _weigh(v: Tensor, coef: Tensor) -> Tensor:
+    """``v [T, k, r] · coef [T, k]`` with the slots of coefficient 0 set to exactly 0: like the kernels,
+    a weight-0 slot is skipped, so a non-finite code of its adapter does not reach the output (0·NaN)."""
+    return torch.where((coef != 0)[:, :, None], v * coef[:, :, None], torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def _live_adapters(idc: Tensor, coef: Tensor, N: int) -> Tensor:
+    """``[N]`` bool: the adapter is used by at least one slot with a nonzero coefficient (no host sync)."""
+    live = (coef != 0).reshape(-1).to(coef.dtype)
+    return torch.zeros(N, dtype=coef.dtype, device=coef.device).index_add(0, idc.reshape(-1), live) > 0
+
+
+def _live_only(W: Tensor, live: Tensor) -> Tensor:
+    """The stacked adapter weights with the adapters no slot uses set to 0: the dense reference then reads an
+    unused (e.g. NaN-filled) adapter as the kernels do — not at all. Caveat of the dense oracle: a
+    non-finite value in an adapter that some token does use still reaches every token's output through
+    0·NaN in the dense GEMM, where the kernels confine it to the tokens that use that adapter."""
+    return torch.where(live.reshape(-1, *([1] * (W.dim() - 1))), W, torch.zeros((), dtype=W.dtype, device=W.device))
+
+
 def _shrink_all(x2: Tensor, A: Tensor) -> Tensor:
     """``[T, N, r]`` codes of every token under every adapter (fp32 / fp64)."""
     acc = acc_dtype(x2.dtype)
@@ -515,7 +559,7 @@ def lora_apply_reference(x, A, B, scale, ids, weights=None, offsets=None, base_o
     idc, _, coef = _token_routing(LoraRouting(ids, weights, offsets), T, N, x.device, scale.to(acc))
     k = idc.shape[1]
     h = _shrink_all(x, A).gather(1, idc[:, :, None].expand(T, k, r))  # [T, k, r]
-    y = _expand_all(_scatter_adapters(h * coef[:, :, None], idc, N), B)
+    y = _expand_all(_scatter_adapters(_weigh(h, coef), idc, N), _live_only(B, _live_adapters(idc, coef, N)))
     if base_out is not None:
         y = y + base_out.to(acc)
     return y.to(x.dtype)
@@ -534,9 +578,9 @@ def _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, nee
     gather = lambda all_: all_.gather(1, idc[:, :, None].expand(T, k, r))  # noqa: E731
     u = gather((G @ Ba.permute(0, 2, 1).reshape(N * r, d_out).T).reshape(T, N, r))  # B_i^T g   [T, k, r]
     h = gather(_shrink_all(x, A))  # A_i x [T, k, r]
-    Zu = _scatter_adapters(u * coef[:, :, None], idc, N).reshape(T, N * r)
-    Zh = _scatter_adapters(h * coef[:, :, None], idc, N).reshape(T, N * r)
-    dx = Zu @ Aa.reshape(N * r, d_in)
+    Zu = _scatter_adapters(_weigh(u, coef), idc, N).reshape(T, N * r)
+    Zh = _scatter_adapters(_weigh(h, coef), idc, N).reshape(T, N * r)
+    dx = Zu @ _live_only(Aa, _live_adapters(idc, coef, N)).reshape(N * r, d_in)
     dA = (Zu.T @ xa).reshape(N, r, d_in)
     dB = (G.T @ Zh).reshape(d_out, N, r).permute(1, 0, 2)
     dw = None
@@ -571,7 +615,7 @@ def lora_shared_apply_reference(x, A, B, scale: float, ids, weights, base_out=No
     acc = acc_dtype(x.dtype)
     h = x.to(acc) @ A.to(acc).T  # [T, r]
     c = _shared_coef(T, N, ids, weights, scale, acc)
-    y = _expand_all(c[:, :, None] * h[:, None, :], B)
+    y = _expand_all(c[:, :, None] * h[:, None, :], _live_only(B, (c != 0).any(0)))  # weight-0 experts skipped
     if base_out is not None:
         y = y + base_out.to(acc)
     return y.to(x.dtype)
@@ -585,7 +629,7 @@ def _lora_shared_backward_reference(g, x, A, B, scale, ids, weights):
     h = xa @ Aa.T
     c = _shared_coef(T, N, ids, weights, scale, acc)
     U = (G @ B.to(acc).permute(0, 2, 1).reshape(N * r, d_out).T).reshape(T, N, r)  # B_i^T g
-    dh = (c[:, :, None] * U).sum(1)
+    dh = _weigh(U, c).sum(1)
     dx, dA = dh @ Aa, dh.T @ xa
     dB = (G.T @ (c[:, :, None] * h[:, None, :]).reshape(T, N * r)).reshape(d_out, N, r).permute(1, 0, 2)
     dw_dense = (U * h[:, None, :]).sum(-1) * scale  # [T, N]
@@ -664,12 +708,29 @@ def _setup(ctx, inputs, output):
     ctx.has_w = weights is not None
 
 
+def _bwd_kernel_fits(x: Tensor, k: int, r: int, shared: bool) -> bool:
+    """Whether the CUDA backward kernels run these arguments: CUDA tensors and the token kernel's shared
+    memory ``(k·r + (2r if shared else k·r) + k)·acc + 4k <= 48 KiB`` (csrc/kernels/lora_bwd.cuh,
+    token_tail_bytes); otherwise the reference composition (e.g. a dense shared-A gate over many experts)."""
+    acc = 8 if x.dtype == torch.float64 else 4
+    return x.device.type == "cuda" and (k * r + (2 * r if shared else k * r) + k) * acc + 4 * k <= 48 * 1024
+
+
+def _nonempty(t: Tensor, need: bool):
+    return t if need else None
+
+
 def _backward(ctx, g):
     x, A, B, scale, ids, weights, offsets = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dA, dB, dw = _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, bool(need[5]))
-    return (dx if need[0] else None, dA if need[1] else None, dB if need[2] else None, None, None,
-            dw if need[5] else None, None, g if need[7] else None)
+    need_w = bool(need[5]) and weights is not None
+    if _bwd_kernel_fits(x, ids.shape[1], A.shape[1], False):
+        dx, dA, dB, dw = torch.ops.mokernels.lora_apply_backward(g.contiguous(), x, A, B, scale, ids, weights, offsets,
+                                                                 bool(need[0]), bool(need[1]), bool(need[2]), need_w)
+    else:
+        dx, dA, dB, dw = _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, need_w)
+    return (_nonempty(dx, need[0]), _nonempty(dA, need[1]), _nonempty(dB, need[2]), None, None,
+            dw if need_w else None, None, g if need[7] else None)
 
 
 torch.library.register_autograd("mokernels::lora_apply", _backward, setup_context=_setup)
@@ -714,9 +775,92 @@ def _setup_shared(ctx, inputs, output):
 def _backward_shared(ctx, g):
     x, A, B, ids, weights = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dA, dB, dw = _lora_shared_backward_reference(g, x, A, B, ctx.scale, ids, weights)
-    return (dx if need[0] else None, dA if need[1] else None, dB if need[2] else None, None, None,
-            dw if need[5] else None, g if need[6] else None)
+    k = B.shape[0] if ids is None else ids.shape[1]
+    if _bwd_kernel_fits(x, k, A.shape[0], True):
+        dx, dA, dB, dw = torch.ops.mokernels.lora_shared_apply_backward(
+            g.contiguous(), x, A, B, ctx.scale, ids, weights, bool(need[0]), bool(need[1]), bool(need[2]), bool(need[5]))
+    else:
+        dx, dA, dB, dw = _lora_shared_backward_reference(g, x, A, B, ctx.scale, ids, weights)
+    return (_nonempty(dx, need[0]), _nonempty(dA, need[1]), _nonempty(dB, need[2]), None, None,
+            _nonempty(dw, need[5]), g if need[6] else None)
+
+
+# The backward ops (CUDA: csrc/lora_bwd.cu; here: CPU = the closed-form reference, fake = shapes).
+# An output not asked for is an empty [0] tensor.
+
+
+def _bwd_outputs(x, A, B, R, k, needs, has_w):
+    acc = acc_dtype(x.dtype)
+    T, d_in = x.shape
+    e = lambda dt: x.new_empty((0,), dtype=dt)  # noqa: E731
+    return (x.new_empty((T, d_in)) if needs[0] else e(x.dtype),
+            A.new_empty(A.shape) if needs[1] else e(x.dtype),
+            B.new_empty(B.shape) if needs[2] else e(x.dtype),
+            x.new_empty((R, k), dtype=acc) if needs[3] and has_w else e(acc))
+
+
+def _bwd_pick(ref, needs, has_w):
+    dx, dA, dB, dw = ref
+    like = dx
+    e = lambda dt: like.new_empty((0,), dtype=dt)  # noqa: E731
+    acc = acc_dtype(like.dtype)
+    return (dx if needs[0] else e(like.dtype), dA if needs[1] else e(like.dtype), dB if needs[2] else e(like.dtype),
+            dw.to(acc) if needs[3] and has_w and dw is not None else e(acc))
+
+
+@torch.library.register_fake("mokernels::lora_apply_backward")
+def _fake_bwd(grad, x, A, B, scale, ids, weights, offsets, need_dx, need_dA, need_dB, need_dw):
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, "lora_apply_backward")
+    _check_op_base(x, grad, T, d_out, "lora_apply_backward")
+    return _bwd_outputs(x, A, B, ids.shape[0], ids.shape[1], (need_dx, need_dA, need_dB, need_dw), weights is not None)
+
+
+@torch.library.register_kernel("mokernels::lora_apply_backward", "cpu")
+def _cpu_bwd(grad, x, A, B, scale, ids, weights, offsets, need_dx, need_dA, need_dB, need_dw):
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, "lora_apply_backward")
+    _check_op_base(x, grad, T, d_out, "lora_apply_backward")
+    has_w = weights is not None
+    with torch.no_grad():
+        ref = _lora_apply_backward_reference(grad, x, A, B, scale, ids, weights, offsets, need_dw and has_w)
+    return _bwd_pick(ref, (need_dx, need_dA, need_dB, need_dw), has_w)
+
+
+@torch.library.register_fake("mokernels::lora_shared_apply_backward")
+def _fake_shared_bwd(grad, x, A, B, scale, ids, weights, need_dx, need_dA, need_dB, need_dw):
+    T, d_out = _check_shared_op(x, A, B, scale, ids, weights, None)
+    _check_op_base(x, grad, T, d_out, "lora_shared_apply_backward")
+    return _bwd_outputs(x, A, B, weights.shape[0], weights.shape[1], (need_dx, need_dA, need_dB, need_dw), True)
+
+
+@torch.library.register_kernel("mokernels::lora_shared_apply_backward", "cpu")
+def _cpu_shared_bwd(grad, x, A, B, scale, ids, weights, need_dx, need_dA, need_dB, need_dw):
+    T, d_out = _check_shared_op(x, A, B, scale, ids, weights, None)
+    _check_op_base(x, grad, T, d_out, "lora_shared_apply_backward")
+    with torch.no_grad():
+        ref = _lora_shared_backward_reference(grad, x, A, B, scale, ids, weights)
+    return _bwd_pick(ref, (need_dx, need_dA, need_dB, need_dw), True)
 
 
 torch.library.register_autograd("mokernels::lora_shared_apply", _backward_shared, setup_context=_setup_shared)
+
+
+# Autocast: the LoRA ops are autocast-neutral. Their arguments are not cast (the caller picks the
+# activation dtype, see the module docstring), and what runs below them — the CPU reference's fp32
+# matmuls, the CUDA backward's fallback — runs with autocast off, so "fp32 accumulation" also holds
+# inside a torch.autocast region (without this, the CPU reference's fp32 GEMMs were silently autocast
+# to bf16). The ops are redispatched below the Autocast keys; autograd still records them.
+
+
+def _autocast_neutral(name: str):
+    op = getattr(torch.ops.mokernels, name).default
+
+    def kernel(*args):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return op(*args)
+
+    return kernel
+
+
+for _name in ("lora_apply", "lora_apply_", "lora_shared_apply", "lora_apply_backward", "lora_shared_apply_backward"):
+    for _key in ("AutocastCPU", "AutocastCUDA"):
+        torch.library.impl(f"mokernels::{_name}", _key)(_autocast_neutral(_name))
