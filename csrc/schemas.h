@@ -44,6 +44,10 @@ inline void define_schemas(torch::Library& m) {
   // Test kernel for the mma.sync / ldmatrix wrappers: fp32 [M, N] = a [M, K] @ b, with b [N, K]
   // used transposed (b_kn=False) or b [K, N] (b_kn=True); a, b fp16 or bf16.
   m.def("_tile_gemm(Tensor a, Tensor b, bool b_kn=False) -> Tensor");
+  // Householder chain (METHODS.md §3, mokernels/ops/householder.py): H = H_1 ... H_L, H_l = I - 2 u_l u_l^T/|u_l|^2
+  // (norms clamped at eps), x [..., D], U [L, D] (x's dtype, 0 <= L <= 64). out = x H^T (transpose: x H), x's dtype;
+  // s = the normalised projections x Y^T [N, L] fp32 (fp64 for fp64) when return_s, else an empty [0, 0] tensor.
+  m.def("householder_apply(Tensor x, Tensor U, bool transpose, float eps, bool return_s) -> (Tensor, Tensor)");
 }
 
 }  // namespace mk

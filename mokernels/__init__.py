@@ -6,13 +6,14 @@ installation was built with; :mod:`mokernels.emu` runs the kernel source on CPU 
 from ._ext import build_info
 
 from . import ops  # noqa: E402
-from .ops import rank_one_scale  # noqa: E402
+from .ops import householder_apply, rank_one_experts, rank_one_scale  # noqa: E402
 from . import modules  # noqa: E402
-from .modules import MultiLoRALinear  # noqa: E402
+from .modules import HouseholderChain, MultiLoRALinear, RankOneExperts  # noqa: E402
 from . import methods  # noqa: E402
 from .methods import (clear_routing, extra_losses, inject, load_adapters, merge, routing, save_adapters,  # noqa: E402
                       set_adapter_ids, set_routing, set_task, trainable_parameters, unmerge)
 
-__all__ = ["build_info", "ops", "modules", "rank_one_scale", "MultiLoRALinear", "methods", "inject", "save_adapters",
-           "load_adapters", "merge", "unmerge", "routing", "set_routing", "set_task", "set_adapter_ids", "clear_routing", "extra_losses",
-           "trainable_parameters"]
+__all__ = ["build_info", "ops", "modules", "rank_one_scale", "householder_apply", "rank_one_experts",
+           "MultiLoRALinear", "HouseholderChain", "RankOneExperts", "methods", "inject", "save_adapters",
+           "load_adapters", "merge", "unmerge", "routing", "set_routing", "set_task", "set_adapter_ids",
+           "clear_routing", "extra_losses", "trainable_parameters"]

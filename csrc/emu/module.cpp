@@ -16,6 +16,7 @@
 #include "../router.cu"
 #include "../lora.cu"
 #include "../lora_bwd.cu"
+#include "../householder.cu"
 
 #include "selftest.h"
 #pragma GCC diagnostic pop

@@ -1,4 +1,5 @@
 """Thin nn.Modules over the ops (the math stays in mokernels.ops): drop-ins for nn.Linear."""
 from .multi_lora import MultiLoRALinear
+from .householder import HouseholderChain, RankOneExperts
 
-__all__ = ["MultiLoRALinear"]
+__all__ = ["MultiLoRALinear", "HouseholderChain", "RankOneExperts"]

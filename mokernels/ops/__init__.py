@@ -21,4 +21,22 @@ from .lora import (  # noqa: E402
 __all__ += ["lora_apply", "lora_apply_", "lora_shared_apply", "lora_shrink", "lora_expand", "lora_apply_reference",
             "lora_shared_apply_reference"]
 
+from .householder import (  # noqa: E402
+    hra_vectors,
+    householder_apply,
+    householder_apply_backward_reference,
+    householder_apply_reference,
+    householder_matrix,
+    householder_sequential_reference,
+    householder_wy,
+    merge_householder,
+    rank_one_experts,
+    rank_one_experts_reference,
+    unmerge_householder,
+)
+
+__all__ += ["householder_apply", "householder_apply_reference", "householder_sequential_reference",
+            "householder_apply_backward_reference", "householder_wy", "householder_matrix", "merge_householder",
+            "unmerge_householder", "rank_one_experts", "rank_one_experts_reference", "hra_vectors"]
+
 from . import tile_gemm  # noqa: E402,F401  (registers the test op's CPU/fake kernels)

@@ -1,0 +1,165 @@
+"""Householder chain (``householder_apply``) and MoORE's rank-one expert layer (``rank_one_experts``).
+
+Householder workloads (issue 11): x [T, D=4096] bf16, L ∈ {2, 8, 32}, T ∈ {32, 4096}; forward, and
+forward+backward at L = 8. Impls: ``mokernels`` (CUDA: gram + WY prologue kernels, then the fused SIMT
+kernel; CPU: the reference), ``HRA loop`` (one reflection at a time in x's dtype, what PEFT's HRA does per
+vector: L passes over x), ``explicit H + GEMM`` (``H = I − Yᵀ T Y`` built each call, then ``x Hᵀ``).
+bytes_moved = x read + out written + U read: ``(2·T·D + L·D)·elt`` (backward adds grad in, dx out, x in
+again: ``+ 3·T·D·elt``). Target (H100): L = 8, T = 4096 ≤ 40 µs (≤ 2× the 22 µs roof).
+
+MoORE workloads, H merged into V (inference): d_in = 4096, d_out ∈ {4096, 11008}, T ∈ {32, 4096}, R =
+min(d_in, d_out), d_s = 64. Impls: ``mokernels`` (``rank_one_experts``: today the fp32 reference
+composition — no fused kernel yet), ``nn.Linear`` (the base layer, F.linear), ``torch 3-op`` (bf16:
+``((x V) * (σ + p + gx Q)) Uᵀ``). bytes_moved = the factors ``(d_in + d_out)·R·elt`` + x and y.
+Target: ≤ 1.05× the floor (d_in + d_out)·R / (d_in·d_out) × base — 2× (square), 1.37× (4096→11008).
+
+On CPU everything is the reference path (labelled); in quick mode a tiny workload adds the real kernel
+source run by the emulator (logic only, its time says nothing about the GPU).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._harness import Workload
+
+FAMILY = "householder"
+OURS = "mokernels"
+LOOP = "HRA loop"
+EXPLICIT = "explicit H + GEMM"
+BASE = "nn.Linear (base)"
+COMPOSE = "torch 3-op"
+EMU = "emulated kernel (logic only)"
+
+HH_FULL = [(T, 4096, L) for L in (2, 8, 32) for T in (32, 4096)]
+HH_QUICK = [(64, 256, 8)]
+MOORE_FULL = [(T, 4096, d_out) for d_out in (4096, 11008) for T in (32, 4096)]
+MOORE_QUICK = [(64, 256, 256)]
+EMU_SHAPE = (16, 64, 8)
+
+
+class _Lazy:
+    """Builds the inputs on first use (inside the untimed warm-up)."""
+
+    def __init__(self, build: Callable[[], tuple]):
+        self.build, self._t = build, None
+
+    def __call__(self):
+        if self._t is None:
+            self._t = self.build()
+        return self._t
+
+
+def _hra_loop(x, U):
+    Y = U / U.norm(dim=1, keepdim=True)
+    for l in range(U.shape[0] - 1, -1, -1):  # u_L first, as householder_apply
+        x = x - 2 * (x @ Y[l]).unsqueeze(-1) * Y[l]
+    return x
+
+
+def _explicit(x, U):
+    from mokernels.ops import householder_matrix
+
+    return x @ householder_matrix(U).to(x.dtype).T
+
+
+def _hh_workload(T, D, L, dtype, device, backward, extra=None, tag=""):
+    from mokernels.ops import householder_apply
+
+    def build():
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(T, D, generator=gen, device=device, dtype=dtype)
+        U = torch.randn(L, D, generator=gen, device=device, dtype=dtype)
+        if backward:
+            return x.requires_grad_(), U.requires_grad_(), torch.randn(T, D, generator=gen, device=device, dtype=dtype)
+        return x, U
+
+    inp = _Lazy(build)
+
+    def wrap(f):
+        if not backward:
+            return lambda: f(*inp())
+
+        def run():
+            x, U, g = inp()
+            return torch.autograd.grad(f(x, U), (x, U), g)
+
+        return run
+
+    impls = {OURS: wrap(householder_apply), LOOP: wrap(_hra_loop), EXPLICIT: wrap(_explicit)}
+    for label, make in (extra or {}).items():
+        impls[label] = make(inp)
+    elt = torch.empty((), dtype=dtype).element_size()
+    kind = "fwd+bwd" if backward else "fwd"
+    return Workload(
+        family=FAMILY, name=f"householder {kind} T={T} D={D} L={L}{tag}", impls=impls, ours=OURS,
+        bytes_moved=(2 * T * D + L * D + (3 * T * D if backward else 0)) * elt,
+        flops=4 * T * D * L * (3 if backward else 1),
+        params={"op": "householder", "pass": kind, "T": T, "D": D, "L": L, "dtype": str(dtype).split(".")[-1],
+                "target": "≤ 40 µs" if (L, T, D, backward) == (8, 4096, 4096, False) else ""},
+    )
+
+
+def _moore_workload(T, d_in, d_out, dtype, device):
+    from mokernels.ops import rank_one_experts
+
+    R, d_s = min(d_in, d_out), 64
+
+    def build():
+        gen = torch.Generator(device=device).manual_seed(0)
+        r = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=dtype) / s[0] ** 0.5  # noqa: E731
+        x, U, V, W = r(T, d_in), r(d_out, R), r(d_in, R), r(d_out, d_in)
+        sigma, p = torch.rand(R, generator=gen, device=device, dtype=dtype), r(R)
+        gamma, Q = r(d_s, d_in), r(d_s, R)
+        return x, U, sigma, V, gamma, Q, p, W
+
+    inp = _Lazy(build)
+
+    def ours():
+        x, U, sigma, V, gamma, Q, p, _ = inp()
+        return rank_one_experts(x, U, sigma, V, F.linear(x, gamma), Q, p)
+
+    def base():
+        x, *_, W = inp()
+        return F.linear(x, W)
+
+    def compose():
+        x, U, sigma, V, gamma, Q, p, _ = inp()
+        return ((x @ V) * (sigma + p + F.linear(x, gamma) @ Q)) @ U.T
+
+    elt = torch.empty((), dtype=dtype).element_size()
+    floor = (d_in + d_out) * R / (d_in * d_out)
+    return Workload(
+        family=FAMILY, name=f"moore merged T={T} {d_in}->{d_out}", impls={OURS: ours, BASE: base, COMPOSE: compose},
+        ours=OURS, bytes_moved=((d_in + d_out) * R + d_s * (d_in + R) + T * (d_in + d_out)) * elt,
+        flops=2 * T * R * (d_in + d_out + d_s) + 2 * T * d_s * d_in,
+        params={"op": "rank_one_experts", "T": T, "d_in": d_in, "d_out": d_out, "R": R, "dtype": str(dtype).split(".")[-1],
+                "target": f"≤ {1.05 * floor:.2f}× base"},
+    )
+
+
+def _emu_impl(inp):
+    import mokernels.emu as emu
+
+    ops = emu.ops()
+    return lambda: ops.householder_apply(*inp(), False, 1e-12, False)
+
+
+def workloads(device: torch.device, quick: bool) -> list[Workload]:
+    bf16 = torch.bfloat16
+    tag = " (CPU path)" if device.type == "cpu" else ""
+    ws = []
+    for T, D, L in (HH_QUICK if quick else HH_FULL):
+        ws.append(_hh_workload(T, D, L, bf16, device, False, tag=tag))
+        if L == 8:
+            ws.append(_hh_workload(T, D, L, bf16, device, True, tag=tag))
+    for T, d_in, d_out in (MOORE_QUICK if quick else MOORE_FULL):
+        ws.append(_moore_workload(T, d_in, d_out, bf16, device))
+    if quick and device.type == "cpu":
+        import mokernels.emu as emu
+
+        if emu.available() and hasattr(emu.ops(), "householder_apply"):
+            ws.append(_hh_workload(*EMU_SHAPE, bf16, device, False, extra={EMU: _emu_impl}, tag=" (emulated)"))
+    return ws

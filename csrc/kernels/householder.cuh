@@ -1,0 +1,278 @@
+// Householder chain (METHODS.md §3, mokernels/ops/householder.py): out = x Hᵀ (or x H), H = H_1 … H_L,
+// H_l = I − 2 û_l û_lᵀ, through the compact WY form H = I − Yᵀ T Y (Y = diag(rn) U the normalised rows,
+// T = (½ I + striu(Y Yᵀ))⁻¹ upper triangular, LAPACK larft with τ = 2).
+//
+// Three kernels:
+//  1. gram_kernel   (grid L, tiny): G[i][j] = u_i · u_j for j >= i, fp32 (fp64) block reductions.
+//  2. wy_kernel     (1 block): rn_i = 1 / max(‖u_i‖, eps); T column by column (thread j owns column j:
+//                   T[i][j] = −2 Σ_{k=i+1..j} S[i][k] T[k][j], S = striu(G) scaled by rn); writes
+//                   K_fwd[l][k] = rn_l T[l][k] rn_k, K_tr[l][k] = rn_l T[k][l] rn_k, T and rn.
+//                   K folds the normalisation in, so the apply kernel reads the raw U in x's dtype
+//                   (bf16: half the bytes of an fp32 Y) and never divides.
+//  3. apply_kernel  (the hot one): a block owns a tile of kRows rows of x; per tile
+//                   s[r][k] = x_r · u_k (L dot products, block reductions), t[r] = K s[r] (L² FMAs),
+//                   out_r = x_r − Σ_l t[r][l] u_l. x is read from HBM once (staged in shared memory
+//                   between the two passes when kRows·D·elt fits, else re-read: an L2 hit) and written once.
+// Bytes (why a prologue and not per-block WY): the Gram costs L²·D/2 FMAs once per call; rebuilt per
+// block it would cost that per kRows-row tile — at L = 64, D = 4096 about as much as the tile's own
+// 2·kRows·L·D FMAs. Prologue traffic: U read L/2 times from L2 (≤ 64·4096·2·32 B = 16 MB of L2 reads
+// at L = 64, 0.5 MB at L = 8), a few L² floats written; two extra launches (~2·3 µs on an H100).
+// Apply-kernel traffic per tile: x in + out (2·kRows·D·elt from HBM) and U twice (2·L·D·elt, L2/L1):
+// at L = 8, kRows = 8, U traffic equals x traffic and is served by L2 (U is 64 KB, shared by all SMs).
+#pragma once
+
+#include <algorithm>
+
+#include "common/dtype.cuh"
+#include "common/reduce.cuh"
+#include "common/vec.cuh"
+#include "common/warp.cuh"
+
+namespace mk::householder {
+
+constexpr int kThreads = 256;             // apply kernel block
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kRows = 8;                  // rows of x per tile
+constexpr int kGroup = 8;                 // reflections per dot-product pass (accumulators per thread)
+constexpr int kMaxL = 64;                 // longest chain of the fused kernels
+constexpr int kGramThreads = 256;
+constexpr size_t kMaxStageBytes = 96 * 1024;  // x tile staged in shared memory up to this size
+
+// Sum of v over the block (blockDim.x == NT, a multiple of 32); every thread gets the result.
+// `red` holds NT / 32 values; the caller's next write to it must follow a barrier (the one at the end).
+template <int NT, class A>
+MK_DEVICE A block_sum(A v, A* red) {
+  v = warp_reduce(v, SumOp{});
+  const int warp = threadIdx.x / kWarpSize;
+  if (lane_id() == 0) red[warp] = v;
+  block_sync();
+  A s = A(0);
+#pragma unroll
+  for (int w = 0; w < NT / kWarpSize; ++w) s += red[w];  // fixed order: deterministic
+  block_sync();
+  return s;
+}
+
+// G[i * L + j] = u_i · u_j for j >= i (the lower triangle is not written). Grid L, block kGramThreads.
+// sass-budget: mk::householder::gram_kernel block=256 regs<=64 spill=0
+template <class T>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(kGramThreads)
+    gram_kernel(const T* __restrict__ U, acc_t<T>* __restrict__ G, int L, int D) {
+  using A = acc_t<T>;
+  MK_SHARED_ARRAY(A, red, kGramThreads / kWarpSize);
+  const int i = blockIdx.x;
+  const T* ui = U + static_cast<int64_t>(i) * D;
+  for (int j = i; j < L; ++j) {  // block-uniform loop
+    const T* uj = U + static_cast<int64_t>(j) * D;
+    A p = A(0);
+    for (int c = threadIdx.x; c < D; c += kGramThreads) p += to_acc(ui[c]) * to_acc(uj[c]);
+    const A s = block_sum<kGramThreads>(p, red);
+    if (threadIdx.x == 0) G[i * L + j] = s;
+  }
+}
+
+// One block of kMaxL threads. G: [L, L] (upper triangle incl. diagonal). Writes K [2, L, L]
+// (K[0]: x Hᵀ, K[1]: x H), Tm [L, L] (T, zero below the diagonal) and rn [L].
+// sass-budget: mk::householder::wy_kernel block=64 regs<=64 spill=0
+template <class A>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(kMaxL)
+    wy_kernel(const A* __restrict__ G, A* __restrict__ K, A* __restrict__ Tm, A* __restrict__ rn, int L, A eps) {
+  MK_SHARED_ARRAY(A[kMaxL + 1], S, kMaxL);  // S[i][k] = û_i · û_k (i < k)
+  MK_SHARED_ARRAY(A[kMaxL + 1], Ts, kMaxL);
+  MK_SHARED_ARRAY(A, rs, kMaxL);
+  const int t = threadIdx.x;
+  if (t < L) {
+    const A n = sqrt_acc(G[t * L + t]);
+    rs[t] = A(1) / (n > eps ? n : eps);
+  }
+  block_sync();
+  for (int idx = t; idx < L * L; idx += kMaxL) {
+    const int i = idx / L, k = idx % L;
+    S[i][k] = i < k ? G[idx] * rs[i] * rs[k] : A(0);
+  }
+  block_sync();
+  if (t < L) {  // column t of T = (½ I + striu S)⁻¹, bottom up; only this thread touches column t
+    const int j = t;
+    for (int i = L - 1; i > j; --i) Ts[i][j] = A(0);
+    Ts[j][j] = A(2);
+    for (int i = j - 1; i >= 0; --i) {
+      A s = A(0);
+      for (int k = i + 1; k <= j; ++k) s += S[i][k] * Ts[k][j];
+      Ts[i][j] = A(-2) * s;
+    }
+  }
+  block_sync();
+  for (int idx = t; idx < L * L; idx += kMaxL) {
+    const int l = idx / L, k = idx % L;
+    const A r = rs[l] * rs[k];
+    K[idx] = r * Ts[l][k];
+    K[L * L + idx] = r * Ts[k][l];
+    Tm[idx] = Ts[l][k];
+  }
+  if (t < L) rn[t] = rs[t];
+}
+
+// Dynamic shared memory of apply_kernel: [kWarps][kRows][kGroup] partial dots, s and t [kRows][kMaxL]
+// (accumulator type), then the staged x tile [kRows][D] (x's type) when `stage`.
+template <class T>
+constexpr size_t apply_smem_fixed() {
+  return sizeof(acc_t<T>) * (kWarps * kRows * kGroup + 2 * kRows * kMaxL);
+}
+
+// x, out: [N, D]; U: [L, D] (x's type, raw vectors); K: [L, L] (the orientation's matrix, rn folded in);
+// rn: [L]; s_out: [N, L] normalised projections x Yᵀ (nullptr: not written). 1 <= L <= kMaxL.
+// VEC divides D and every row start is VEC-aligned (launcher: pick_vec).
+// sass-budget: mk::householder::apply_kernel block=256 regs<=96 spill=0 hot
+template <class T, int VEC>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
+    apply_kernel(const T* __restrict__ x, const T* __restrict__ U, const acc_t<T>* __restrict__ K,
+                 const acc_t<T>* __restrict__ rn, T* __restrict__ out, acc_t<T>* __restrict__ s_out, int64_t N,
+                 int D, int L, bool stage) {
+  using A = acc_t<T>;
+  MK_DYNAMIC_SHARED(A, smem);
+  A* red = smem;                                 // [kWarps][kRows][kGroup]
+  A* s_all = red + kWarps * kRows * kGroup;      // [kRows][kMaxL]
+  A* t_all = s_all + kRows * kMaxL;              // [kRows][kMaxL]
+  T* xs = reinterpret_cast<T*>(t_all + kRows * kMaxL);  // [kRows][D] (when stage)
+  const int tid = threadIdx.x;
+  const int64_t tiles = ceil_div(N, kRows);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // block-uniform
+    const int64_t r0 = tile * kRows;
+    const int nr = static_cast<int>(N - r0 < kRows ? N - r0 : kRows);
+    // ---- pass 1: s[r][k] = x_r · u_k, kGroup reflections at a time
+    for (int g0 = 0; g0 < L; g0 += kGroup) {  // block-uniform
+      const int ng = L - g0 < kGroup ? L - g0 : kGroup;
+      for (int r = 0; r < kRows; ++r) {  // every thread, every row: the reductions below are collective
+        A p[kGroup];
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) p[j] = A(0);
+        if (r < nr) {
+          const T* xr = x + (r0 + r) * D;
+          T* xsr = xs + static_cast<int64_t>(r) * D;
+          for (int c = tid * VEC; c < D; c += kThreads * VEC) {
+            Vec<T, VEC> xv;
+            if (stage && g0 > 0) {
+              xv = load_vec<VEC>(xsr + c);  // written by this thread in the first group
+            } else {
+              xv = load_vec<VEC>(xr + c);
+              if (stage && MK_MUTABLE("householder.stage")) store_vec(xsr + c, xv);
+            }
+#pragma unroll
+            for (int j = 0; j < kGroup; ++j) {
+              if (j < ng) {
+                const Vec<T, VEC> uv = load_vec<VEC>(U + static_cast<int64_t>(g0 + j) * D + c);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) p[j] += to_acc(xv.v[i]) * to_acc(uv.v[i]);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          const A w = warp_reduce(p[j], SumOp{});
+          if (lane_id() == 0) red[((tid / kWarpSize) * kRows + r) * kGroup + j] = w;
+        }
+      }
+      if (MK_MUTABLE("householder.red_barrier")) block_sync();
+      if (tid < kRows * kGroup) {  // fixed-order sum over the warps
+        const int r = tid / kGroup, j = tid % kGroup;
+        A s = A(0);
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += red[(w * kRows + r) * kGroup + j];
+        if (j < ng) s_all[r * kMaxL + g0 + j] = s;
+      }
+      block_sync();  // s_all complete; red free for the next group
+    }
+    // ---- t[r] = K s[r] (L² FMAs per row); the normalised projections out for the backward
+    for (int idx = tid; idx < kRows * L; idx += kThreads) {
+      const int r = idx / L, l = idx % L;
+      A t = A(0);
+      for (int k = 0; k < L; ++k) t += K[l * L + k] * s_all[r * kMaxL + k];
+      t_all[r * kMaxL + l] = t;
+      if (s_out != nullptr && r < nr) s_out[(r0 + r) * L + l] = s_all[r * kMaxL + l] * rn[l];
+    }
+    if (MK_MUTABLE("householder.t_barrier")) block_sync();
+    // ---- pass 2: out_r = x_r − Σ_l t[r][l] u_l
+    for (int r = 0; r < nr; ++r) {
+      const T* xr = stage ? xs + static_cast<int64_t>(r) * D : x + (r0 + r) * D;
+      T* outr = out + (r0 + r) * D;
+      const A* tr = t_all + r * kMaxL;
+      for (int c = tid * VEC; c < D; c += kThreads * VEC) {
+        const Vec<T, VEC> xv = load_vec<VEC>(xr + c);
+        A o[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o[i] = to_acc(xv.v[i]);
+        for (int l = 0; l < L; ++l) {
+          const A tl = tr[l];
+          const Vec<T, VEC> uv = load_vec<VEC>(U + static_cast<int64_t>(l) * D + c);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) o[i] -= tl * to_acc(uv.v[i]);
+        }
+        Vec<T, VEC> ov;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) ov.v[i] = from_acc<T>(o[i]);
+        store_vec(outr + c, ov);
+      }
+    }
+    block_sync();  // t_all / s_all are rewritten by the next tile
+  }
+}
+
+// ---- launchers (raw pointers) ----
+
+// Workspace of the prologue (accumulator type): G [L*L], K [2*L*L], Tm [L*L], rn [L].
+inline int64_t workspace_elems(int L) { return 4 * static_cast<int64_t>(L) * L + L; }
+
+// Builds K (both orientations), T and rn from U [L, D] (1 <= L <= kMaxL, D >= 1) into `ws`.
+template <class T>
+cudaError_t launch_wy(const T* U, acc_t<T>* ws, int L, int D, double eps, cudaStream_t stream) {
+  using A = acc_t<T>;
+  A* G = ws;
+  auto gram = gram_kernel<T>;
+  MK_LAUNCH(gram, dim3(static_cast<unsigned>(L)), dim3(kGramThreads), 0, stream, U, G, L, D);
+  if (cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
+  A* K = G + static_cast<int64_t>(L) * L;
+  A* Tm = K + 2 * static_cast<int64_t>(L) * L;
+  A* rn = Tm + static_cast<int64_t>(L) * L;
+  auto wy = wy_kernel<A>;
+  MK_LAUNCH(wy, dim3(1), dim3(kMaxL), 0, stream, G, K, Tm, rn, L, static_cast<A>(eps));
+  return last_launch_error();
+}
+
+template <class T>
+inline const acc_t<T>* ws_K(const acc_t<T>* ws, int L, bool transpose) {
+  return ws + static_cast<int64_t>(L) * L * (transpose ? 2 : 1);
+}
+template <class T>
+inline const acc_t<T>* ws_T(const acc_t<T>* ws, int L) { return ws + 3 * static_cast<int64_t>(L) * L; }
+template <class T>
+inline const acc_t<T>* ws_rn(const acc_t<T>* ws, int L) { return ws + 4 * static_cast<int64_t>(L) * L; }
+
+// out = x Hᵀ (transpose: x H) for x [N, D] (N >= 1), with the prologue's workspace `ws`.
+template <class T>
+cudaError_t launch_apply(const T* x, const T* U, const acc_t<T>* ws, T* out, acc_t<T>* s_out, int64_t N, int D, int L,
+                         bool transpose, int num_sms, cudaStream_t stream) {
+  const int vec = pick_vec<T>(D, {x, U, out});
+  const size_t stage_bytes = static_cast<size_t>(kRows) * D * sizeof(T);
+  const bool stage = stage_bytes <= kMaxStageBytes;
+  const size_t smem = apply_smem_fixed<T>() + (stage ? stage_bytes : 0);
+  const int64_t tiles = ceil_div(N, kRows);
+  // ~2 resident blocks of 256 threads per SM at the largest staged tile; more tiles loop (grid stride)
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(tiles, static_cast<int64_t>(num_sms) * 4));
+  cudaError_t err = cudaSuccess;
+  dispatch_vec<T>(vec, [&](auto V) {
+    auto kernel = apply_kernel<T, decltype(V)::value>;
+#if !defined(MOKERNELS_EMULATION)
+    if (smem > 48 * 1024) {  // a staged tile above the 48 KiB default: opt in (sm_80: 163 KiB, sm_90: 227 KiB)
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (err != cudaSuccess) return;
+    }
+#endif
+    MK_LAUNCH(kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem, stream, x, U,
+              ws_K<T>(ws, L, transpose), ws_rn<T>(ws, L), out, s_out, N, D, L, stage);
+    err = last_launch_error();
+  });
+  return err;
+}
+
+}  // namespace mk::householder

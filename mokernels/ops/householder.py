@@ -1,0 +1,416 @@
+"""Householder chain (METHODS.md §3) and MoORE's rank-one expert layer (METHODS.md §4).
+
+Convention (fixed here, equal to PEFT's HRA):
+    ``H = H_1 H_2 … H_L``, ``H_l = I − 2 û_l û_lᵀ``, ``û_l = u_l / ‖u_l‖`` (rows ``u_l`` of ``U [L, D]``).
+    ``householder_apply(x, U)`` maps each token's column vector ``x_t`` to ``H x_t`` — as rows,
+    ``x ↦ x Hᵀ`` — so the **last** reflection ``u_L`` acts on the token first and ``u_1`` last;
+    ``transpose=True`` applies ``Hᵀ = H_L … H_1`` (``x ↦ x H``; ``u_1`` first).
+    PEFT's HRA stores ``hra_u [D, r]`` (columns) and builds ``delta = H_1 … H_r`` left to right
+    (``get_delta_weight``), then ``y = x (W delta)ᵀ``; with ``U = hra_u.T`` our ``H`` *is* PEFT's
+    ``delta``: ``merge_householder(W, U) = W H`` is PEFT's merged weight, ``householder_apply(x, U)``
+    followed by the base layer is PEFT's forward. (PEFT's ``apply_GS=True`` variant — Gram-Schmidt
+    first — is a different transform and is not what this op computes.)
+
+Compact WY form (what the kernels and the reference compute): ``H = I − Yᵀ T Y`` with ``Y [L, D]``
+the normalised rows and ``T [L, L]`` upper triangular — LAPACK larft's ``T`` for ``τ_l = 2`` (forward
+direction), obtained here in closed form as ``T = (½ I + striu(Y Yᵀ))⁻¹`` (the "UT transform" of
+Joffrain et al.; equal to larft's recurrence ``T[:l, l] = −2 T[:l, :l] Y[:l] û_l``, ``T[l, l] = 2``).
+Then ``x Hᵀ = x − ((x Yᵀ) Tᵀ) Y`` and ``x H = x − ((x Yᵀ) T) Y``: two thin GEMMs, ``x`` read once.
+
+Degenerate vectors (documented epsilon): ``û_l = u_l / max(‖u_l‖, eps)``. A zero vector is therefore
+the identity (not a reflection), and a vector with ``0 < ‖u‖ < eps`` a non-orthogonal
+``I − 2 u uᵀ/eps²``; the chain is orthogonal whenever every ``‖u_l‖ ≥ eps`` (default ``eps = 1e-12``,
+well below any trained vector). No host sync is spent on checking this.
+
+Gradients: w.r.t. ``x`` and every ``u_l`` (through the normalisation). The backward formulas
+(``householder_apply_backward_reference``) are derived from the WY form:
+with ``a = x Yᵀ``, ``b = g Yᵀ`` (``g`` the output gradient), ``M = Tᵀ`` (``T`` if transpose):
+``dx = g − b Mᵀ Y`` (the op with the other ``transpose``), ``dM = −aᵀ b``, ``dY = −(Mᵀ aᵀ g + M bᵀ x)``,
+``dT`` = ``dMᵀ`` (``dM``), ``dS = −Tᵀ dT Tᵀ``, ``dY += (striu(dS) + striu(dS)ᵀ) Y``,
+``du_l = (dy_l − (dy_l·û_l) û_l) / ‖u_l‖`` (``dy_l / eps`` where the norm is clamped).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import acc_dtype, autocast_like, expect, expect_dtype, expect_same_device, grad_or_tangent, is_eager
+
+_OP = "householder_apply"
+MAX_L = 64  # the fused SIMT kernel's limit (L <= 64); longer chains run the reference composition
+DEFAULT_EPS = 1e-12
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_args(op: str, x: Tensor, U: Tensor, eps: float = DEFAULT_EPS) -> None:
+    expect(isinstance(x, Tensor) and isinstance(U, Tensor), op, "x and U must be tensors")
+    expect(x.dim() >= 1, op, "x must be [..., D], got a 0-d tensor")
+    D = x.shape[-1]
+    expect(U.dim() == 2 and U.shape[1] == D, op, f"U must be [L, D] = [L, {D}] (one reflection vector per row, "
+                                                 f"D = x.shape[-1]), got {list(U.shape)}")
+    expect_dtype(op, "x", x)
+    expect_dtype(op, "U", U, like=x)
+    expect_same_device(op, "x", x, U=U)
+    expect(isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0, op,
+           f"eps must be a positive float, got {eps!r}")
+
+
+# ---------------------------------------------------------------- references
+
+
+def householder_wy(U: Tensor, eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
+    """Compact WY factors of ``H = H_1 … H_L``: ``(Y [L, D], T [L, L])`` with ``H = I − Yᵀ T Y``, in fp32
+    (fp64 for fp64 ``U``); ``Y`` the normalised rows (norms clamped at ``eps``), ``T`` upper triangular,
+    ``T = (½ I + striu(Y Yᵀ))⁻¹`` (= LAPACK larft, forward, τ = 2). Differentiable."""
+    acc = acc_dtype(U.dtype)
+    Uf = U.to(acc)
+    Y = Uf / Uf.norm(dim=1, keepdim=True).clamp_min(eps)
+    L = U.shape[0]
+    S = torch.triu(Y @ Y.T, diagonal=1) + 0.5 * torch.eye(L, dtype=acc, device=U.device)
+    T = torch.linalg.solve_triangular(S, torch.eye(L, dtype=acc, device=U.device), upper=True)
+    return Y, T
+
+
+def householder_t_larft(Y: Tensor) -> Tensor:
+    """larft's recurrence for ``T`` (τ = 2, forward), from normalised rows ``Y [L, D]``: the
+    textbook definition, used by the tests to check the closed form of :func:`householder_wy`."""
+    L = Y.shape[0]
+    T = torch.zeros(L, L, dtype=Y.dtype, device=Y.device)
+    for i in range(L):
+        T[i, i] = 2.0
+        if i:
+            T[:i, i] = -2.0 * T[:i, :i] @ (Y[:i] @ Y[i])
+    return T
+
+
+def householder_matrix(U: Tensor, *, eps: float = DEFAULT_EPS) -> Tensor:
+    """``H = H_1 … H_L`` as an explicit ``[D, D]`` matrix (fp32, fp64 for fp64 ``U``). Differentiable."""
+    Y, T = householder_wy(U, eps)
+    return torch.eye(U.shape[1], dtype=Y.dtype, device=U.device) - Y.T @ T @ Y
+
+
+def householder_apply_reference(x: Tensor, U: Tensor, *, transpose: bool = False, eps: float = DEFAULT_EPS) -> Tensor:
+    """Pure-torch specification of :func:`householder_apply` through the WY form, fp32 math (fp64 for fp64),
+    rounded once to ``x``'s dtype; differentiable in ``x`` and ``U`` (torch autograd)."""
+    check_args(_OP, x, U, eps)
+    acc = acc_dtype(x.dtype)
+    if U.shape[0] == 0:
+        return x.clone(memory_format=torch.contiguous_format)
+    Y, T = householder_wy(U, eps)
+    xf = x.to(acc)
+    s = xf @ Y.T  # [..., L]
+    t = s @ (T if transpose else T.T)
+    return (xf - t @ Y).to(x.dtype).contiguous()
+
+
+def householder_sequential_reference(x: Tensor, U: Tensor, *, transpose: bool = False,
+                                     eps: float = DEFAULT_EPS) -> Tensor:
+    """The chain one reflection at a time (what PEFT's HRA loop does), fp32 (fp64) math: an oracle
+    independent of the WY algebra. ``transpose=False``: ``u_L`` first, ``u_1`` last."""
+    check_args(_OP, x, U, eps)
+    acc = acc_dtype(x.dtype)
+    Uf = U.to(acc)
+    Y = Uf / Uf.norm(dim=1, keepdim=True).clamp_min(eps)
+    out = x.to(acc)
+    order = range(U.shape[0]) if transpose else range(U.shape[0] - 1, -1, -1)
+    for l in order:
+        out = out - 2.0 * (out @ Y[l]).unsqueeze(-1) * Y[l]
+    return out.to(x.dtype).contiguous()
+
+
+def _grads_from_projections(a: Tensor, b: Tensor, x2: Tensor, g2: Tensor, U: Tensor, transpose: bool, eps: float,
+                            grad_s: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(dx_extra, dU)`` from the projections ``a = x Yᵀ``, ``b = g Yᵀ`` ([N, L], acc dtype) and the flattened
+    ``x2``, ``g2`` ([N, D], acc dtype): the derived formulas of the module docstring. ``dx_extra`` is the
+    contribution of ``grad_s`` (the gradient of the op's projection output ``s = a``) to dx, or None."""
+    acc = a.dtype
+    L = U.shape[0]
+    Uf = U.to(acc)
+    n = Uf.norm(dim=1, keepdim=True)
+    nc = n.clamp_min(eps)
+    Y = Uf / nc
+    S = torch.triu(Y @ Y.T, diagonal=1) + 0.5 * torch.eye(L, dtype=acc, device=U.device)
+    T = torch.linalg.solve_triangular(S, torch.eye(L, dtype=acc, device=U.device), upper=True)
+    M = T if transpose else T.T
+    dM = -(a.T @ b)
+    dY = -(M.T @ (a.T @ g2) + M @ (b.T @ x2))
+    dx_extra = None
+    if grad_s is not None:
+        gs = grad_s.to(acc)
+        dY = dY + gs.T @ x2
+        dx_extra = gs @ Y
+    dT = dM if transpose else dM.T
+    dS = -(T.T @ dT @ T.T)
+    dG = torch.triu(dS, diagonal=1)
+    dY = dY + (dG + dG.T) @ Y
+    du = torch.where(n < eps, dY, dY - (dY * Y).sum(1, keepdim=True) * Y) / nc
+    return dx_extra, du.to(U.dtype)
+
+
+def householder_apply_backward_reference(grad: Tensor, x: Tensor, U: Tensor, *, transpose: bool = False,
+                                         eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
+    """``(dx, dU)`` of :func:`householder_apply` by the derived formulas (module docstring), fp32 (fp64) math;
+    ``dx`` in ``x``'s dtype, ``dU`` in ``U``'s. The tests check it against autograd of the sequential
+    reference; the device backward follows it (dx and ``b`` by the fused kernel, the rest thin GEMMs)."""
+    check_args(_OP, x, U, eps)
+    return _reference_backward(grad, x, U, transpose, eps, None)
+
+
+def _reference_backward(grad: Tensor, x: Tensor, U: Tensor, transpose: bool, eps: float,
+                        grad_s: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The op's backward in torch ops (CPU kernel, tracing, double backward), including the gradient of
+    its projection output ``s``."""
+    acc = acc_dtype(x.dtype)
+    D, L = x.shape[-1], U.shape[0]
+    if L == 0:
+        return grad.to(x.dtype).contiguous(), torch.zeros_like(U)
+    Y, T = householder_wy(U, eps)
+    M = T if transpose else T.T
+    g2, x2 = grad.reshape(-1, D).to(acc), x.reshape(-1, D).to(acc)
+    a, b = x2 @ Y.T, g2 @ Y.T
+    dx = g2 - (b @ M.T) @ Y
+    dx_extra, dU = _grads_from_projections(a, b, x2, g2, U, transpose, eps, grad_s)
+    if dx_extra is not None:
+        dx = dx + dx_extra
+    return dx.to(x.dtype).reshape(x.shape).contiguous(), dU
+
+
+# ---------------------------------------------------------------- public ops
+
+
+def householder_apply(x: Tensor, U: Tensor, *, transpose: bool = False, eps: float = DEFAULT_EPS) -> Tensor:
+    """Apply the Householder chain ``H = H_1 … H_L`` to every token: ``x ↦ x Hᵀ`` (``transpose=True``: ``x H``).
+
+    Args:
+        x: ``[..., D]`` tokens (fp16, bf16, fp32 or fp64).
+        U: ``[L, D]`` reflection vectors (unnormalised; PEFT HRA's ``hra_u.T``), x's dtype (under
+            ``torch.autocast``: cast to x's dtype). ``L = 0`` is the identity.
+        transpose: apply ``Hᵀ = H⁻¹`` instead.
+        eps: norms are clamped at ``eps`` (module docstring: a zero vector is the identity).
+    Returns:
+        ``[..., D]`` contiguous, x's dtype; fp32 math (fp64 for fp64), rounded once.
+    Differentiable in ``x`` and ``U``. Order: ``H x_t = H_1(H_2(…H_L x_t))`` (module docstring).
+    """
+    if isinstance(x, Tensor):
+        (U,) = autocast_like(x.device.type, x, U)
+    check_args(_OP, x, U, eps)
+    if x.device.type != "cuda" or not _HAS_OP or not 1 <= U.shape[0] <= MAX_L:
+        return householder_apply_reference(x, U, transpose=transpose, eps=eps)
+    if not is_eager("cuda"):
+        return torch.ops.mokernels.householder_apply(x, U, bool(transpose), float(eps), False)[0]
+    if grad_or_tangent(x, U):
+        return _HouseholderFn.apply(x, U, bool(transpose), float(eps))[0]
+    return torch.ops.mokernels.householder_apply(x, U, bool(transpose), float(eps), False)[0]
+
+
+def merge_householder(W: Tensor, U: Tensor, *, eps: float = DEFAULT_EPS) -> Tensor:
+    """``W' = W H`` for a weight ``W [d_out, D]`` (so ``W' x = W (H x)``: the chain merged into the layer it
+    feeds; PEFT HRA's merge). Returns W's dtype (fp32 math). For MoORE's ``V' = Hᵀ V`` (``V [D, R]``) use
+    ``merge_householder(V.T, U).T``."""
+    check_args("merge_householder", W, U, eps)
+    expect(W.dim() == 2, "merge_householder", f"W must be [d_out, D], got {list(W.shape)}")
+    return householder_apply(W, U, transpose=True, eps=eps)
+
+
+def unmerge_householder(W: Tensor, U: Tensor, *, eps: float = DEFAULT_EPS) -> Tensor:
+    """Inverse of :func:`merge_householder`: ``W = W' Hᵀ`` (H is orthogonal)."""
+    check_args("unmerge_householder", W, U, eps)
+    expect(W.dim() == 2, "unmerge_householder", f"W must be [d_out, D], got {list(W.shape)}")
+    return householder_apply(W, U, transpose=False, eps=eps)
+
+
+# ---------------------------------------------------------------- MoORE rank-one experts
+
+_OP_R1 = "rank_one_experts"
+
+
+def _check_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, eps):
+    op = _OP_R1
+    expect(isinstance(x, Tensor) and x.dim() >= 1, op, "x must be a [..., d_in] tensor")
+    expect_dtype(op, "x", x)
+    d_in = x.shape[-1]
+    expect(isinstance(V, Tensor) and V.dim() == 2 and V.shape[0] == d_in, op,
+           f"V must be [d_in, R] = [{d_in}, R], got {list(V.shape) if isinstance(V, Tensor) else type(V)}")
+    R = V.shape[1]
+    expect(isinstance(U, Tensor) and U.dim() == 2 and U.shape[1] == R, op,
+           f"U must be [d_out, R] = [d_out, {R}], got {list(U.shape) if isinstance(U, Tensor) else type(U)}")
+    expect(isinstance(sigma, Tensor) and sigma.dim() == 1 and sigma.shape[0] == R, op,
+           f"sigma must be [R] = [{R}], got {list(sigma.shape) if isinstance(sigma, Tensor) else type(sigma)}")
+    for name, t in (("U", U), ("sigma", sigma), ("V", V)):
+        expect_dtype(op, name, t, like=x)
+    expect((gx is None) == (Q is None), op, "gx and Q must both be given or both be None")
+    if gx is not None:
+        expect(isinstance(gx, Tensor) and isinstance(Q, Tensor), op, "gx and Q must be tensors")
+        expect(gx.shape[:-1] == x.shape[:-1] and gx.dim() == x.dim(), op,
+               f"gx must be [..., d_s] with x's leading shape {list(x.shape[:-1])}, got {list(gx.shape)}")
+        expect(Q.dim() == 2 and Q.shape == (gx.shape[-1], R), op,
+               f"Q must be [d_s, R] = [{gx.shape[-1]}, {R}], got {list(Q.shape)}")
+        expect_dtype(op, "gx", gx, like=x)
+        expect_dtype(op, "Q", Q, like=x)
+    if p_task is not None:
+        expect(isinstance(p_task, Tensor), op, "p_task must be a tensor or None")
+        ok = p_task.dim() >= 1 and p_task.shape[-1] == R and (
+            p_task.dim() == 1 or (p_task.dim() == x.dim() and p_task.shape[:-1] == x.shape[:-1]))
+        expect(ok, op, f"p_task must be [R] = [{R}] (one task for all tokens) or [..., R] with x's leading shape "
+                       f"{list(x.shape[:-1])}, got {list(p_task.shape)}")
+        expect_dtype(op, "p_task", p_task, like=x)
+    if H_vectors is not None:
+        check_args(op, x, H_vectors, eps)
+    expect_same_device(op, "x", x, U=U, sigma=sigma, V=V, gx=gx, Q=Q, p_task=p_task, H_vectors=H_vectors)
+
+
+def rank_one_experts_reference(x: Tensor, U: Tensor, sigma: Tensor, V: Tensor, gx: Tensor | None, Q: Tensor | None,
+                               p_task: Tensor | None, H_vectors: Tensor | None = None, *, clip: bool = False,
+                               eps: float = DEFAULT_EPS) -> Tensor:
+    """Pure-torch specification of :func:`rank_one_experts`, fp32 math (fp64 for fp64), one rounding at the
+    end (the Householder step, when present, is rounded to x's dtype first, as the op's first stage)."""
+    _check_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, eps)
+    acc = acc_dtype(x.dtype)
+    xh = x if H_vectors is None else householder_apply_reference(x, H_vectors, eps=eps)
+    z = xh.to(acc) @ V.to(acc)  # [..., R]
+    g = sigma.to(acc)
+    if p_task is not None:
+        g = g + p_task.to(acc)
+    if gx is not None:
+        g = g + gx.to(acc) @ Q.to(acc)
+    if clip:
+        g = torch.relu(g)
+    return ((z * g) @ U.to(acc).T).to(x.dtype).contiguous()
+
+
+def rank_one_experts(x: Tensor, U: Tensor, sigma: Tensor, V: Tensor, gx: Tensor | None, Q: Tensor | None,
+                     p_task: Tensor | None, H_vectors: Tensor | None = None, *, clip: bool = False,
+                     eps: float = DEFAULT_EPS) -> Tensor:
+    """MoORE's rank-one expert layer: ``y = ((x' V) ⊙ (σ + g)) Uᵀ``, ``g = p_task + gx Q``, ``x' = x Hᵀ``.
+
+    Each token scales expert i (the SVD piece ``u_i σ_i v_iᵀ`` of ``W = U diag(σ) Vᵀ``) by ``σ_i + g_i(x)``.
+    Args:
+        x: ``[..., d_in]`` tokens (fp16, bf16, fp32, fp64).
+        U: ``[d_out, R]`` left singular vectors; sigma: ``[R]``; V: ``[d_in, R]`` right singular vectors
+            (``R = min(d_in, d_out)`` for a thin SVD; any R works).
+        gx: ``[..., d_s]`` input-router codes ``Γx`` (d_s = 64 in MoORE) and Q: ``[d_s, R]``; both None: no term.
+        p_task: ``[R]`` task gate ``Pᵀ e_task`` (one task for every token) or ``[..., R]`` per token; None: 0.
+        H_vectors: ``[L, d_in]`` Householder vectors (:func:`householder_apply`); None: no transform (also the
+            inference path with H merged: ``V' = Hᵀ V = merge_householder(V.T, H_vectors).T``).
+        clip: use ``relu(σ + g)`` (MoORE's official code) instead of ``σ + g``.
+    All tensors share x's dtype (``U``, ``V``, ``sigma`` frozen buffers are usually cast once by the module).
+    Returns ``[..., d_out]`` in x's dtype. Differentiable in every tensor input.
+
+    Status: the reference composition (fp32 math) on every device — no fused kernel yet; the gate is
+    materialised as ``[T, R]`` fp32 here. The fused two-GEMM kernel that forms ``g`` in the epilogue is
+    issue 11 item 2's remaining work.
+    """
+    if isinstance(x, Tensor):
+        U, sigma, V, gx, Q, p_task, H_vectors = autocast_like(x.device.type, x, U, sigma, V, gx, Q, p_task, H_vectors)
+    _check_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, eps)
+    xh = x if H_vectors is None else householder_apply(x, H_vectors, eps=eps)
+    return rank_one_experts_reference(xh, U, sigma, V, gx, Q, p_task, None, clip=clip, eps=eps)
+
+
+def hra_vectors(hra_u: Tensor) -> Tensor:
+    """PEFT HRA's ``hra_u [D, r]`` (one vector per column) as this module's ``U [r, D]``."""
+    expect(isinstance(hra_u, Tensor) and hra_u.dim() == 2, "hra_vectors", "hra_u must be [D, r]")
+    return hra_u.T.contiguous()
+
+
+# ---------------------------------------------------------------- the torch.ops.mokernels op
+# `householder_apply(x, U, transpose, eps, return_s) -> (out, s)`: CUDA = the fused kernels (csrc/householder.cu),
+# CPU = the reference. Registered only when the loaded extension defines the schema (a checkout running an
+# older prebuilt _C keeps working on the reference path).
+
+
+def _op_defined(ns: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, ns), "householder_apply")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_HAS_OP = _op_defined("mokernels")
+
+
+def _fake_outputs(x, U, return_s):
+    N = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    L = U.shape[0]
+    s = x.new_empty((N, L) if return_s else (0, 0), dtype=acc_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), s
+
+
+def _cpu_op(x, U, transpose, eps, return_s):
+    check_args(_OP, x, U, eps)
+    with torch.no_grad():
+        out = householder_apply_reference(x, U, transpose=transpose, eps=eps)
+        _, s = _fake_outputs(x, U, return_s)
+        if return_s and U.shape[0]:
+            Y, _ = householder_wy(U, eps)
+            s = x.reshape(-1, x.shape[-1]).to(Y.dtype) @ Y.T
+        return out, s
+
+
+def kernel_backward(ops, grad: Tensor, x: Tensor, U: Tensor, transpose: bool, eps: float, a: Tensor | None = None,
+                    grad_s: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(dx, dU)`` through the fused kernel of the op namespace ``ops`` (``torch.ops.mokernels`` on CUDA,
+    ``torch.ops.mokernels_emu`` in the tests): ``dx`` and ``b = g Yᵀ`` in one kernel pass (the op with the
+    other orientation), ``a = x Yᵀ`` saved by the forward (recomputed by a kernel pass when None), dU as thin
+    GEMMs (:func:`_grads_from_projections`; fp32 copies of x and g: ~2·N·D·4 bytes transient)."""
+    D = x.shape[-1]
+    dx, b = ops.householder_apply(grad.contiguous(), U, not transpose, eps, True)
+    if a is None:
+        _, a = ops.householder_apply(x, U, transpose, eps, True)
+    acc = b.dtype
+    dx_extra, dU = _grads_from_projections(a, b, x.reshape(-1, D).to(acc), grad.reshape(-1, D).to(acc), U,
+                                           transpose, eps, grad_s)
+    if dx_extra is not None:
+        dx = (dx.reshape(-1, D).to(acc) + dx_extra).to(x.dtype).reshape(x.shape)
+    return dx, dU
+
+
+if _HAS_OP:
+    torch.library.register_fake("mokernels::householder_apply")(
+        lambda x, U, transpose, eps, return_s: (check_args(_OP, x, U, eps), _fake_outputs(x, U, return_s))[1])
+    torch.library.register_kernel("mokernels::householder_apply", "cpu")(_cpu_op)
+
+    def _setup_context(ctx, inputs, output):
+        x, U, transpose, eps, return_s = inputs
+        ctx.transpose, ctx.eps, ctx.return_s = transpose, eps, return_s
+        ctx.save_for_backward(x, U, output[1] if return_s else None)
+
+    def _backward(ctx, grad_out, grad_s):
+        x, U, a = ctx.saved_tensors
+        grad_s = grad_s if ctx.return_s else None
+        if grad_out is None:
+            grad_out = torch.zeros_like(x)
+        if x.device.type == "cpu" or torch.is_grad_enabled():  # the differentiable torch formulas
+            dx, dU = _reference_backward(grad_out, x, U, ctx.transpose, ctx.eps, grad_s)
+        else:
+            dx, dU = kernel_backward(torch.ops.mokernels, grad_out, x, U, ctx.transpose, ctx.eps, a, grad_s)
+        return dx, dU, None, None, None
+
+    torch.library.register_autograd("mokernels::householder_apply", _backward, setup_context=_setup_context)
+
+
+class _HouseholderFn(torch.autograd.Function):
+    """Eager CUDA path with autograd: the fused forward saves ``a = x Yᵀ`` ([N, L] fp32) for the backward."""
+
+    @staticmethod
+    def forward(x, U, transpose, eps):
+        return torch.ops.mokernels.householder_apply(x, U, transpose, eps, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, U, transpose, eps = inputs
+        ctx.transpose, ctx.eps = transpose, eps
+        ctx.save_for_backward(x, U, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_s):
+        x, U, a = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: differentiable reference formulas
+            dx, dU = householder_apply_backward_reference(grad, x, U, transpose=ctx.transpose, eps=ctx.eps)
+        else:
+            dx, dU = kernel_backward(torch.ops.mokernels, grad, x, U, ctx.transpose, ctx.eps, a)
+        return dx, dU, None, None

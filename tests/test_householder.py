@@ -1,0 +1,284 @@
+"""Householder chain: H = H_1 … H_L (PEFT HRA's order), x ↦ x Hᵀ. Reference algebra (WY form vs the
+sequential loop vs PEFT), properties (orthogonality, identity init, merge), gradients, bad inputs; the
+emulated fused kernel vs the sequential reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mokernels.modules import HouseholderChain
+from mokernels.ops import (householder_apply, householder_apply_backward_reference, householder_apply_reference,
+                           householder_matrix, householder_sequential_reference, householder_wy, hra_vectors,
+                           merge_householder, unmerge_householder)
+from mokernels.ops.householder import householder_t_larft
+
+from conftest import TOL
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+def explicit(x, U, transpose=False):
+    """x Hᵀ (x H) with H the explicit product H_1 … H_L of reflection matrices, in fp64."""
+    D = x.shape[-1]
+    H = torch.eye(D, dtype=torch.float64)
+    for u in U.double():
+        u = u / u.norm()
+        H = H @ (torch.eye(D, dtype=torch.float64) - 2 * torch.outer(u, u))
+    return x.double() @ (H if transpose else H.T)
+
+
+@pytest.mark.parametrize("L", [1, 2, 7, 8, 32])
+def test_wy_closed_form_equals_larft(L):
+    Y, T = householder_wy(rand(L, 37))
+    torch.testing.assert_close(T, householder_t_larft(Y), rtol=1e-12, atol=1e-12)
+    assert torch.equal(T, torch.triu(T))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("L,D", [(1, 5), (2, 17), (7, 33), (8, 64), (32, 45)])
+def test_references_match_explicit_product(L, D, transpose):
+    x, U = rand(3, 4, D), rand(L, D)
+    want = explicit(x, U, transpose)
+    for f in (householder_apply_reference, householder_sequential_reference):
+        got = f(x, U, transpose=transpose)
+        assert got.shape == x.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_dtypes_round_once(dtype):
+    x, U = rand(9, 21, dtype=dtype), rand(7, 21, dtype=dtype)
+    got = householder_apply(x, U)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, explicit(x, U).to(dtype), **TOL[dtype])
+
+
+@given(L=st.integers(1, 12), D=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_orthogonal_and_norm_preserving(L, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(L, D, generator=g, dtype=torch.float64)
+    H = householder_matrix(U)
+    torch.testing.assert_close(H.T @ H, torch.eye(D, dtype=torch.float64), rtol=0, atol=1e-12)
+    x = torch.randn(5, D, generator=g, dtype=torch.float64)
+    y = householder_apply(x, U)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(householder_apply(y, U, transpose=True), x, rtol=1e-12, atol=1e-12)  # Hᵀ H x = x
+
+
+@pytest.mark.parametrize("L", [2, 8])
+def test_identity_init(L):
+    chain = HouseholderChain(24, L)
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(chain(x), x, rtol=1e-6, atol=1e-6)
+    base = torch.nn.Linear(24, 5)
+    torch.testing.assert_close(base(chain(x)), base(x), rtol=1e-5, atol=1e-5)
+    rnd = HouseholderChain(24, L, "random")
+    assert (rnd(x) - x).abs().max() > 1e-2  # a random chain is not the identity
+
+
+def test_merge_equals_unmerged_forward():
+    chain = HouseholderChain(19, 6, "random", dtype=torch.float64)
+    lin = torch.nn.Linear(19, 7, dtype=torch.float64)
+    x = rand(4, 19)
+    with torch.no_grad():
+        W2 = chain.merge(lin.weight)
+        torch.testing.assert_close(x @ W2.T, chain(x) @ lin.weight.T)  # (W H) x = W (H x)
+        torch.testing.assert_close(chain.unmerge(W2), lin.weight)
+        torch.testing.assert_close(unmerge_householder(merge_householder(lin.weight, chain.U), chain.U), lin.weight)
+
+
+@pytest.mark.parametrize("L", [1, 4, 7])
+def test_equals_peft_hra(L):
+    from peft import HRAConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(29, 11))
+    peft_model = get_peft_model(model, HRAConfig(r=L, target_modules=["0"], init_weights=False))
+    layer = peft_model.base_model.model[0]
+    hra_u = layer.hra_u["default"].detach()
+    x = torch.randn(5, 29)
+    with torch.no_grad():
+        want = layer(x)
+        chain = HouseholderChain.from_hra(hra_u)
+        base = layer.base_layer
+        torch.testing.assert_close(base(chain(x)), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(householder_matrix(hra_vectors(hra_u)), layer.get_delta_weight("default"),
+                                   rtol=1e-5, atol=1e-5)
+        W2 = merge_householder(base.weight, chain.U)
+        layer.merge()
+        torch.testing.assert_close(W2, base.weight, rtol=1e-5, atol=1e-5)  # PEFT's merged weight
+        layer.unmerge()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_backward_formulas_match_autograd_of_sequential(transpose):
+    x = rand(2, 5, 23).requires_grad_()
+    U = rand(7, 23).requires_grad_()
+    out = householder_sequential_reference(x, U, transpose=transpose)
+    g = torch.randn_like(out)
+    dx, dU = torch.autograd.grad(out, (x, U), g)
+    dx2, dU2 = householder_apply_backward_reference(g, x.detach(), U.detach(), transpose=transpose)
+    torch.testing.assert_close(dx2, dx, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dU2, dU, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gradcheck(transpose):
+    x = rand(2, 6).requires_grad_()
+    U = rand(3, 6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: householder_apply(a, b, transpose=transpose), (x, U))
+
+
+def test_zero_vector_is_identity_reflection():
+    U = rand(3, 10)
+    U[1] = 0
+    x = rand(4, 10)
+    want = householder_apply(x, U[[0, 2]])
+    torch.testing.assert_close(householder_apply(x, U), want)
+    x.requires_grad_()
+    U.requires_grad_()
+    dx, dU = torch.autograd.grad(householder_apply(x, U).sum(), (x, U))
+    assert torch.isfinite(dU).all() and torch.isfinite(dx).all()
+
+
+def test_empty_chain_and_empty_tokens():
+    x = rand(3, 8)
+    torch.testing.assert_close(householder_apply(x, rand(0, 8)), x, rtol=0, atol=0)
+    assert householder_apply(rand(0, 8), rand(2, 8)).shape == (0, 8)
+
+
+def test_bad_inputs():
+    x = rand(3, 8)
+    with pytest.raises(ValueError, match=r"U must be \[L, D\] = \[L, 8\]"):
+        householder_apply(x, rand(2, 7))
+    with pytest.raises(ValueError, match="U must have dtype"):
+        householder_apply(x, rand(2, 8, dtype=torch.float32))
+    with pytest.raises(ValueError, match="0-d"):
+        householder_apply(torch.tensor(1.0, dtype=torch.float64), rand(2, 8))
+    with pytest.raises(ValueError, match="eps"):
+        householder_apply(x, rand(2, 8), eps=0.0)
+    with pytest.raises(ValueError, match="L must be even"):
+        HouseholderChain(8, 3)
+    with pytest.raises(ValueError, match="init"):
+        HouseholderChain(8, 2, init="eye")
+    HouseholderChain(8, 3, "random")  # odd L is fine without the identity init
+
+
+# ---------------------------------------------------------------- the op and the fused kernels
+
+# (dtype, L, N, D, transpose): odd D (scalar access), vector widths 2/4/8, several column chunks per thread
+# (D = 1030 fp32: 3 vec-2 chunks; 2056 fp16), a partial last row tile, L in {1, 2, 7, 8, 9, 32, 64} (one to
+# eight 8-reflection groups), fp64; D = 3076 fp32 does not fit the shared-memory stage (x re-read path).
+KERNEL_CASES = [
+    (torch.float32, 1, 3, 5, False),
+    (torch.float16, 2, 9, 33, True),
+    (torch.bfloat16, 7, 17, 64, False),
+    (torch.float32, 8, 8, 1030, True),
+    (torch.bfloat16, 32, 5, 40, False),
+    (torch.float64, 64, 3, 24, True),
+    (torch.float16, 9, 20, 2056, False),
+    (torch.float32, 3, 9, 3076, False),
+]
+KERNEL = pytest.mark.parametrize("dtype,L,N,D,transpose", KERNEL_CASES)
+
+
+def kernel_tol(dtype, L):
+    """The kernel and the reference both accumulate in fp32 and round once, in different orders."""
+    t = dict(TOL[dtype])
+    if dtype == torch.float32:
+        t = dict(rtol=2e-5, atol=2e-5 * L ** 0.5)
+    return t
+
+
+@pytest.mark.emu
+@KERNEL
+def test_emulated_forward(emu_ops, dtype, L, N, D, transpose):
+    x, U = rand(N, D, dtype=dtype), rand(L, D, dtype=dtype)
+    out, s = emu_ops.householder_apply(x, U, transpose, 1e-12, True)
+    assert out.shape == x.shape and out.dtype == dtype and s.shape == (N, L)
+    want = householder_sequential_reference(x.double(), U.double(), transpose=transpose)
+    torch.testing.assert_close(out, want.to(dtype), **kernel_tol(dtype, L))
+    Y, _ = householder_wy(U.double())
+    torch.testing.assert_close(s.double(), x.double() @ Y.T, rtol=1e-5, atol=1e-5 * D ** 0.5)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("init", ["pairs", "zero_row", "empty"])
+def test_emulated_special_vectors(emu_ops, init):
+    x = rand(6, 24, dtype=torch.float32)
+    U = rand(4, 24, dtype=torch.float32)
+    if init == "pairs":  # identity init: the chain is the identity
+        U = U[[0, 0, 1, 1]].contiguous()
+    elif init == "zero_row":  # documented eps: a zero vector is the identity
+        U[2] = 0
+    else:
+        U = U[:0]
+    out, _ = emu_ops.householder_apply(x, U, False, 1e-12, False)
+    want = x if init == "pairs" else householder_apply_reference(x, U)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 5, 9, 21, False), (torch.float32, 8, 7, 64, True),
+                                                  (torch.bfloat16, 3, 4, 16, False)])
+def test_emulated_backward(emu_ops, dtype, L, N, D, transpose):
+    from mokernels.ops.householder import kernel_backward
+
+    x = rand(N, D, dtype=dtype).requires_grad_()
+    U = rand(L, D, dtype=dtype).requires_grad_()
+    out = householder_sequential_reference(x, U, transpose=transpose)
+    grad = rand(N, D, dtype=dtype)
+    want = torch.autograd.grad(out, (x, U), grad)
+    got = kernel_backward(emu_ops, grad, x.detach(), U.detach(), transpose, 1e-12)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    if dtype == torch.bfloat16:  # autograd of the reference rounds its intermediates to bf16; compare in fp64
+        want = householder_apply_backward_reference(grad.double(), x.detach().double(), U.detach().double(),
+                                                    transpose=transpose)
+        tol = dict(rtol=3e-2, atol=3e-2)
+    for name, a, b in zip(("dx", "dU"), got, want):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b.double(), **tol, msg=name)
+
+
+@pytest.mark.emu
+def test_emulated_backward_with_projection_grad(emu_ops):
+    """The op's second output s = x Yᵀ is differentiable too (grad_s flows to x and U)."""
+    from mokernels.ops.householder import kernel_backward
+
+    x, U = rand(5, 12).requires_grad_(), rand(3, 12).requires_grad_()
+    Y, _ = householder_wy(U)
+    out, s = householder_apply_reference(x, U), x @ Y.T
+    g, gs = rand(5, 12), rand(5, 3)
+    want = torch.autograd.grad((out * g).sum() + (s * gs).sum(), (x, U))
+    got = kernel_backward(emu_ops, g, x.detach(), U.detach(), False, 1e-12, grad_s=gs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.emu
+def test_emulated_bad_inputs(emu_ops):
+    x = rand(3, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="L <= 64"):
+        emu_ops.householder_apply(x, rand(65, 8, dtype=torch.float32), False, 1e-12, False)
+    with pytest.raises(ValueError, match=r"U must be \[L, D\]"):
+        emu_ops.householder_apply(x, rand(2, 9, dtype=torch.float32), False, 1e-12, False)
+    with pytest.raises(ValueError, match="dtype"):
+        emu_ops.householder_apply(x, rand(2, 8), False, 1e-12, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    from mokernels.ops.householder import _HAS_OP
+
+    if not _HAS_OP:
+        pytest.fail("the loaded extension lacks mokernels::householder_apply (rebuild)")
+    x, U = rand(2, 3, 10, dtype=dtype).requires_grad_(), rand(4, 10, dtype=dtype).requires_grad_()
+    for transpose in (False, True):
+        for return_s in (False, True):
+            torch.library.opcheck(torch.ops.mokernels.householder_apply.default, (x, U, transpose, 1e-12, return_s))

@@ -1,0 +1,104 @@
+"""MoORE's rank-one expert layer y = U((σ + p_task + gx Q) ⊙ (Vᵀ H x)): reference vs the explicit formula,
+fresh wrap == base, H merged into V == unmerged, gradients, bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mokernels.modules import RankOneExperts
+from mokernels.ops import householder_apply, merge_householder, rank_one_experts, rank_one_experts_reference
+
+
+
+def make(T=5, d_in=12, d_out=9, R=None, d_s=4, L=4, dtype=torch.float64, per_token_task=False):
+    R = min(d_in, d_out) if R is None else R
+    f = lambda *s: torch.randn(*s, dtype=torch.float64).to(dtype)  # noqa: E731
+    p = f(T, R) if per_token_task else f(R)
+    return f(T, d_in), f(d_out, R), f(R), f(d_in, R), f(T, d_s), f(d_s, R), p, f(L, d_in)
+
+
+@pytest.mark.parametrize("per_token_task", [False, True])
+@pytest.mark.parametrize("clip", [False, True])
+def test_reference_matches_formula(per_token_task, clip):
+    x, U, s, V, gx, Q, p, Hv = make(per_token_task=per_token_task)
+    xh = householder_apply(x, Hv)
+    gate = s + p + gx @ Q
+    if clip:
+        gate = gate.relu()
+    want = ((xh @ V) * gate) @ U.T
+    torch.testing.assert_close(rank_one_experts(x, U, s, V, gx, Q, p, Hv, clip=clip), want)
+    # gx/Q and p_task optional
+    torch.testing.assert_close(rank_one_experts(x, U, s, V, None, None, None), ((x @ V) * s) @ U.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes(dtype):
+    args = make(dtype=dtype)
+    got = rank_one_experts(*args)
+    want = rank_one_experts_reference(*[a.double() for a in args])
+    assert got.dtype == dtype and got.shape == (5, 9)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-2, atol=4e-2)
+    torch.testing.assert_close(got, want.to(dtype), **tol)
+
+
+def test_merged_householder_equals_unmerged():
+    x, U, s, V, gx, Q, p, Hv = make()
+    Vm = merge_householder(V.T, Hv).T  # V' = Hᵀ V
+    torch.testing.assert_close(rank_one_experts(x, U, s, Vm, gx, Q, p), rank_one_experts(x, U, s, V, gx, Q, p, Hv))
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (24, 16)])
+def test_module_fresh_wrap_equals_base_and_merge(shape):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(*shape)
+    m = RankOneExperts.from_linear(lin, num_householder=4, d_s=8)
+    x = torch.randn(2, 3, shape[0])
+    torch.testing.assert_close(m(x), lin(x), rtol=1e-5, atol=1e-5)  # H = I, Q = 0: the SVD round trip
+    with torch.no_grad():  # train-like perturbation, then merge == unmerged
+        m.householder.reset_parameters("identity")
+        m.householder.U.add_(0.3 * torch.randn_like(m.householder.U))
+        m.Q.normal_()
+    p = torch.randn(m.rank)
+    before = m(x, p)
+    m.merge_householder_()
+    torch.testing.assert_close(m(x, p), before, rtol=1e-5, atol=1e-5)
+    m.unmerge_householder_()
+    torch.testing.assert_close(m(x, p), before, rtol=1e-5, atol=1e-5)
+
+
+def test_module_gradients_reach_trainables():
+    lin = torch.nn.Linear(10, 6)
+    m = RankOneExperts.from_linear(lin, num_householder=2, d_s=3)
+    p = torch.zeros(m.rank, requires_grad=True)
+    m(torch.randn(4, 10), p).square().sum().backward()
+    for t in (m.householder.U, m.gamma, m.Q, p):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+    assert m.Q.grad.abs().sum() > 0 and p.grad.abs().sum() > 0
+    assert not any(b.requires_grad for b in (m.U, m.V, m.sigma))
+
+
+def test_gradcheck():
+    args = [a.requires_grad_() for a in make(T=3, d_in=5, d_out=4, d_s=2, L=2)]
+    assert torch.autograd.gradcheck(lambda *a: rank_one_experts(*a), args)
+
+
+def test_bad_inputs():
+    x, U, s, V, gx, Q, p, Hv = make()
+    with pytest.raises(ValueError, match=r"V must be \[d_in, R\]"):
+        rank_one_experts(x, U, s, V[:-1], gx, Q, p)
+    with pytest.raises(ValueError, match="U must be"):
+        rank_one_experts(x, U[:, :-1], s, V, gx, Q, p)
+    with pytest.raises(ValueError, match="sigma"):
+        rank_one_experts(x, U, s[:-1], V, gx, Q, p)
+    with pytest.raises(ValueError, match="both"):
+        rank_one_experts(x, U, s, V, gx, None, p)
+    with pytest.raises(ValueError, match="Q must be"):
+        rank_one_experts(x, U, s, V, gx, Q[:-1], p)
+    with pytest.raises(ValueError, match="p_task"):
+        rank_one_experts(x, U, s, V, gx, Q, p[:-1])
+    with pytest.raises(ValueError, match="H_vectors|U must be"):
+        rank_one_experts(x, U, s, V, gx, Q, p, Hv[:, :-1])
+    with pytest.raises(ValueError, match="dtype"):
+        rank_one_experts(x, U.float(), s, V, gx, Q, p)
+    with pytest.raises(ValueError, match="nn.Linear"):
+        RankOneExperts.from_linear(torch.nn.Conv1d(2, 2, 1))
