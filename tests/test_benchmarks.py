@@ -153,3 +153,26 @@ def test_lora_quick_workloads_run_and_agree():
         for peer in (bench_lora.GATHER, bench_lora.EMU):
             if peer in outs:
                 torch.testing.assert_close(outs[peer], outs[bench_lora.OURS], rtol=tol, atol=tol)
+
+
+def test_methods_quick_workloads_run_and_agree(one_thread):
+    """Every impl of the quick methods workloads runs on CPU; ours and the plain-torch composition of
+    each method give the same output (fwd) and the same gradients (fwd+bwd)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import bench_methods
+    finally:
+        sys.path.remove(str(ROOT))
+    ws = bench_methods.workloads(torch.device("cpu"), quick=True)
+    assert {w.params["method"] for w in ws} == set(bench_methods.METHODS)
+    for w in ws:
+        outs = {label: fn() for label, fn in w.impls.items()}
+        assert set(outs) == {bench_methods.OURS, bench_methods.BASE, bench_methods.TORCH}
+        ours, peer = outs[bench_methods.OURS], outs[bench_methods.TORCH]
+        if isinstance(ours, torch.Tensor):
+            ours, peer = (ours,), (peer,)
+        assert len(ours) == len(peer) >= 1
+        for a, b in zip(ours, peer):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
