@@ -17,3 +17,7 @@ __all__ = ["build_info", "ops", "modules", "rank_one_scale", "householder_apply"
            "MultiLoRALinear", "HouseholderChain", "RankOneExperts", "methods", "inject", "save_adapters",
            "load_adapters", "merge", "unmerge", "routing", "set_routing", "set_task", "set_adapter_ids",
            "clear_routing", "extra_losses", "trainable_parameters"]
+
+from .peft_accel import AccelerationReport, accelerate, restore  # noqa: E402  (peft itself is imported lazily)
+
+__all__ += ["accelerate", "restore", "AccelerationReport"]
