@@ -5,10 +5,13 @@ Workloads (full mode): decode 32 tokens with ids uniform over 26 / 100 adapters;
 128 tokens over 26 / 100 adapters; a training step (fwd+bwd) on the prefill shape.
 
 Impls, each the whole layer (base GEMM included):
-* ``mokernels``: ``F.linear`` then ``lora_apply(..., base_out=base)`` (on a GPU the automatic switch picks
-  the fused SIMT decode kernel for the decode rows and the tensor-core prefill kernel — mma.sync, shrink
-  and expand fused per 64-token segment tile — for the prefill and segment-mixture rows, whose segments
-  average 128 >= 32 tokens; on CPU the reference);
+* ``mokernels``: what ``MultiLoRALinear`` runs (no bias, one dtype): decode rows (T <= 32) the fused pass
+  over W, ``lora_linear`` (shrink kernel, then W streamed once on tensor cores with the LoRA expand in the
+  epilogue); prefill / segment-mixture rows ``lora_apply`` (the tensor-core prefill kernels: split-K
+  shrink, expand) writing the delta, then ``addmm_`` accumulating the base GEMM into it (beta = 1);
+  on CPU the references;
+* ``mokernels lora_apply(base_out=F.linear)``: the unfused layer — the base GEMM, then ``lora_apply`` reading
+  it as ``base_out`` (the split decode kernels at T = 32, the prefill kernels above);
 * ``base nn.Linear``: the frozen layer alone (the floor; the issue's targets are ratios to it);
 * ``single LoRA (2 matmuls)``: one adapter for every token, ``base + s·(x Aᵀ) Bᵀ`` (what the routed
   layer should approach);
@@ -33,6 +36,7 @@ from ._harness import Workload
 
 FAMILY = "lora"
 OURS = "mokernels"
+OURS_BASE_OUT = "mokernels lora_apply(base_out=F.linear)"
 BASE = "base nn.Linear"
 SINGLE = "single LoRA (2 matmuls)"
 GATHER = "gather+bmm"
@@ -57,7 +61,7 @@ class _Layer:
                      scale=torch.full((N,), 2.0, device=device))
             if form == "decode":
                 ids = torch.randint(0, N, (T,), generator=g)
-                t["kw"] = dict(ids=ids.to(device))
+                t["kw"] = dict(ids=ids.to(device, torch.int32))  # int32 once per step, as a server would
                 t["tok_ids"] = ids.to(device)
                 t["used"] = int(ids.unique().numel())
             else:
@@ -65,7 +69,7 @@ class _Layer:
                 off = torch.arange(0, T + 1, 128, dtype=torch.int32)
                 if form == "segments":
                     sid = torch.randperm(N, generator=g)[:S] if N >= S else torch.randint(0, N, (S,), generator=g)
-                    t["kw"] = dict(segments=(off.to(device), sid.to(device)))
+                    t["kw"] = dict(segments=(off.to(device), sid.to(device, torch.int32)))
                     t["tok_ids"] = sid.repeat_interleave(128).to(device)
                     t["seg_ids"] = sid
                 else:  # DLP top-2 segment mixture
@@ -85,6 +89,23 @@ class _Layer:
 
 
 def _ours(inp):
+    """What MultiLoRALinear (no bias, one dtype) runs: at T <= 32 the fused pass over W (lora_linear);
+    above, the LoRA delta first and the base GEMM accumulating into it (addmm_, beta = 1)."""
+    from mokernels.ops.lora import LINEAR_FUSED_MAX_TOKENS, lora_apply, lora_linear
+
+    def run():
+        t = inp()
+        x = t["x"]
+        if x.shape[0] <= LINEAR_FUSED_MAX_TOKENS:
+            return lora_linear(x, t["W"], None, t["A"], t["B"], t["scale"], validate=False, **t["kw"])
+        y = lora_apply(x, t["A"], t["B"], t["scale"], validate=False, **t["kw"])
+        return y.addmm_(x, t["W"].t())
+
+    return run
+
+
+def _ours_base_out(inp):
+    """The unfused layer: F.linear, then lora_apply reading it as base_out (one write of y)."""
     from mokernels.ops.lora import lora_apply
 
     def run():
@@ -164,7 +185,7 @@ def _workload(device, dtype, name, T, d, r, N, form, train=False, emu=False):
     elt = torch.empty((), dtype=dtype).element_size()
     inp = _Layer(device, dtype, T, d, r, N, form, grad=train)
     impls: dict[str, Callable] = {}
-    makers = {OURS: _ours, BASE: _base, SINGLE: _single}
+    makers = {OURS: _ours, OURS_BASE_OUT: _ours_base_out, BASE: _base, SINGLE: _single}
     if form == "decode":
         makers[GATHER] = _gather
     if form == "segments" and device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:

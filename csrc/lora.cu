@@ -5,12 +5,14 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include <ATen/MemoryOverlap.h>
 
 #include "torch_glue.h"
 #include "kernels/lora.cuh"
 #include "kernels/lora_prefill.cuh"
+#include "kernels/lora_fused_w.cuh"
 
 namespace mk::lora {
 namespace {
@@ -18,6 +20,7 @@ namespace {
 constexpr const char* kApply = "mokernels.lora_apply";
 constexpr const char* kApplyInplace = "mokernels.lora_apply_";
 constexpr const char* kShared = "mokernels.lora_shared_apply";
+constexpr const char* kLinear = "mokernels.lora_linear";
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -42,8 +45,10 @@ bool use_prefill(const char* op, const Args<T>& a) {
   return why == nullptr && a.tokens >= static_cast<int64_t>(prefill::kMinTokensPerSegment) * a.segs;
 }
 
-// Checks every argument and launches. scale: [N] tensor (per adapter) or nullopt (scale_value).
-void run(const char* op, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+// Checks every argument, fills Args<T> and calls launch_fn(a) (a generic lambda: T = the kernel's
+// element type). scale: [N] tensor (per adapter) or nullopt (scale_value).
+template <class LaunchFn>
+void run_with(LaunchFn&& launch_fn, const char* op, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
          const std::optional<at::Tensor>& scale_in, double scale_value, const std::optional<at::Tensor>& ids_in,
          const std::optional<at::Tensor>& w_in, const std::optional<at::Tensor>& off_in,
          const std::optional<at::Tensor>& base_in, at::Tensor& y, bool shared_a, bool accumulate) {
@@ -142,11 +147,39 @@ void run(const char* op, const at::Tensor& x_in, const at::Tensor& A_in, const a
     a.shared_a = shared_a;
     a.accumulate = accumulate;
     a.x_bytes = staged_x_bytes<T_>(a.d_in, r32, k32, shared_a);
-    if (use_prefill(op, a))
-      check_launch(op, launch_prefill<T_>(a, num_sms(), current_stream()));
-    else
-      check_launch(op, launch<T_>(a, num_sms(), current_stream()));
+    launch_fn(a);
   });
+}
+
+// The lora_apply family: the automatic decode/prefill switch.
+void run(const char* op, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+         const std::optional<at::Tensor>& scale_in, double scale_value, const std::optional<at::Tensor>& ids_in,
+         const std::optional<at::Tensor>& w_in, const std::optional<at::Tensor>& off_in,
+         const std::optional<at::Tensor>& base_in, at::Tensor& y, bool shared_a, bool accumulate) {
+  run_with(
+      [&](auto& a) {
+        using T_ = std::remove_cv_t<std::remove_reference_t<decltype(*a.x)>>;
+        if (use_prefill(op, a)) {  // split-K shrink -> fp32 partials [ksplit, T, k·r16] -> expand
+          PrefillArgs<T_> p{};
+          p.l = a;
+          p.ksplit = prefill_ksplit(a.tokens, a.segs, a.d_in, num_sms());
+          p.kh = static_cast<int>(a.k * ceil_div(a.r, 16) * 16);
+          at::Tensor buf = at::empty({static_cast<int64_t>(prefill_workspace_bytes(a.tokens, a.k, a.r, p.ksplit))},
+                                     x_in.options().dtype(at::kByte));
+          p.hp = reinterpret_cast<float*>(buf.data_ptr());
+          check_launch(op, launch_prefill<T_>(p, num_sms(), current_stream()));
+        } else if (a.shared_a) {  // h once per token: the fused SIMT kernel
+          check_launch(op, launch<T_>(a, num_sms(), current_stream()));
+        } else {  // shrink -> tiny workspace -> expand (lora.cuh "Split decode path")
+          at::Tensor buf = at::empty({static_cast<int64_t>(workspace_bytes<T_>(a.tokens, a.k, a.r))},
+                                     x_in.options().dtype(at::kByte));
+          Workspace<T_> f{};
+          f.l = a;
+          set_workspace(f, buf.data_ptr());
+          check_launch(op, launch_split<T_>(f, num_sms(), current_stream()));
+        }
+      },
+      op, x_in, A_in, B_in, scale_in, scale_value, ids_in, w_in, off_in, base_in, y, shared_a, accumulate);
 }
 
 at::Tensor lora_apply(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& scale,
@@ -184,10 +217,54 @@ at::Tensor lora_shared_apply(const at::Tensor& x, const at::Tensor& A, const at:
   return y;
 }
 
+// The fused pass over W (kernels/lora_fused_w.cuh): y = x Wᵀ + bias + the LoRA delta, fp16/bf16.
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& scale, const at::Tensor& ids,
+                       const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& offsets) {
+  constexpr const char* op = kLinear;
+  check_device(op, "x", x, x);
+  check_device(op, "W", W, x);
+  TORCH_CHECK_VALUE(x.dim() == 2 && B.dim() == 3, op, ": x must be [T, d_in] and B [N, d_out, r], got ", x.sizes(),
+                    " and ", B.sizes());
+  TORCH_CHECK_VALUE(W.dim() == 2 && W.size(0) == B.size(1) && W.size(1) == x.size(1), op,
+                    ": W must be [d_out, d_in] = [", B.size(1), ", ", x.size(1), "], got ", W.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+                    ": the fused pass over W takes float16/bfloat16, got ", x.scalar_type());
+  check_dtype(op, "W", W, x.scalar_type());
+  TORCH_CHECK_VALUE(x.size(0) <= int64_t(65535) * fused::kTN, op, ": too many tokens for the fused pass (T = ",
+                    x.size(0), ")");
+  if (has(bias)) {
+    check_device(op, "bias", *bias, x);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == W.size(0), op, ": bias must be [d_out] = [", W.size(0),
+                      "], got ", bias->sizes());
+    check_dtype(op, "bias", *bias, x.scalar_type());
+  }
+  at::Tensor y = at::empty({x.size(0), B.size(1)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor Wc = W.contiguous();
+  const at::Tensor bc = has(bias) ? bias->contiguous() : at::Tensor();
+  run_with(
+      [&](auto& a) {
+        using T_ = std::remove_cv_t<std::remove_reference_t<decltype(*a.x)>>;
+        if constexpr (sizeof(T_) == 2) {
+          at::Tensor buf = at::empty({static_cast<int64_t>(workspace_bytes<T_>(a.tokens, a.k, a.r))},
+                                     x.options().dtype(at::kByte));
+          fused::Args<T_> f{};
+          f.ws.l = a;
+          set_workspace(f.ws, buf.data_ptr());
+          f.W = ptr<T_>(Wc);
+          f.bias = bc.defined() ? ptr<T_>(bc) : nullptr;
+          check_launch(op, fused::launch<T_>(f, num_sms(), current_stream()));
+        }
+      },
+      op, x, A, B, scale, 0.0, ids, weights, offsets, std::nullopt, y, false, false);
+  return y;
+}
+
 }  // namespace
 }  // namespace mk::lora
 
 MK_REGISTER_IMPLS(m) {
+  m.impl("lora_linear", &mk::lora::lora_linear);
   m.impl("lora_apply", &mk::lora::lora_apply);
   m.impl("lora_apply_", &mk::lora::lora_apply_);
   m.impl("lora_shared_apply", &mk::lora::lora_shared_apply);

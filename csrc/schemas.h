@@ -41,6 +41,10 @@ inline void define_schemas(torch::Library& m) {
   m.def("lora_apply_backward(Tensor grad, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets, bool need_dx, bool need_dA, bool need_dB, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward of lora_shared_apply: (dx, dA [r,d_in], dB [N,d_out,r], dweights like weights), as above.
   m.def("lora_shared_apply_backward(Tensor grad, Tensor x, Tensor A, Tensor B, float scale, Tensor? ids, Tensor weights, bool need_dx, bool need_dA, bool need_dB, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The fused pass over W (decode, fp16/bf16 on CUDA; the CPU kernel is the reference): x [T,d_in],
+  // W [d_out,d_in], bias [d_out] or None, A/B/scale/ids/weights/offsets as lora_apply.
+  // y = x W^T + bias + sum_j w_j scale[id_j] B[id_j] A[id_j] x  -> [T,d_out] (x's dtype).
+  m.def("lora_linear(Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets) -> Tensor");
   // Test kernel for the mma.sync / ldmatrix wrappers: fp32 [M, N] = a [M, K] @ b, with b [N, K]
   // used transposed (b_kn=False) or b [K, N] (b_kn=True); a, b fp16 or bf16.
   m.def("_tile_gemm(Tensor a, Tensor b, bool b_kn=False) -> Tensor");

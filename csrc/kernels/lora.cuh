@@ -1,5 +1,16 @@
-// Segmented multi-adapter LoRA, decode path (METHODS.md §1): a fused SIMT kernel, shrink -> expand
-// per token, so the rank-r code h = A_id x never leaves the chip.
+// Segmented multi-adapter LoRA, decode path (METHODS.md §1). Two designs live here:
+//  * decode_kernel (below): fused SIMT, shrink -> expand per (token, d_out chunk), h on chip. Since the
+//    issue-10 speed work it runs the shared-A form only (h = A x once per token, no adapter gather).
+//  * the split path (shrink_kernel -> workspace -> expand_kernel, further down, with the analysis of why
+//    decode_kernel was slow for per-adapter A): every other form.
+// Measured on an H200 before the redesign (CUDA events, L2 flushed; d = 4096, r = 16, bf16, 32 tokens
+// over 26 adapters): 121 µs for F.linear + lora_apply vs 18 µs for the base alone. Besides the kernel
+// (~20-30 µs by the latency estimate below), the call was host bound: the benchmark's 256 MiB L2 flush
+// gives the host ~55-65 µs of head start, and the host spent ~40-50 µs of Python per lora_apply (form
+// canonicalisation and checks; dev CPU) + ~10-15 µs in the register_autograd layer + F.linear + 2
+// extra launches (clamp and int32 cast of int64 ids); see ops/lora.py "Hot path".
+//
+// decode_kernel, as first written:
 //
 //   y[t, :] = (base[t, :] | y[t, :] | 0) + Σ_j coef_j · B[id_j] (A[id_j] x[t])
 //   coef_j = w_j · scale[id_j]      (ids outside [0, N) and tokens outside every segment: skipped)
@@ -73,6 +84,40 @@ template <class T> inline int staged_x_bytes(int d_in, int r, int k, bool shared
   return x + smem_tail_bytes<T>(r, k, shared_a) <= kMaxSmem ? static_cast<int>(x) : 0;
 }
 
+// The routing row of token t (itself, or its segment: first s with offsets[s + 1] > t) and whether the
+// token is covered; in bounds whatever the offsets.
+template <class T>
+MK_DEVICE int64_t routing_row(const Args<T>& a, int64_t t, bool& covered) {
+  covered = true;
+  if (a.offsets == nullptr) return t;
+  int lo = 0, hi = a.segs;
+  while (lo < hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (static_cast<int64_t>(a.offsets[mid + 1]) > t) hi = mid; else lo = mid + 1;
+  }
+  covered = lo < a.segs && t >= static_cast<int64_t>(a.offsets[lo]);
+  return lo;
+}
+
+// Slot j of routing row `row`: its adapter id and coefficient c = w_j · scale[id]; -1 (c = 0) when the
+// token is not covered, the id is outside [0, N) or the coefficient is 0 (that adapter is never read).
+template <class T>
+MK_DEVICE int slot_adapter(const Args<T>& a, int64_t row, bool covered, int j, acc_t<T>& c) {
+  using Acc = acc_t<T>;
+  c = Acc(0);
+  int id = -1;
+  if (covered) {
+    id = a.ids != nullptr ? a.ids[row * a.k + j] : j;
+    if (id >= 0 && id < a.N)
+      c = (a.weights != nullptr ? a.weights[row * a.k + j] : Acc(1)) * (a.scale != nullptr ? a.scale[id] : a.scale_value);
+  }
+  if (!(id >= 0 && id < a.N) || c == Acc(0)) {
+    c = Acc(0);
+    return -1;
+  }
+  return id;
+}
+
 // 8 blocks of 128 threads per SM (<= 64 registers, half occupancy): with only the 128-thread bound,
 // ptxas (CUDA 13.0) targeted 32-40 registers on sm_90a and spilled (fp16 VEC=8, fp64 VEC=2).
 #if defined(MOKERNELS_EMULATION)
@@ -95,29 +140,12 @@ MK_GLOBAL void MK_LORA_BOUNDS decode_kernel(const Args<T> a) {
   int32_t* sid = reinterpret_cast<int32_t*>(coef + a.k);
 
   // 0. routing row of this token; (id, coef) per slot, -1 where nothing is to be done
-  int64_t row = t;
   bool covered = true;
-  if (a.offsets != nullptr) {  // first segment s with offsets[s + 1] > t (in bounds whatever the offsets)
-    int lo = 0, hi = a.segs;
-    while (lo < hi) {
-      const int mid = lo + (hi - lo) / 2;
-      if (static_cast<int64_t>(a.offsets[mid + 1]) > t) hi = mid; else lo = mid + 1;
-    }
-    covered = lo < a.segs && t >= static_cast<int64_t>(a.offsets[lo]);
-    row = lo;
-  }
+  const int64_t row = routing_row(a, t, covered);
   for (int j = threadIdx.x; j < a.k; j += kThreads) {
     Acc c = Acc(0);
-    int id = -1;
-    if (covered) {
-      id = a.ids != nullptr ? a.ids[row * a.k + j] : j;
-      if (id >= 0 && id < a.N) {
-        c = (a.weights != nullptr ? a.weights[row * a.k + j] : Acc(1)) * (a.scale != nullptr ? a.scale[id] : a.scale_value);
-      }
-    }
-    if (!(id >= 0 && id < a.N) || c == Acc(0)) id = -1;
+    sid[j] = slot_adapter(a, row, covered, j, c);
     coef[j] = c;
-    sid[j] = id;
   }
   block_sync();
   bool any = false;
@@ -176,6 +204,178 @@ MK_GLOBAL void MK_LORA_BOUNDS decode_kernel(const Args<T> a) {
     const Acc prev = a.accumulate ? to_acc(yrow[o]) : (a.base != nullptr ? to_acc(a.base[t * a.d_out + o]) : Acc(0));
     yrow[o] = from_acc<T>(prev + acc);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Split decode path (the default for every form but shared A): shrink_kernel writes each token's
+// coef-scaled codes h [T, k, r] and resolved ids [T, k] to a tiny workspace (2 KiB at T = 32, k = 1,
+// r = 16; one round trip through L2), expand_kernel applies them. Why, vs decode_kernel above (analysis
+// for d = 4096, r = 16, bf16, 32 tokens over 26 adapters, 132 SMs; see also the header):
+//  * decode_kernel's grid is 32 tokens x 5 chunks = 160 blocks of 4 warps; each block recomputes the
+//    token's whole shrink (16 rows of 8 KiB, 4 per warp, one after another) before its expand, so the
+//    kernel is a chain of ~4 x 16 dependent 512-byte warp loads (the runtime-bound loop keeps few in
+//    flight) then ~7 dependent rounds of B loads (820 columns / 128 threads): ~20-30 µs of latency for
+//    6.5 MiB of bytes (2 µs at 3 TB/s). Per SM only 4-8 warps with 1-4 loads each are in flight.
+//  * shrink_kernel: one row of A (token, slot, rank row) per group of tpr = 128 threads (d_in split
+//    over 4 warps, each thread a fixed batch of U = 4 16-byte loads of A and of x issued before any
+//    FMA): at d_in = 4096 the whole row is ONE batch, so the kernel is ~one HBM round trip deep;
+//    T·k·r = 512 blocks (~4 per SM, 16 warps, 8 KiB of A + 8 KiB of x in flight per block).
+//  * expand_kernel: one thread per (token, output column), grid ceil(d_out/128) x T = 1024 blocks;
+//    B[id, o, :] is r contiguous elements (2 x 16-byte loads at r = 16), h is read from L1 (the same
+//    address in every thread of the block: a broadcast). ~one round trip deep.
+//  Each used adapter's A and B are read once from HBM; tokens sharing an adapter re-read it from L2
+//  (50 MB on H100: the 6.5 MiB of used adapters stay resident), so tokens are not regrouped by adapter
+//  (a sort + scatter launch would cost more than the L2 re-reads at decode sizes). Two launches instead
+//  of one add ~1-2 µs of launch latency; the fused pass over W (lora_fused_w.cuh) reuses shrink_kernel.
+
+template <class T>
+struct Workspace {
+  Args<T> l;
+  acc_t<T>* h;       // [T, k, r] coef · A[id] x   (0 for no adapter)
+  int32_t* hid;      // [T, k] resolved id, -1: no adapter (invalid id, zero weight, token outside segments)
+  int tpr;           // threads per A row in shrink_kernel: 32, 64 or 128
+};
+
+constexpr int kShrinkUnroll = 4;
+
+// Threads per A row: enough for one batch of U vectors per thread, a warp at least, the block at most.
+inline int shrink_tpr(int d_in, int vec) {
+  const int64_t need = ceil_div(d_in, static_cast<int64_t>(vec) * kShrinkUnroll);
+  return need <= kWarpSize ? kWarpSize : need <= 2 * kWarpSize ? 2 * kWarpSize : kThreads;
+}
+
+// sass-budget: mk::lora::shrink_kernel block=128 regs<=64 spill=0 hot
+template <class T, int VEC>
+MK_GLOBAL void MK_LORA_BOUNDS shrink_kernel(const Workspace<T> f) {
+  using Acc = acc_t<T>;
+  using V = Vec<T, VEC>;
+  const Args<T>& a = f.l;
+  MK_SHARED_ARRAY(Acc, red, kWarps);
+  const int tpr = f.tpr, rpb = kThreads / tpr, wpr = tpr / kWarpSize;
+  const int sub = threadIdx.x % tpr, slot = threadIdx.x / tpr;
+  const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
+  const int64_t kr = static_cast<int64_t>(a.k) * a.r, rows = a.tokens * kr, groups = ceil_div(rows, rpb);
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // block-uniform
+    const int64_t q = g * rpb + slot;
+    Acc s = Acc(0), c = Acc(0);
+    int id = -1, j = 0, rr = 0;
+    int64_t t = 0;
+    if (q < rows) {  // warp-uniform (tpr >= 32)
+      t = q / kr;
+      j = static_cast<int>((q / a.r) % a.k);
+      rr = static_cast<int>(q % a.r);
+      bool covered = true;
+      const int64_t row = routing_row(a, t, covered);
+      id = slot_adapter(a, row, covered, j, c);
+      if (id >= 0) {
+        const T* arow = a.A + (static_cast<int64_t>(id) * a.r + rr) * a.d_in;
+        const T* xrow = a.x + t * a.d_in;
+        for (int64_t b0 = static_cast<int64_t>(sub) * VEC; b0 < a.d_in; b0 += static_cast<int64_t>(tpr) * VEC * kShrinkUnroll) {
+          V av[kShrinkUnroll], xv[kShrinkUnroll];
+#pragma unroll
+          for (int u = 0; u < kShrinkUnroll; ++u) {  // the batch's loads, all issued before any FMA
+            const int64_t v = b0 + static_cast<int64_t>(u) * tpr * VEC;
+            if (v < a.d_in) {
+              av[u] = load_vec<VEC>(arow + v);
+              xv[u] = load_vec<VEC>(xrow + v);
+            } else {
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) av[u].v[i] = xv[u].v[i] = from_acc<T>(Acc(0));
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kShrinkUnroll; ++u)
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) s += to_acc(xv[u].v[i]) * to_acc(av[u].v[i]);
+        }
+      }
+    }
+    s = warp_reduce(s, SumOp{});
+    if (wpr > 1) {  // block-uniform
+      if (lane == 0) red[warp] = s;
+      block_sync();
+      if (sub == 0) {
+        s = Acc(0);
+        for (int w = 0; w < wpr; ++w) s += red[slot * wpr + w];
+      }
+      block_sync();  // red is reused by the next group
+    }
+    if (sub == 0 && q < rows) {
+      f.h[q] = c * s;
+      if (rr == 0) f.hid[t * a.k + j] = id;
+    }
+  }
+}
+
+// sass-budget: mk::lora::expand_kernel block=128 regs<=64 spill=0 hot
+template <class T, int VEC>
+MK_GLOBAL void MK_LORA_BOUNDS expand_kernel(const Workspace<T> f) {
+  using Acc = acc_t<T>;
+  using V = Vec<T, VEC>;
+  const Args<T>& a = f.l;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (o >= a.d_out) return;
+  for (int64_t t = blockIdx.y; t < a.tokens; t += gridDim.y) {
+    Acc v = Acc(0);
+    for (int j = 0; j < a.k; ++j) {
+      const int id = f.hid[t * a.k + j];
+      if (id < 0) continue;
+      const Acc* h = f.h + (t * a.k + j) * a.r;
+      const T* brow = a.B + (static_cast<int64_t>(id) * a.d_out + o) * a.r;
+      Acc d = Acc(0);
+      for (int q = 0; q < a.r; q += VEC) {
+        const V bv = load_vec<VEC>(brow + q);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) d += to_acc(bv.v[i]) * h[q + i];
+      }
+      v += d;
+    }
+    T* yp = a.y + t * a.d_out + o;
+    const Acc prev = a.accumulate ? to_acc(*yp) : (a.base != nullptr ? to_acc(a.base[t * a.d_out + o]) : Acc(0));
+    *yp = from_acc<T>(prev + v);
+  }
+}
+
+// Workspace bytes of the split path: h [T, k, r] (acc), 16-aligned, then hid [T, k] int32.
+template <class T> inline size_t workspace_h_bytes(int64_t tokens, int k, int r) {
+  return (static_cast<size_t>(tokens) * k * r * sizeof(acc_t<T>) + 15) / 16 * 16;
+}
+template <class T> inline size_t workspace_bytes(int64_t tokens, int k, int r) {
+  return workspace_h_bytes<T>(tokens, k, r) + static_cast<size_t>(tokens) * k * sizeof(int32_t);
+}
+template <class T> inline void set_workspace(Workspace<T>& f, void* buf) {
+  f.h = static_cast<acc_t<T>*>(buf);
+  f.hid = reinterpret_cast<int32_t*>(static_cast<unsigned char*>(buf) + workspace_h_bytes<T>(f.l.tokens, f.l.k, f.l.r));
+}
+
+// Shrink only (the fused pass over W launches its own expand): f.l as for launch, !shared_a.
+template <class T>
+cudaError_t launch_shrink(Workspace<T>& f, int num_sms, cudaStream_t stream) {
+  const Args<T>& a = f.l;
+  const int vec = pick_vec<T>(a.d_in, {a.x, a.A});
+  f.tpr = shrink_tpr(a.d_in, vec);
+  const int64_t groups = ceil_div(a.tokens * a.k * a.r, kThreads / f.tpr);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(groups, 32 * static_cast<int64_t>(num_sms)));
+  dispatch_vec<T>(vec, [&](auto V) {
+    auto kernel = shrink_kernel<T, decltype(V)::value>;
+    MK_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, f);
+  });
+  return last_launch_error();
+}
+
+// Split decode path: f.l as for launch (!shared_a), workspace set (set_workspace).
+template <class T>
+cudaError_t launch_split(Workspace<T>& f, int num_sms, cudaStream_t stream) {
+  if (const cudaError_t e = launch_shrink(f, num_sms, stream); e != cudaSuccess) return e;
+  const Args<T>& a = f.l;
+  const int vec = pick_vec<T>(a.r, {a.B});
+  const dim3 grid(static_cast<unsigned>(ceil_div(a.d_out, kThreads)),
+                  static_cast<unsigned>(std::min<int64_t>(a.tokens, 65535)));
+  dispatch_vec<T>(vec, [&](auto V) {
+    auto kernel = expand_kernel<T, decltype(V)::value>;
+    MK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, f);
+  });
+  return last_launch_error();
 }
 
 // Chunks of d_out per token (grid.y): about one wave of blocks, see the header comment.

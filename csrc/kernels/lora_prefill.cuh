@@ -1,36 +1,47 @@
-// Segmented multi-adapter LoRA, prefill path (METHODS.md §1): a grouped tensor-core GEMM over segments,
-// shrink and expand fused in one kernel, for fp16/bf16 when many tokens share an adapter (segments and
-// segment mixtures: every token of a segment uses the segment's k adapters).
+// Segmented multi-adapter LoRA, prefill path (METHODS.md §1): a grouped tensor-core GEMM over segments
+// for fp16/bf16 when many tokens share an adapter (segments and segment mixtures: every token of a
+// segment uses the segment's k adapters). Two launches: a split-K shrink into a small fp32 workspace,
+// then the expand.
 //
 //   y[t, :] = (base[t, :] | y[t, :] | 0) + Σ_j coef_j · B[id_j] (A[id_j] x[t])     (as lora.cuh)
 //
-// One block (4 warps, 128 threads) per (M-tile of <= 64 tokens of one segment, chunk of d_out):
-//   0. tile metadata on the device, no host sync: warp 0 walks the segments (32 per step) and finds the tile
-//      whose index is blockIdx.x among the pieces [gap before segment 0][segment 0][gap]...[segment S-1]
-//      [gap to T] (offsets clamped into [0, T] and made monotone, so any offsets stay in bounds and every
-//      token lies in exactly one piece); the grid is the upper bound ceil(T/64) + 2S + 1, blocks past
-//      the last tile exit. Gap tiles and tiles without a valid adapter write y = base (out of place).
-//   1. shrink, per valid slot j: h_j [64, r16] = x_tile [64, d_in] · A_j[r, d_in]ᵀ with mma.sync
-//      m16n8k16 (warp w owns token rows 16w..16w+15, all r16 = ceil16(r) rank columns, fp32
-//      accumulators), x and A tiles of 32 columns of d_in brought by cp.async (zero-filled edges)
-//      into a double buffer: the copy of step k+1 is in flight while step k is multiplied
-//      (wait_group<1>, block_sync after the wait and before a stage is overwritten). coef_j · h_j is
-//      rounded to the activation dtype into shared memory at columns [j·r16, (j+1)·r16): H [64, KH],
-//      KH = k_valid · r16 <= 128 — the k adapters of a segment mixture become one GEMM with K = KH.
-//   2. expand: y_tile [64, 32] += H · Bcatᵀ per 32 output columns, Bcat [32, KH] = the rows of every
-//      B_j (r contiguous elements each, zero-padded to r16) again double buffered through cp.async;
-//      the epilogue adds base (or y in place) and writes y once.
+// Why the single fused kernel it replaces was ~290 µs over the base GEMM (H200, d = 4096, r = 16, bf16,
+// 4096 tokens in 32 segments of 128; no GPU in this session: SASS, geometry and latency reasoning):
+//  * grid: 64 real 64-token tiles x 2 d_out chunks = 128 blocks of 4 warps on 132 SMs — one block, 4
+//    warps, per SM; each block recomputed its tile's whole shrink (the 2 chunks twice).
+//  * the shrink was a chain of d_in / 32 = 128 dependent steps (double buffer: one 5 KiB cp.async step in
+//    flight, two block_syncs per step): ~128 HBM/L2 round trips, ~100 µs, whatever the bandwidth.
+//  * the expand then walked its 2048 columns in 64 steps of a 1 KiB B tile, again one round trip each,
+//    with the epilogue's base reads and y writes serialised behind them: ~50+ µs more.
+//  * x (32 MiB) was the only big operand streamed; A (128 KiB per adapter) was re-read from L2 per
+//    tile. So the kernel was latency bound at ~4 warps per SM, not bandwidth or FLOP bound.
+// Now:
+//   0. tile metadata on the device, no host sync (both kernels, prefill_tile): warp 0 walks the segments
+//      (32 per step) and finds the tile whose index is blockIdx.x among the pieces [gap before segment 0]
+//      [segment 0][gap]...[segment S-1][gap to T] (offsets clamped into [0, T] and made monotone, so any
+//      offsets stay in bounds and every token lies in exactly one piece); the grid is the upper bound
+//      ceil(T/64) + 2S + 1, blocks past the last tile exit.
+//   1. prefill_shrink_kernel, grid (tiles, ksplit): block (tile, s) multiplies x_tile [64, d_in slice s]
+//      · A_jᵀ for every valid slot j (mma.sync m16n8k16, warp w owns token rows 16w..16w+15, cp.async
+//      double buffer of 32-column steps) over d_in / ksplit columns only, and writes coef_j · its partial
+//      h to hp [ksplit, T, k·r16] (fp32; 2 MiB at ksplit = 8). ksplit fills ~4 blocks per SM (8 at
+//      the benchmark shape: 512 blocks, 16 steps each instead of 128). Deterministic: no atomics.
+//   2. prefill_expand_kernel, grid (tiles, chunks): sums the ksplit partials of its tile's rows (read
+//      from L2), rounds H [64, KH] (KH = k_valid · r16 <= 128: the k adapters of a segment mixture are
+//      one GEMM with K = KH) to the activation dtype in shared memory, then y_tile [64, 32] += H · Bcatᵀ
+//      per 32 output columns (Bcat [32, KH] = the rows of every B_j, double buffered through cp.async);
+//      the epilogue adds base (or y in place) and writes y once. No shrink is recomputed per chunk, so
+//      chunks fill ~4 blocks per SM (8 chunks: 512 blocks of 16 steps each). Gap tiles and tiles without
+//      a valid adapter write y = base (out of place).
 // Inputs whose rows are not 16-byte aligned (d_in or r not a multiple of 8, shifted pointers) take the
-// same kernel with synchronous element loads into the tiles (ASYNC = false): slower, same math.
+// same kernels with synchronous element loads into the tiles (ASYNC = false): slower, same math.
 //
-// FLOP/byte argument (d = 4096, r = 16, bf16, 4096 tokens in 32 segments of 128): per 64-token tile the
-// shrink is 2·64·16·4096 = 8.4 MFLOP over 64·4096·2 = 512 KiB of x (A, 128 KiB, stays in L2 across the
-// segment's tiles), the expand 8.4 MFLOP over 512 KiB of base read + y written: ~16 FLOP/byte, far below
-// the H100's ~300 FLOP/byte ridge, so the kernel is memory bound like the base GEMM's epilogue and its
-// floor is one read of x, one read of base and one write of y (~100 MiB: ~35 µs at 3 TB/s, vs the base
-// GEMM's ~186 µs). The tensor cores matter because the SIMT decode kernel would re-read A and B per token
-// (64x the L2 traffic) and spend 2·r·(d_in + d_out) FMAs per token on CUDA cores. h never leaves the chip.
-// Splitting d_out over grid.y (to fill the SMs when there are few tiles) recomputes the shrink per chunk.
+// Bytes (the floor: everything is memory bound, ~16 FLOP/byte vs the H100's ~300 ridge): shrink reads x
+// once (32 MiB) + A per tile from L2; expand reads base (32 MiB) + writes y (32 MiB) + B per tile from
+// L2; the workspace round trip is 2 x 2 MiB. ~100 MiB: ~30-35 µs at 3 TB/s, vs the base GEMM's ~180 µs.
+// MultiLoRALinear without bias drops the base read: lora_apply writes the delta (base_out=None) and the
+// base GEMM accumulates into it (addmm_, beta = 1, cuBLAS reads C in its epilogue).
+// Status: compiled (sm_80/sm_90a, no spills), emulated in CI; NOT yet run on a GPU.
 #pragma once
 
 #include "common/async.cuh"
@@ -50,6 +61,8 @@ constexpr int kLdS = kBK + 8;                  // padded rows (elements): 80 byt
 constexpr int kLdH = kMaxKH + 8;               // 272 bytes
 constexpr int kStage = (kBM + kMaxKH) * kLdS;  // one shrink stage: x tile [64][kLdS], A tile [r16][kLdS]
 constexpr int kMinTokensPerSegment = 32;       // auto switch: average tokens per segment for this path
+constexpr int kMaxKSplit = 16;                 // d_in split of the shrink
+constexpr int kMaxChunksExpand = 16;           // d_out split of the expand
 static_assert(2 * kBN * kLdH <= 2 * kStage, "the expand's B stages reuse the shrink's buffer");
 static_assert((kLdS * 2) % 16 == 0 && (kLdH * 2) % 16 == 0 && (kStage * 2) % 16 == 0, "16-byte rows");
 }  // namespace prefill
@@ -67,6 +80,14 @@ template <class T> inline const char* prefill_unsupported(const Args<T>& a) {
   }
 }
 
+template <class T>
+struct PrefillArgs {
+  Args<T> l;
+  float* hp;   // [ksplit, T, kh] partial codes (coef folded in), fp32
+  int ksplit;  // d_in split of the shrink (grid.y of prefill_shrink_kernel)
+  int kh;      // k · ceil16(r): hp's row stride
+};
+
 // At least 2 blocks of 128 threads per SM (<= 255 registers): with only the 128-thread bound ptxas
 // (CUDA 13.0) capped the sm_90a element-load variant at 128 registers and spilled 16 bytes. 48 KiB of
 // static shared memory per block allows 4 blocks per SM on sm_90 (H100), 3 on sm_80 (A100).
@@ -76,17 +97,13 @@ template <class T> inline const char* prefill_unsupported(const Args<T>& a) {
 #define MK_LORA_PREFILL_BOUNDS __launch_bounds__(prefill::kBlock, 2)
 #endif
 
-// sass-budget: mk::lora::prefill_kernel block=128 regs<=160 spill=0 hot
-template <class T, bool ASYNC>
-MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
+// Phase 0 of both kernels, all threads: which tile blockIdx.x is (see the header) -> meta = {m0, m1, row
+// (-1 gap, -2 past the end), k_valid, ids...}, scoef = the valid slots' coefficients.
+template <class T>
+MK_DEVICE void prefill_tile(const Args<T>& a, int32_t* meta, float* scoef) {
   using namespace prefill;
-  MK_SHARED_ARRAY_ALIGNED(16, T, stage, 2 * kStage);
-  MK_SHARED_ARRAY_ALIGNED(16, T, hs, kBM * kLdH);
-  MK_SHARED_ARRAY(int32_t, meta, 4 + kMaxSlots);  // m0, m1, row (-1 gap, -2 past the end), k_valid, ids
-  MK_SHARED_ARRAY(float, scoef, kMaxSlots);
   const int64_t T_ = a.tokens;
-
-  // 0. which tile (see the header): warp 0 walks the pieces 32 at a time, one per lane (max-scan of the
+  // warp 0 walks the pieces 32 at a time, one per lane (max-scan of the
   // clamped ends, sum-scan of their tile counts, ballot for the piece holding tile blockIdx.x)
   const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
   if (warp == 0) {
@@ -129,11 +146,9 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
     if (lane == 0) {
       int nv = 0;
       for (int j = 0; row >= 0 && j < a.k; ++j) {
-        const int id = a.ids[static_cast<int64_t>(row) * a.k + j];
-        if (id < 0 || id >= a.N) continue;
-        const float c = (a.weights != nullptr ? a.weights[static_cast<int64_t>(row) * a.k + j] : 1.f) *
-                        (a.scale != nullptr ? a.scale[id] : a.scale_value);
-        if (c == 0.f) continue;
+        float c = 0.f;
+        const int id = slot_adapter(a, row, true, j, c);
+        if (id < 0) continue;
         meta[4 + nv] = id;
         scoef[nv] = c;
         ++nv;
@@ -145,25 +160,29 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
     }
   }
   block_sync();
+}
+
+// sass-budget: mk::lora::prefill_shrink_kernel block=128 regs<=160 spill=0 hot
+template <class T, bool ASYNC>
+MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_shrink_kernel(const PrefillArgs<T> p) {
+  using namespace prefill;
+  const Args<T>& a = p.l;
+  MK_SHARED_ARRAY_ALIGNED(16, T, stage, 2 * kStage);
+  MK_SHARED_ARRAY(int32_t, meta, 4 + kMaxSlots);
+  MK_SHARED_ARRAY(float, scoef, kMaxSlots);
+  const int64_t T_ = a.tokens;
+  const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
+  prefill_tile(a, meta, scoef);
   const int64_t m0 = meta[0], m1 = meta[1];
   const int nv = meta[3];
-  if (meta[2] == -2) return;  // block-uniform: past the last tile
-  const int64_t cw = ceil_div(ceil_div(a.d_out, gridDim.y), kBN) * kBN;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * cw, c1 = std::min<int64_t>(a.d_out, c0 + cw);
-  if (c0 >= c1) return;
-  if (nv == 0) {  // gap or no adapter: the base passes through
-    if (!a.accumulate)
-      for (int64_t e = threadIdx.x; e < (m1 - m0) * (c1 - c0); e += kBlock) {
-        const int64_t t = m0 + e / (c1 - c0), o = c0 + e % (c1 - c0);
-        a.y[t * a.d_out + o] = a.base != nullptr ? a.base[t * a.d_out + o] : from_acc<T>(0.f);
-      }
-    return;
-  }
-
-  const int r = a.r, r16 = static_cast<int>(ceil_div(r, 16)) * 16, KH = nv * r16, d_in = a.d_in;
+  if (meta[2] < 0 || nv == 0) return;  // block-uniform: gap, past the end, or no adapter (H not read)
+  const int r = a.r, r16 = static_cast<int>(ceil_div(r, 16)) * 16, d_in = a.d_in;
   const T zero = from_acc<T>(0.f);
+  const int ks = blockIdx.y, nk = static_cast<int>(ceil_div(d_in, kBK));
+  const int sps = static_cast<int>(ceil_div(nk, p.ksplit));
+  const int kt0 = std::min(nk, ks * sps), kt1 = std::min(nk, kt0 + sps);  // empty: writes zeros
 
-  // 1. shrink, slot by slot, into H
+  // shrink, slot by slot, over this block's d_in steps [kt0, kt1), into its partial of H
   for (int j = 0; j < nv; ++j) {
     const T* Aj = a.A + static_cast<int64_t>(meta[4 + j]) * r * d_in;
     auto load = [&](int s, int k0) {  // x rows [m0, m0+64) and A_j rows [0, r16), columns [k0, k0+32)
@@ -192,15 +211,15 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
       }
     };
     float acc[kMaxKH / 8][4] = {};
-    const int nk = static_cast<int>(ceil_div(d_in, kBK));
-    load(0, 0);
+    if (kt0 < kt1) load(0, kt0 * kBK);
     cp_async_commit_group();
-    for (int kt = 0; kt < nk; ++kt) {
-      if (kt + 1 < nk) load((kt + 1) & 1, (kt + 1) * kBK);
+    for (int kt = kt0; kt < kt1; ++kt) {
+      const int s = (kt - kt0) & 1;
+      if (kt + 1 < kt1) load(s ^ 1, (kt + 1) * kBK);
       cp_async_commit_group();
       cp_async_wait_group<1>();  // step kt's tiles have landed (this thread's copies)
       block_sync();              // ... and every thread's
-      const T* sx = stage + (kt & 1) * kStage;
+      const T* sx = stage + s * kStage;
       const T* sa = sx + kBM * kLdS;
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
@@ -225,11 +244,50 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const RowCol rc = mma_c_coord(lane, i);
-        hs[(warp * 16 + rc.row) * kLdH + j * r16 + nt * 8 + rc.col] = from_acc<T>(cj * acc[nt][i]);
+        const int64_t t = m0 + warp * 16 + rc.row;  // rows past m1 belong to the next tile: not written
+        if (t < m1) p.hp[(static_cast<int64_t>(ks) * T_ + t) * p.kh + j * r16 + nt * 8 + rc.col] = cj * acc[nt][i];
       }
     }
   }
-  block_sync();  // H complete (each warp reads only its own rows, but the stage buffer is reused below)
+}
+
+// sass-budget: mk::lora::prefill_expand_kernel block=128 regs<=160 spill=0 hot
+template <class T, bool ASYNC>
+MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_expand_kernel(const PrefillArgs<T> p) {
+  using namespace prefill;
+  const Args<T>& a = p.l;
+  MK_SHARED_ARRAY_ALIGNED(16, T, stage, 2 * kBN * kLdH);
+  MK_SHARED_ARRAY_ALIGNED(16, T, hs, kBM * kLdH);
+  MK_SHARED_ARRAY(int32_t, meta, 4 + kMaxSlots);
+  MK_SHARED_ARRAY(float, scoef, kMaxSlots);
+  const int64_t T_ = a.tokens;
+  const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
+  prefill_tile(a, meta, scoef);
+  const int64_t m0 = meta[0], m1 = meta[1];
+  const int nv = meta[3];
+  if (meta[2] == -2) return;  // block-uniform: past the last tile
+  const int64_t cw = ceil_div(ceil_div(a.d_out, gridDim.y), kBN) * kBN;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * cw, c1 = std::min<int64_t>(a.d_out, c0 + cw);
+  if (c0 >= c1) return;
+  if (nv == 0) {  // gap or no adapter: the base passes through
+    if (!a.accumulate)
+      for (int64_t e = threadIdx.x; e < (m1 - m0) * (c1 - c0); e += kBlock) {
+        const int64_t t = m0 + e / (c1 - c0), o = c0 + e % (c1 - c0);
+        a.y[t * a.d_out + o] = a.base != nullptr ? a.base[t * a.d_out + o] : from_acc<T>(0.f);
+      }
+    return;
+  }
+  const int r = a.r, r16 = static_cast<int>(ceil_div(r, 16)) * 16, KH = nv * r16;
+  const T zero = from_acc<T>(0.f);
+  // H tile [64, KH] = the sum of the shrink's ksplit partials (fp32, L2), rounded once to T
+  for (int e = threadIdx.x; e < kBM * KH; e += kBlock) {
+    const int m = e / KH, c = e % KH;
+    float v = 0.f;
+    if (m0 + m < m1)
+      for (int ks = 0; ks < p.ksplit; ++ks) v += p.hp[(static_cast<int64_t>(ks) * T_ + m0 + m) * p.kh + c];
+    hs[m * kLdH + c] = from_acc<T>(v);
+  }
+  block_sync();
 
   // 2. expand: 32 output columns per step, B tiles double buffered
   auto load_b = [&](int s, int64_t o0) {  // Bcat rows [o0, o0+32), columns [0, KH)
@@ -288,18 +346,34 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_kernel(const Args<T> a) {
   }
 }
 
-// Launcher: prefill_unsupported(a) == nullptr, a.tokens > 0, a.d_out > 0.
-template <class T>
-cudaError_t launch_prefill(const Args<T>& a, int num_sms, cudaStream_t stream) {
+// Workspace of the prefill path: the shrink's partials [ksplit, T, k · ceil16(r)] fp32.
+inline int prefill_ksplit(int64_t tokens, int segs, int d_in, int num_sms) {
   using namespace prefill;
+  const int64_t real_tiles = ceil_div(tokens, kBM) + segs;  // about: one partial tile per segment
+  const int64_t nk = ceil_div(d_in, kBK);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * int64_t(num_sms), real_tiles), nk, kMaxKSplit})));
+}
+inline size_t prefill_workspace_bytes(int64_t tokens, int k, int r, int ksplit) {
+  return static_cast<size_t>(ksplit) * tokens * k * ceil_div(r, 16) * 16 * sizeof(float);
+}
+
+// Launcher: prefill_unsupported(p.l) == nullptr, tokens > 0, d_out > 0; p.hp sized by
+// prefill_workspace_bytes(.., p.ksplit), p.kh = k · ceil16(r).
+template <class T>
+cudaError_t launch_prefill(const PrefillArgs<T>& p, int num_sms, cudaStream_t stream) {
+  using namespace prefill;
+  const Args<T>& a = p.l;
   const int64_t tiles = ceil_div(a.tokens, kBM) + 2 * static_cast<int64_t>(a.segs) + 1;  // upper bound
-  const int64_t real_tiles = ceil_div(a.tokens, kBM) + a.segs;  // about: one partial tile per segment
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({ceil_div(num_sms, real_tiles), ceil_div(a.d_out, 2 * kBN), kMaxChunks}));
+  const int64_t real_tiles = ceil_div(a.tokens, kBM) + a.segs;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * int64_t(num_sms), real_tiles),
+                                                                  ceil_div(a.d_out, 2 * kBN), kMaxChunksExpand}));
   const bool async = pick_vec<T>(std::gcd(a.d_in, a.r), {a.x, a.A, a.B}) * sizeof(T) == 16;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
   if constexpr (sizeof(T) == 2) {
-    auto kernel = async ? prefill_kernel<T, true> : prefill_kernel<T, false>;
-    MK_LAUNCH(kernel, grid, dim3(kBlock), 0, stream, a);
+    auto shrink = async ? prefill_shrink_kernel<T, true> : prefill_shrink_kernel<T, false>;
+    MK_LAUNCH(shrink, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.ksplit)), dim3(kBlock), 0, stream, p);
+    if (const cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
+    auto expand = async ? prefill_expand_kernel<T, true> : prefill_expand_kernel<T, false>;
+    MK_LAUNCH(expand, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), dim3(kBlock), 0, stream, p);
   }
   return last_launch_error();
 }

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.lora import lora_apply
+from ..ops import lora as _lora
+from ..ops.lora import lora_apply, lora_linear
 
 
 def _check_config(num_adapters: int, r: int, dropout: float) -> None:
@@ -95,16 +96,35 @@ class MultiLoRALinear(nn.Module):
         (modules deep in a model should get validated metadata and pass False)."""
         forms = dict(ids=adapter_ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
         routed = any(v is not None for v in forms.values())
-        base = F.linear(x, self.weight, self.bias)
         if not routed:
-            return base
+            return F.linear(x, self.weight, self.bias)
         if self._merged:
             raise ValueError(f"MultiLoRALinear: adapter(s) {self._merged} are merged into the weight; unmerge() "
                              "before routing adapters")
+        if self._plain(x):
+            T = x.numel() // max(x.shape[-1], 1)
+            if T <= _lora.LINEAR_FUSED_MAX_TOKENS:  # decode: one pass over W applies the adapters too (CUDA)
+                return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                   validate=validate, **forms)
+            if self.bias is None:
+                # prefill: the LoRA delta first, then the base GEMM accumulates into it (beta = 1: cuBLAS
+                # reads it in its epilogue) — no pass of the LoRA kernel over a base output
+                y = lora_apply(x, self.lora_A, self.lora_B, self.scaling, validate=validate, **forms)
+                y.view(T, self.out_features).addmm_(x.reshape(T, self.in_features), self.weight.t())
+                return y
+        base = F.linear(x, self.weight, self.bias)
         act = base.dtype
         xa = self.lora_dropout(x).to(act)
         return lora_apply(xa, self.lora_A.to(act), self.lora_B.to(act), self.scaling, base_out=base,
                           validate=validate, **forms)
+
+    def _plain(self, x: Tensor) -> bool:
+        """One dtype everywhere, no autocast, no active dropout: the layer may take the fused paths."""
+        W = self.weight
+        return (x.dtype == W.dtype and self.lora_A.dtype == W.dtype and self.lora_B.dtype == W.dtype
+                and (self.bias is None or self.bias.dtype == W.dtype)
+                and not torch.is_autocast_enabled(x.device.type)
+                and (not self.training or isinstance(self.lora_dropout, nn.Identity)))
 
     # -- merge / unmerge -----------------------------------------------------------------------------
 

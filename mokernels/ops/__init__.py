@@ -13,12 +13,13 @@ from .lora import (  # noqa: E402
     lora_apply_,
     lora_apply_reference,
     lora_expand,
+    lora_linear,
     lora_shared_apply,
     lora_shared_apply_reference,
     lora_shrink,
 )
 
-__all__ += ["lora_apply", "lora_apply_", "lora_shared_apply", "lora_shrink", "lora_expand", "lora_apply_reference",
+__all__ += ["lora_apply", "lora_apply_", "lora_linear", "lora_shared_apply", "lora_shrink", "lora_expand", "lora_apply_reference",
             "lora_shared_apply_reference"]
 
 from .householder import (  # noqa: E402

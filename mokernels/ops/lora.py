@@ -62,17 +62,19 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype
+from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype, grad_or_tangent
 from ._checks import is_eager as _is_eager
 from .router import Routing
 
 _OP = "lora"
 MAX_RANK = 128  # kernel limit on r (h lives in shared memory); larger ranks: ValueError
+LINEAR_FUSED_MAX_TOKENS = 32  # lora_linear / MultiLoRALinear: the fused pass over W up to this many tokens (0: off)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 __all__ = [
     "lora_apply",
     "lora_apply_",
+    "lora_linear",
     "lora_shared_apply",
     "lora_shrink",
     "lora_expand",
@@ -295,6 +297,121 @@ def _prepare(x, A, B, scale, forms: dict, base_out, validate: bool, op: str, bas
 # Public API
 
 
+# ------------------------------------------------------------------------------------------------
+# Hot path (validate=False, eager or traced): the canonical arguments without the general form
+# handling above. Host work per call was ~50 µs of Python (measured on the dev CPU; the benchmark's
+# decode rows time it, since ~65 µs of L2 flush is all the head start the host gets) plus ~15 µs of
+# the register_autograd Python layer; the CUDA launches per call were: the LoRA kernel, plus clamp and
+# int32 conversion for int64 ids (2), plus torch.full for a float scale (1). Now: plain tensors in the
+# canonical dtypes (int32 ids/offsets, fp32 weights and scale, or a float scale: cached) take this path
+# with one op call and no other ATen op but views; anything else falls back to the general path (same
+# results, same errors). The op re-checks every shape, dtype and device (C++ on CUDA, _check_op on CPU).
+
+_SCALE_CACHE: dict = {}
+
+
+def _cached_scale(scale: float, N: int, like: Tensor) -> Tensor:
+    """``torch.full((N,), scale)`` in the accumulation dtype on ``like``'s device, built once (a constant
+    input: safe under CUDA-graph capture, never written)."""
+    acc = acc_dtype(like.dtype)
+    key = (float(scale), N, like.device, acc)
+    t = _SCALE_CACHE.get(key)
+    if t is None:
+        if len(_SCALE_CACHE) > 256:
+            _SCALE_CACHE.clear()
+        t = _SCALE_CACHE[key] = torch.full((N,), float(scale), dtype=acc, device=like.device)
+    return t
+
+
+def _fast_routing(lead, T: int, ids, segments, mixture, segment_mixture, acc):
+    """Canonical ``(ids [R, k], weights, offsets)`` as views when the public form is already in the ops'
+    dtypes (int32 ids/offsets, ``acc`` weights) and shapes; else None (the general path decides)."""
+    i32 = torch.int32
+    if ids is not None:
+        if segments is None and mixture is None and segment_mixture is None and type(ids) is Tensor \
+                and ids.dtype == i32 and (ids.shape == lead or (ids.dim() == 1 and ids.shape[0] == T)):
+            return ids.reshape(T, 1), None, None
+        return None
+    if segments is not None:
+        if mixture is None and segment_mixture is None and type(segments) is tuple and len(segments) == 2:
+            off, sid = segments
+            if type(off) is Tensor and type(sid) is Tensor and off.dtype == i32 and sid.dtype == i32 \
+                    and off.dim() == 1 and sid.dim() == 1 and sid.shape[0] == off.shape[0] - 1:
+                return sid.reshape(-1, 1), None, off
+        return None
+    if mixture is not None:
+        if segment_mixture is None and (type(mixture) is Routing or (type(mixture) is tuple and len(mixture) == 2)):
+            mi, mw = (mixture.ids, mixture.weights) if type(mixture) is Routing else mixture
+            if type(mi) is Tensor and type(mw) is Tensor and mi.dtype == i32 and mw.dtype == acc and mi.dim() >= 1 \
+                    and mw.shape == mi.shape and (mi.shape[:-1] == lead or (mi.dim() == 2 and mi.shape[0] == T)):
+                k = mi.shape[-1]
+                return mi.reshape(T, k), mw.reshape(T, k), None
+        return None
+    if segment_mixture is not None and type(segment_mixture) is tuple and len(segment_mixture) in (2, 3):
+        off = segment_mixture[0]
+        if len(segment_mixture) == 3:
+            sid, sw = segment_mixture[1], segment_mixture[2]
+        elif type(segment_mixture[1]) is Routing:
+            sid, sw = segment_mixture[1].ids, segment_mixture[1].weights
+        else:
+            return None
+        if type(off) is Tensor and type(sid) is Tensor and type(sw) is Tensor and off.dtype == i32 and off.dim() == 1 \
+                and sid.dtype == i32 and sw.dtype == acc and sid.dim() == 2 and sw.shape == sid.shape \
+                and sid.shape[0] == off.shape[0] - 1:
+            return sid, sw, off
+    return None
+
+
+def _fast_prepare(x, A, B, scale, ids, segments, mixture, segment_mixture, base_out):
+    """``(lead, T, d_out, ids, weights, offsets, scale [N], base [T, d_out] | None)`` or None."""
+    if not (type(x) is Tensor and type(A) is Tensor and type(B) is Tensor and x.dim() >= 1 and A.dim() == 3
+            and B.dim() == 3):
+        return None
+    N, d_out = B.shape[0], B.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if type(scale) is Tensor:
+        if scale.dtype != acc or scale.shape != (N,) or scale.requires_grad:
+            return None
+    elif type(scale) is not float and type(scale) is not int:
+        return None
+    lead = x.shape[:-1]
+    T = 1
+    for n in lead:
+        T *= n
+    rt = _fast_routing(lead, T, ids, segments, mixture, segment_mixture, acc)
+    if rt is None:
+        return None
+    s = scale if type(scale) is Tensor else _cached_scale(scale, N, x)
+    base = None
+    if base_out is not None:
+        if type(base_out) is not Tensor or base_out.shape[:-1] != lead or base_out.dim() != x.dim():
+            return None
+        base = base_out.reshape(T, base_out.shape[-1])
+    return lead, T, d_out, rt[0], rt[1], rt[2], s, base
+
+
+def _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture, base_out, validate: bool, op: str,
+                 base_name: str = "base_out"):
+    """``(lead, T, d_out, ids, weights, offsets, scale, base)``: the hot path when it applies (no
+    validation asked, canonical dtypes), else the general form handling with its checks."""
+    fast = None if validate and _is_eager() else _fast_prepare(x, A, B, scale, ids, segments, mixture,
+                                                               segment_mixture, base_out)
+    if fast is not None:
+        return fast
+    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
+    lead, T, d_out, (i, w, off), s, base = _prepare(x, A, B, scale, forms, base_out, validate, op, base_name)
+    return lead, T, d_out, i, w, off, s, base
+
+
+def _call_op(op, grad_ts, *args):
+    """The op through its autograd kernel only when autograd may see an input (the Python layer of
+    register_autograd costs ~10-15 µs per call even when nothing needs a gradient)."""
+    if grad_or_tangent(*grad_ts) or not _is_eager("cpu"):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def lora_apply(
     x: Tensor,
     A: Tensor,
@@ -326,9 +443,10 @@ def lora_apply(
         ``[..., d_out]`` in x's dtype: ``base_out + delta`` (or the delta alone).
     Differentiable in x, A, B, mixture weights and base_out.
     """
-    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
-    lead, T, d_out, (i, w, off), s, base = _prepare(x, A, B, scale, forms, base_out, validate, "lora_apply")
-    y = torch.ops.mokernels.lora_apply(x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
+    lead, T, d_out, i, w, off, s, base = _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture,
+                                                      base_out, validate, "lora_apply")
+    grad_ts = (x, A, B) if w is None and base is None else tuple(t for t in (x, A, B, w, base) if t is not None)
+    y = _call_op(torch.ops.mokernels.lora_apply, grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
     return y.reshape(*lead, d_out)
 
 
@@ -348,8 +466,8 @@ def lora_apply_(
     """In-place (inference): ``out += Σ_j w_j scale[i_j] B[i_j] A[i_j] x``; ``out [..., d_out]`` in x's
     dtype and contiguous (e.g. the base layer's output). Returns ``out``. Arguments as :func:`lora_apply`.
     Not differentiable (use :func:`lora_apply` with ``base_out=`` for training)."""
-    forms = dict(ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture)
-    lead, T, d_out, (i, w, off), s, o2 = _prepare(x, A, B, scale, forms, out, validate, "lora_apply_", "out")
+    lead, T, d_out, i, w, off, s, o2 = _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture, out,
+                                                    validate, "lora_apply_", "out")
     if torch.is_grad_enabled():
         grads = [n for n, t in (("out", out), ("x", x), ("A", A), ("B", B), ("mixture weights", w))
                  if t is not None and t.requires_grad]
@@ -361,6 +479,49 @@ def lora_apply_(
            "while other blocks write out); pass a copy of x or use lora_apply")
     torch.ops.mokernels.lora_apply_(o2, x.reshape(T, x.shape[-1]), A, B, s, i, w, off)
     return out
+
+
+def lora_linear(
+    x: Tensor,
+    W: Tensor,
+    bias: Optional[Tensor],
+    A: Tensor,
+    B: Tensor,
+    scale,
+    *,
+    ids: Optional[Tensor] = None,
+    segments=None,
+    mixture=None,
+    segment_mixture=None,
+    validate: bool = True,
+) -> Tensor:
+    """The whole multi-LoRA linear layer: ``y = x Wᵀ + bias + Σ_j w_j scale[i_j] B[i_j] A[i_j] x``.
+
+    Args:
+        x: ``[..., d_in]``; W: ``[d_out, d_in]`` and bias ``[d_out]`` or None (the base layer), x's dtype;
+        A, B, scale, routing forms, validate: as :func:`lora_apply`.
+    Returns:
+        ``[..., d_out]`` in x's dtype.
+
+    Kernels: fp16/bf16 CUDA inputs with at most ``LINEAR_FUSED_MAX_TOKENS`` tokens and no gradient needed
+    take the fused pass over W (``csrc/kernels/lora_fused_w.cuh``: W streamed once on tensor cores with
+    the LoRA expand in its epilogue, the shrink in a small first kernel); every other case (CPU, fp32,
+    larger T, autograd) is ``lora_apply(x, A, B, scale, base_out=F.linear(x, W, bias))`` — the same
+    values up to summation order.
+    """
+    op = "lora_linear"
+    expect(isinstance(W, Tensor) and W.dim() == 2, op, "W must be a [d_out, d_in] tensor")
+    expect(bias is None or isinstance(bias, Tensor), op, "bias must be a [d_out] tensor or None")
+    if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and x.dim() >= 1
+            and x.numel() <= LINEAR_FUSED_MAX_TOKENS * x.shape[-1] and not grad_or_tangent(x, W, A, B)
+            and (bias is None or not grad_or_tangent(bias))):
+        lead, T, d_out, i, w, off, s, _ = _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture, None,
+                                                       validate, op)
+        y = torch.ops.mokernels.lora_linear(x.reshape(T, x.shape[-1]), W, bias, A, B, s, i, w, off)
+        return y.reshape(*lead, d_out)
+    base = torch.nn.functional.linear(x, W, bias)
+    return lora_apply(x, A, B, scale, ids=ids, segments=segments, mixture=mixture, segment_mixture=segment_mixture,
+                      base_out=base, validate=validate)
 
 
 def lora_shared_apply(
@@ -700,6 +861,39 @@ def _cpu_(out, x, A, B, scale, ids, weights, offsets):
     _check_op_base(x, out, T, d_out, "lora_apply_")
     with torch.no_grad():
         out.copy_(lora_apply_reference(x, A, B, scale, ids, weights, offsets, out))
+
+
+def _check_linear_op(x, W, bias, A, B, scale, ids, weights, offsets):
+    op = "lora_linear"
+    T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, op)
+    expect(W.dim() == 2 and tuple(W.shape) == (d_out, x.shape[1]), op,
+           f"W must be [d_out, d_in] = [{d_out}, {x.shape[1]}], got {list(W.shape)}")
+    expect_dtype(op, "W", W, like=x)
+    expect(W.device == x.device, op, f"W is on {W.device} but x is on {x.device}")
+    if bias is not None:
+        expect(tuple(bias.shape) == (d_out,), op, f"bias must be [d_out] = [{d_out}], got {list(bias.shape)}")
+        expect_dtype(op, "bias", bias, like=x)
+        expect(bias.device == x.device, op, f"bias is on {bias.device} but x is on {x.device}")
+    return T, d_out
+
+
+@torch.library.register_fake("mokernels::lora_linear")
+def _fake_linear(x, W, bias, A, B, scale, ids, weights, offsets):
+    T, d_out = _check_linear_op(x, W, bias, A, B, scale, ids, weights, offsets)
+    return x.new_empty((T, d_out))
+
+
+def lora_linear_reference(x, W, bias, A, B, scale, ids, weights=None, offsets=None) -> Tensor:
+    """The op ``lora_linear`` on canonical arguments: ``F.linear(x, W, bias)`` rounded to x's dtype (as
+    the unfused layer computes it), plus the LoRA delta of :func:`lora_apply_reference` in fp32."""
+    return lora_apply_reference(x, A, B, scale, ids, weights, offsets, torch.nn.functional.linear(x, W, bias))
+
+
+@torch.library.register_kernel("mokernels::lora_linear", "cpu")
+def _cpu_linear(x, W, bias, A, B, scale, ids, weights, offsets):
+    _check_linear_op(x, W, bias, A, B, scale, ids, weights, offsets)
+    with torch.no_grad():
+        return lora_linear_reference(x, W, bias, A, B, scale, ids, weights, offsets).contiguous()
 
 
 def _setup(ctx, inputs, output):
