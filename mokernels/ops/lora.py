@@ -50,7 +50,9 @@ raises unless grad mode is off (``torch.no_grad()`` / ``torch.inference_mode()``
 Autocast: the ops run in the activations' dtype; cast fp32 adapter parameters to it before the call
 (``MultiLoRALinear`` does: under autocast its fp32 ``lora_A`` / ``lora_B`` are used in the dtype of the
 base layer's output, and their gradients flow back to the fp32 parameters through the cast). Mixed
-dtypes are a ValueError, never a silent upcast.
+dtypes are a ValueError, never a silent upcast. The ops are autocast-neutral (kernels at the Autocast
+keys, end of this file): no argument is cast, and the CPU reference keeps its fp32 accumulation inside
+an autocast region.
 
 Kernels: CUDA tensors run the fused SIMT kernel of ``csrc/kernels/lora.cuh`` (shrink -> expand per
 token, ``h`` kept on chip; sized for decode); CPU tensors run the reference :func:`lora_apply_reference`.
