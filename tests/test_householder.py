@@ -3,6 +3,8 @@ sequential loop vs PEFT), properties (orthogonality, identity init, merge), grad
 emulated fused kernel vs the sequential reference."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -173,19 +175,37 @@ def test_bad_inputs():
 # ---------------------------------------------------------------- the op and the fused kernels
 
 # (dtype, L, N, D, transpose): odd D (scalar access), vector widths 2/4/8, several column chunks per thread
-# (D = 1030 fp32: 3 vec-2 chunks; 2056 fp16), a partial last row tile, L in {1, 2, 7, 8, 9, 32, 64} (one to
-# eight 8-reflection groups), fp64; D = 3076 fp32 does not fit the shared-memory stage (x re-read path).
+# (D = 1030 fp32: 3 vec-2 chunks; 2056 fp16), a partial last row tile, L in {1, 2, 7, 8, 9, 32, 40} (one to
+# ten reflection groups; L = 40 also loops the t = K s phase), fp64; D = 3076 fp32 does not fit the shared-memory stage (x re-read path).
 KERNEL_CASES = [
     (torch.float32, 1, 3, 5, False),
     (torch.float16, 2, 9, 33, True),
     (torch.bfloat16, 7, 17, 64, False),
     (torch.float32, 8, 8, 1030, True),
     (torch.bfloat16, 32, 5, 40, False),
-    (torch.float64, 64, 3, 24, True),
+    (torch.float64, 40, 3, 24, True),
     (torch.float16, 9, 20, 2056, False),
     (torch.float32, 3, 9, 3076, False),
 ]
 KERNEL = pytest.mark.parametrize("dtype,L,N,D,transpose", KERNEL_CASES)
+
+
+def _need_op(ns_ops, what):
+    """A prebuilt extension from before this op (another branch's checkout) lacks it: skip with the reason
+    locally, fail where the build is required (CI sets MOKERNELS_REQUIRE_EMU=1)."""
+    try:
+        getattr(ns_ops, "householder_apply")
+    except (AttributeError, RuntimeError):
+        msg = f"{what} lacks householder_apply: rebuild the extension (python setup.py build_ext --inplace)"
+        if os.environ.get("MOKERNELS_REQUIRE_EMU") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return ns_ops
+
+
+@pytest.fixture
+def hh_ops(emu_ops):
+    return _need_op(emu_ops, "the emulation module")
 
 
 def kernel_tol(dtype, L):
@@ -198,9 +218,9 @@ def kernel_tol(dtype, L):
 
 @pytest.mark.emu
 @KERNEL
-def test_emulated_forward(emu_ops, dtype, L, N, D, transpose):
+def test_emulated_forward(hh_ops, dtype, L, N, D, transpose):
     x, U = rand(N, D, dtype=dtype), rand(L, D, dtype=dtype)
-    out, s = emu_ops.householder_apply(x, U, transpose, 1e-12, True)
+    out, s = hh_ops.householder_apply(x, U, transpose, 1e-12, True)
     assert out.shape == x.shape and out.dtype == dtype and s.shape == (N, L)
     want = householder_sequential_reference(x.double(), U.double(), transpose=transpose)
     torch.testing.assert_close(out, want.to(dtype), **kernel_tol(dtype, L))
@@ -208,26 +228,27 @@ def test_emulated_forward(emu_ops, dtype, L, N, D, transpose):
     torch.testing.assert_close(s.double(), x.double() @ Y.T, rtol=1e-5, atol=1e-5 * D ** 0.5)
 
 
+# Sizes (N, D) with N·D > SMALL_WORK keep the cases that test values, not memory behaviour, out of the TSan pass.
 @pytest.mark.emu
-@pytest.mark.parametrize("init", ["pairs", "zero_row", "empty"])
-def test_emulated_special_vectors(emu_ops, init):
-    x = rand(6, 24, dtype=torch.float32)
-    U = rand(4, 24, dtype=torch.float32)
+@pytest.mark.parametrize("init,N,D", [("pairs", 9, 64), ("zero_row", 9, 64), ("empty", 9, 64)])
+def test_emulated_special_vectors(hh_ops, init, N, D):
+    x = rand(N, D, dtype=torch.float32)
+    U = rand(4, D, dtype=torch.float32)
     if init == "pairs":  # identity init: the chain is the identity
         U = U[[0, 0, 1, 1]].contiguous()
     elif init == "zero_row":  # documented eps: a zero vector is the identity
         U[2] = 0
     else:
         U = U[:0]
-    out, _ = emu_ops.householder_apply(x, U, False, 1e-12, False)
+    out, _ = hh_ops.householder_apply(x, U, False, 1e-12, False)
     want = x if init == "pairs" else householder_apply_reference(x, U)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.emu
-@pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 5, 9, 21, False), (torch.float32, 8, 7, 64, True),
-                                                  (torch.bfloat16, 3, 4, 16, False)])
-def test_emulated_backward(emu_ops, dtype, L, N, D, transpose):
+@pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 5, 9, 64, False), (torch.float32, 8, 9, 64, True),
+                                                  (torch.bfloat16, 3, 9, 64, False)])
+def test_emulated_backward(hh_ops, dtype, L, N, D, transpose):
     from mokernels.ops.householder import kernel_backward
 
     x = rand(N, D, dtype=dtype).requires_grad_()
@@ -235,7 +256,7 @@ def test_emulated_backward(emu_ops, dtype, L, N, D, transpose):
     out = householder_sequential_reference(x, U, transpose=transpose)
     grad = rand(N, D, dtype=dtype)
     want = torch.autograd.grad(out, (x, U), grad)
-    got = kernel_backward(emu_ops, grad, x.detach(), U.detach(), transpose, 1e-12)
+    got = kernel_backward(hh_ops, grad, x.detach(), U.detach(), transpose, 1e-12)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     if dtype == torch.bfloat16:  # autograd of the reference rounds its intermediates to bf16; compare in fp64
         want = householder_apply_backward_reference(grad.double(), x.detach().double(), U.detach().double(),
@@ -247,38 +268,52 @@ def test_emulated_backward(emu_ops, dtype, L, N, D, transpose):
 
 
 @pytest.mark.emu
-def test_emulated_backward_with_projection_grad(emu_ops):
+@pytest.mark.parametrize("N,D", [(9, 64)])
+def test_emulated_backward_with_projection_grad(hh_ops, N, D):
     """The op's second output s = x Yᵀ is differentiable too (grad_s flows to x and U)."""
     from mokernels.ops.householder import kernel_backward
 
-    x, U = rand(5, 12).requires_grad_(), rand(3, 12).requires_grad_()
+    x, U = rand(N, D).requires_grad_(), rand(3, D).requires_grad_()
     Y, _ = householder_wy(U)
     out, s = householder_apply_reference(x, U), x @ Y.T
-    g, gs = rand(5, 12), rand(5, 3)
+    g, gs = rand(N, D), rand(N, 3)
     want = torch.autograd.grad((out * g).sum() + (s * gs).sum(), (x, U))
-    got = kernel_backward(emu_ops, g, x.detach(), U.detach(), False, 1e-12, grad_s=gs)
+    got = kernel_backward(hh_ops, g, x.detach(), U.detach(), False, 1e-12, grad_s=gs)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.emu
-def test_emulated_bad_inputs(emu_ops):
+def test_emulated_bad_inputs(hh_ops):
     x = rand(3, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="L <= 64"):
-        emu_ops.householder_apply(x, rand(65, 8, dtype=torch.float32), False, 1e-12, False)
+        hh_ops.householder_apply(x, rand(65, 8, dtype=torch.float32), False, 1e-12, False)
     with pytest.raises(ValueError, match=r"U must be \[L, D\]"):
-        emu_ops.householder_apply(x, rand(2, 9, dtype=torch.float32), False, 1e-12, False)
+        hh_ops.householder_apply(x, rand(2, 9, dtype=torch.float32), False, 1e-12, False)
     with pytest.raises(ValueError, match="dtype"):
-        emu_ops.householder_apply(x, rand(2, 8), False, 1e-12, False)
+        hh_ops.householder_apply(x, rand(2, 8), False, 1e-12, False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
-    from mokernels.ops.householder import _HAS_OP
+@pytest.mark.parametrize("transpose,return_s", [(False, True), (True, False)])
+def test_opcheck(transpose, return_s):
+    _need_op(torch.ops.mokernels, "the loaded _C")
+    x, U = rand(2, 3, 10, dtype=torch.float32).requires_grad_(), rand(4, 10, dtype=torch.float32).requires_grad_()
+    torch.library.opcheck(torch.ops.mokernels.householder_apply.default, (x, U, transpose, 1e-12, return_s))
 
-    if not _HAS_OP:
-        pytest.fail("the loaded extension lacks mokernels::householder_apply (rebuild)")
-    x, U = rand(2, 3, 10, dtype=dtype).requires_grad_(), rand(4, 10, dtype=dtype).requires_grad_()
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,L,N,D", [(torch.bfloat16, 8, 4096, 4096), (torch.float16, 33, 100, 4100),
+                                         (torch.float32, 64, 37, 20000), (torch.float64, 5, 9, 31)])
+def test_cuda_forward_backward(dtype, L, N, D):
+    x = rand(N, D, dtype=dtype).cuda().requires_grad_()
+    U = rand(L, D, dtype=dtype).cuda().requires_grad_()
     for transpose in (False, True):
-        for return_s in (False, True):
-            torch.library.opcheck(torch.ops.mokernels.householder_apply.default, (x, U, transpose, 1e-12, return_s))
+        out = householder_apply(x, U, transpose=transpose)
+        want = householder_sequential_reference(x.detach().double(), U.detach().double(), transpose=transpose)
+        torch.testing.assert_close(out.double(), want, **{k: 2 * v for k, v in kernel_tol(dtype, L).items()})
+        g = torch.randn_like(out)
+        dx, dU = torch.autograd.grad(out, (x, U), g)
+        wdx, wdU = householder_apply_backward_reference(g.double(), x.detach().double(), U.detach().double(),
+                                                        transpose=transpose)
+        torch.testing.assert_close(dx.double(), wdx, **{k: 2 * v for k, v in kernel_tol(dtype, L).items()})
+        torch.testing.assert_close(dU.double(), wdU, rtol=5e-2, atol=5e-2 * wdU.abs().max().item())

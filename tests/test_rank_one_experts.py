@@ -102,3 +102,22 @@ def test_bad_inputs():
         rank_one_experts(x, U.float(), s, V, gx, Q, p)
     with pytest.raises(ValueError, match="nn.Linear"):
         RankOneExperts.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("per_token_task", [False, True])
+@pytest.mark.parametrize("gate", ["full", "no_router", "none"])
+def test_half_precision_composition_path(per_token_task, gate):
+    """The CUDA fp16/bf16 path (GEMMs in x's dtype around rank_one_scale), run here on CPU tensors."""
+    from mokernels.ops.householder import _experts_composed
+
+    x, U, s, V, gx, Q, p, _ = make(dtype=torch.bfloat16, per_token_task=per_token_task)
+    if gate != "full":
+        gx = Q = None
+    if gate == "none":
+        p = None
+    for clip in (False, True):
+        got = _experts_composed(x, U, s, V, gx, Q, p, clip)
+        want = rank_one_experts_reference(*[None if a is None else a.double() for a in (x, U, s, V, gx, Q, p)],
+                                          clip=clip)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2 * want.abs().max().item())

@@ -33,7 +33,8 @@ namespace mk::householder {
 constexpr int kThreads = 256;             // apply kernel block
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kRows = 8;                  // rows of x per tile
-constexpr int kGroup = 8;                 // reflections per dot-product pass (accumulators per thread)
+constexpr int kGroup = 8;                 // reflections per dot-product pass
+constexpr int kRB = 4;                    // rows per register block (kRB x kGroup accumulators per thread)
 constexpr int kMaxL = 64;                 // longest chain of the fused kernels
 constexpr int kGramThreads = 256;
 constexpr size_t kMaxStageBytes = 96 * 1024;  // x tile staged in shared memory up to this size
@@ -72,13 +73,13 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kGramThreads)
 }
 
 // One block of kMaxL threads. G: [L, L] (upper triangle incl. diagonal). Writes K [2, L, L]
-// (K[0]: x Hᵀ, K[1]: x H), Tm [L, L] (T, zero below the diagonal) and rn [L].
-// sass-budget: mk::householder::wy_kernel block=64 regs<=64 spill=0
+// (K[0]: x Hᵀ, K[1]: x H), Tm [L, L] (T, zero below the diagonal) and rn [L]. T is built in Tm itself
+// (column j by thread j only; read by all after the barrier): static shared memory stays at S (33 KB in fp64).
+// sass-budget: mk::householder::wy_kernel block=64 regs<=80 spill=0
 template <class A>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kMaxL)
     wy_kernel(const A* __restrict__ G, A* __restrict__ K, A* __restrict__ Tm, A* __restrict__ rn, int L, A eps) {
   MK_SHARED_ARRAY(A[kMaxL + 1], S, kMaxL);  // S[i][k] = û_i · û_k (i < k)
-  MK_SHARED_ARRAY(A[kMaxL + 1], Ts, kMaxL);
   MK_SHARED_ARRAY(A, rs, kMaxL);
   const int t = threadIdx.x;
   if (t < L) {
@@ -91,26 +92,34 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kMaxL)
     S[i][k] = i < k ? G[idx] * rs[i] * rs[k] : A(0);
   }
   block_sync();
-  if (t < L) {  // column t of T = (½ I + striu S)⁻¹, bottom up; only this thread touches column t
+  if (t < L) {  // column t of T = (½ I + striu S)⁻¹, bottom up
     const int j = t;
-    for (int i = L - 1; i > j; --i) Ts[i][j] = A(0);
-    Ts[j][j] = A(2);
+    for (int i = L - 1; i > j; --i) Tm[i * L + j] = A(0);
+    Tm[j * L + j] = A(2);
     for (int i = j - 1; i >= 0; --i) {
       A s = A(0);
-      for (int k = i + 1; k <= j; ++k) s += S[i][k] * Ts[k][j];
-      Ts[i][j] = A(-2) * s;
+      for (int k = i + 1; k <= j; ++k) s += S[i][k] * Tm[k * L + j];
+      Tm[i * L + j] = A(-2) * s;
     }
   }
-  block_sync();
+  block_sync();  // Tm complete (global memory written by this block, read after the barrier)
   for (int idx = t; idx < L * L; idx += kMaxL) {
     const int l = idx / L, k = idx % L;
     const A r = rs[l] * rs[k];
-    K[idx] = r * Ts[l][k];
-    K[L * L + idx] = r * Ts[k][l];
-    Tm[idx] = Ts[l][k];
+    K[idx] = r * Tm[idx];
+    K[L * L + idx] = r * Tm[k * L + l];
   }
   if (t < L) rn[t] = rs[t];
 }
+
+// __launch_bounds__(256, 1): with the block size alone ptxas (nvcc 13.0, sm_80) capped the 16-byte-vector
+// instances at 64-80 registers and spilled 12-16 bytes; with the explicit minimum of one block per SM it
+// allocates 76-80 registers and spills nothing (3 blocks of 256 threads per SM by registers).
+#if defined(MOKERNELS_EMULATION)
+#define MK_HOUSEHOLDER_APPLY_BOUNDS
+#else
+#define MK_HOUSEHOLDER_APPLY_BOUNDS __launch_bounds__(kThreads, 1)
+#endif
 
 // Dynamic shared memory of apply_kernel: [kWarps][kRows][kGroup] partial dots, s and t [kRows][kMaxL]
 // (accumulator type), then the staged x tile [kRows][D] (x's type) when `stage`.
@@ -122,9 +131,13 @@ constexpr size_t apply_smem_fixed() {
 // x, out: [N, D]; U: [L, D] (x's type, raw vectors); K: [L, L] (the orientation's matrix, rn folded in);
 // rn: [L]; s_out: [N, L] normalised projections x Yᵀ (nullptr: not written). 1 <= L <= kMaxL.
 // VEC divides D and every row start is VEC-aligned (launcher: pick_vec).
-// sass-budget: mk::householder::apply_kernel block=256 regs<=96 spill=0 hot
+// Registers (nvcc 13.0, sm_80 / sm_90a): bf16 and fp16 76-98, fp32 78-91, fp64 120-136; no spills.
+// sass-budget: mk::householder::apply_kernel<__nv_bfloat16,*> block=256 smem=71680 regs<=104 spill=0 hot
+// sass-budget: mk::householder::apply_kernel<__half,*> block=256 smem=71680 regs<=104 spill=0 hot
+// sass-budget: mk::householder::apply_kernel<float,*> block=256 regs<=104 spill=0 hot
+// sass-budget: mk::householder::apply_kernel<double,*> block=256 regs<=144 spill=0
 template <class T, int VEC>
-MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
+MK_GLOBAL void MK_HOUSEHOLDER_APPLY_BOUNDS
     apply_kernel(const T* __restrict__ x, const T* __restrict__ U, const acc_t<T>* __restrict__ K,
                  const acc_t<T>* __restrict__ rn, T* __restrict__ out, acc_t<T>* __restrict__ s_out, int64_t N,
                  int D, int L, bool stage) {
@@ -134,87 +147,115 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   A* s_all = red + kWarps * kRows * kGroup;      // [kRows][kMaxL]
   A* t_all = s_all + kRows * kMaxL;              // [kRows][kMaxL]
   T* xs = reinterpret_cast<T*>(t_all + kRows * kMaxL);  // [kRows][D] (when stage)
-  const int tid = threadIdx.x;
-  const int64_t tiles = ceil_div(N, kRows);
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // block-uniform
-    const int64_t r0 = tile * kRows;
-    const int nr = static_cast<int>(N - r0 < kRows ? N - r0 : kRows);
-    // ---- pass 1: s[r][k] = x_r · u_k, kGroup reflections at a time
-    for (int g0 = 0; g0 < L; g0 += kGroup) {  // block-uniform
-      const int ng = L - g0 < kGroup ? L - g0 : kGroup;
-      for (int r = 0; r < kRows; ++r) {  // every thread, every row: the reductions below are collective
-        A p[kGroup];
+  // one tile of kRows rows per block, worked on in register blocks of kRB rows: each U vector loaded
+  // serves kRB rows (U traffic per tile 2·L·D·elt / kRB per row block from L1/L2)
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int nr = static_cast<int>(N - r0 < kRows ? N - r0 : kRows);
+  // ---- pass 1: s[r][k] = x_r · u_k, G reflections at a time (16-byte vectors of 16-bit types: 4, else 8 —
+  // kRB·G fp32 accumulators next to kRB 8-element vectors stay under ~128 registers without spills)
+  constexpr int G = (VEC >= 8) ? kGroup / 2 : kGroup;
+  for (int g0 = 0; g0 < L; g0 += G) {  // block-uniform
+    const int ng = L - g0 < G ? L - g0 : G;
+    for (int rb = 0; rb < kRows; rb += kRB) {  // every thread, every block of rows: the reductions are collective
+      A p[kRB][G];
 #pragma unroll
-        for (int j = 0; j < kGroup; ++j) p[j] = A(0);
-        if (r < nr) {
-          const T* xr = x + (r0 + r) * D;
-          T* xsr = xs + static_cast<int64_t>(r) * D;
-          for (int c = tid * VEC; c < D; c += kThreads * VEC) {
-            Vec<T, VEC> xv;
-            if (stage && g0 > 0) {
-              xv = load_vec<VEC>(xsr + c);  // written by this thread in the first group
-            } else {
-              xv = load_vec<VEC>(xr + c);
-              if (stage && MK_MUTABLE("householder.stage")) store_vec(xsr + c, xv);
-            }
+      for (int q = 0; q < kRB; ++q)
 #pragma unroll
-            for (int j = 0; j < kGroup; ++j) {
-              if (j < ng) {
-                const Vec<T, VEC> uv = load_vec<VEC>(U + static_cast<int64_t>(g0 + j) * D + c);
+        for (int j = 0; j < G; ++j) p[q][j] = A(0);
+      if (rb < nr) {
+        for (int c = static_cast<int>(threadIdx.x) * VEC; c < D; c += kThreads * VEC) {
+          Vec<T, VEC> xv[kRB];
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) p[j] += to_acc(xv.v[i]) * to_acc(uv.v[i]);
+          for (int q = 0; q < kRB; ++q) {
+            if (rb + q < nr) {
+              T* xsr = xs + static_cast<int64_t>(rb + q) * D + c;
+              if (stage && g0 > 0) {
+                xv[q] = load_vec<VEC>(xsr);  // written by this thread in the first group
+              } else {
+                xv[q] = load_vec<VEC>(x + (r0 + rb + q) * D + c);
+                if (stage && MK_MUTABLE("householder.stage")) store_vec(xsr, xv[q]);
               }
+            } else {
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) xv[q].v[i] = from_acc<T>(A(0));
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < G; ++j) {
+            if (j < ng) {
+              const Vec<T, VEC> uv = load_vec<VEC>(U + static_cast<int64_t>(g0 + j) * D + c);
+#pragma unroll
+              for (int q = 0; q < kRB; ++q)
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) p[q][j] += to_acc(xv[q].v[i]) * to_acc(uv.v[i]);
             }
           }
         }
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          const A w = warp_reduce(p[j], SumOp{});
-          if (lane_id() == 0) red[((tid / kWarpSize) * kRows + r) * kGroup + j] = w;
-        }
       }
-      if (MK_MUTABLE("householder.red_barrier")) block_sync();
-      if (tid < kRows * kGroup) {  // fixed-order sum over the warps
-        const int r = tid / kGroup, j = tid % kGroup;
+#pragma unroll
+      for (int q = 0; q < kRB; ++q)
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          const A w = warp_reduce(p[q][j], SumOp{});
+          if (lane_id() == 0) red[((static_cast<int>(threadIdx.x) / kWarpSize) * kRows + rb + q) * kGroup + j] = w;
+        }
+    }
+    if (MK_MUTABLE("householder.red_barrier")) block_sync();
+    if (static_cast<int>(threadIdx.x) < kRows * kGroup) {  // fixed-order sum over the warps
+      const int r = static_cast<int>(threadIdx.x) / kGroup, j = static_cast<int>(threadIdx.x) % kGroup;
+      if (j < ng) {
         A s = A(0);
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) s += red[(w * kRows + r) * kGroup + j];
-        if (j < ng) s_all[r * kMaxL + g0 + j] = s;
+        s_all[r * kMaxL + g0 + j] = s;
       }
-      block_sync();  // s_all complete; red free for the next group
     }
-    // ---- t[r] = K s[r] (L² FMAs per row); the normalised projections out for the backward
-    for (int idx = tid; idx < kRows * L; idx += kThreads) {
-      const int r = idx / L, l = idx % L;
-      A t = A(0);
-      for (int k = 0; k < L; ++k) t += K[l * L + k] * s_all[r * kMaxL + k];
-      t_all[r * kMaxL + l] = t;
-      if (s_out != nullptr && r < nr) s_out[(r0 + r) * L + l] = s_all[r * kMaxL + l] * rn[l];
-    }
-    if (MK_MUTABLE("householder.t_barrier")) block_sync();
-    // ---- pass 2: out_r = x_r − Σ_l t[r][l] u_l
-    for (int r = 0; r < nr; ++r) {
-      const T* xr = stage ? xs + static_cast<int64_t>(r) * D : x + (r0 + r) * D;
-      T* outr = out + (r0 + r) * D;
-      const A* tr = t_all + r * kMaxL;
-      for (int c = tid * VEC; c < D; c += kThreads * VEC) {
-        const Vec<T, VEC> xv = load_vec<VEC>(xr + c);
-        A o[VEC];
+    block_sync();  // s_all complete; red free for the next group
+  }
+  // ---- t[r] = K s[r] (L² FMAs per row); the normalised projections out for the backward
+  for (int idx = static_cast<int>(threadIdx.x); idx < kRows * L; idx += kThreads) {
+    const int r = idx / L, l = idx % L;
+    A t = A(0);
+    for (int k = 0; k < L; ++k) t += K[l * L + k] * s_all[r * kMaxL + k];
+    t_all[r * kMaxL + l] = t;
+    if (s_out != nullptr && r < nr) s_out[(r0 + r) * L + l] = s_all[r * kMaxL + l] * rn[l];
+  }
+  if (MK_MUTABLE("householder.t_barrier")) block_sync();
+  // ---- pass 2: out_r = x_r − Σ_l t[r][l] u_l
+  for (int rb = 0; rb < nr; rb += kRB) {
+    for (int c = static_cast<int>(threadIdx.x) * VEC; c < D; c += kThreads * VEC) {
+      A o[kRB][VEC];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) o[i] = to_acc(xv.v[i]);
-        for (int l = 0; l < L; ++l) {
-          const A tl = tr[l];
-          const Vec<T, VEC> uv = load_vec<VEC>(U + static_cast<int64_t>(l) * D + c);
+      for (int q = 0; q < kRB; ++q) {
+        if (rb + q < nr) {
+          const Vec<T, VEC> xv = load_vec<VEC>(stage ? xs + static_cast<int64_t>(rb + q) * D + c
+                                                     : x + (r0 + rb + q) * D + c);
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) o[i] -= tl * to_acc(uv.v[i]);
+          for (int i = 0; i < VEC; ++i) o[q][i] = to_acc(xv.v[i]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) o[q][i] = A(0);
         }
-        Vec<T, VEC> ov;
+      }
+      for (int l = 0; l < L; ++l) {
+        const Vec<T, VEC> uv = load_vec<VEC>(U + static_cast<int64_t>(l) * D + c);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) ov.v[i] = from_acc<T>(o[i]);
-        store_vec(outr + c, ov);
+        for (int q = 0; q < kRB; ++q) {
+          const A tl = t_all[(rb + q) * kMaxL + l];
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) o[q][i] -= tl * to_acc(uv.v[i]);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kRB; ++q) {
+        if (rb + q < nr) {
+          Vec<T, VEC> ov;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) ov.v[i] = from_acc<T>(o[q][i]);
+          store_vec(out + (r0 + rb + q) * D + c, ov);
+        }
       }
     }
-    block_sync();  // t_all / s_all are rewritten by the next tile
   }
 }
 
@@ -256,9 +297,9 @@ cudaError_t launch_apply(const T* x, const T* U, const acc_t<T>* ws, T* out, acc
   const size_t stage_bytes = static_cast<size_t>(kRows) * D * sizeof(T);
   const bool stage = stage_bytes <= kMaxStageBytes;
   const size_t smem = apply_smem_fixed<T>() + (stage ? stage_bytes : 0);
-  const int64_t tiles = ceil_div(N, kRows);
-  // ~2 resident blocks of 256 threads per SM at the largest staged tile; more tiles loop (grid stride)
-  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(tiles, static_cast<int64_t>(num_sms) * 4));
+  (void)num_sms;
+  const int64_t grid = ceil_div(N, kRows);  // one tile per block (a grid-stride loop kept r0 & co. live: spills)
+  if (grid > 0x7fffffff) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   dispatch_vec<T>(vec, [&](auto V) {
     auto kernel = apply_kernel<T, decltype(V)::value>;

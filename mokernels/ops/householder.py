@@ -191,7 +191,12 @@ def householder_apply(x: Tensor, U: Tensor, *, transpose: bool = False, eps: flo
         eps: norms are clamped at ``eps`` (module docstring: a zero vector is the identity).
     Returns:
         ``[..., D]`` contiguous, x's dtype; fp32 math (fp64 for fp64), rounded once.
-    Differentiable in ``x`` and ``U``. Order: ``H x_t = H_1(H_2(…H_L x_t))`` (module docstring).
+    Differentiable in ``x`` and ``U`` (reverse mode; double backward through the reference formulas).
+    Order: ``H x_t = H_1(H_2(…H_L x_t))`` (module docstring).
+    Paths: CUDA with ``1 <= L <= 64``: the fused kernels (csrc/kernels/householder.cuh: Gram + WY prologue,
+    then one pass over x); the backward runs the kernel once more for ``dx`` and ``b = g Yᵀ`` and gets ``dU``
+    from thin GEMMs on fp32 copies of ``x`` and ``g`` (transient ``2·N·D·4`` bytes). CPU, ``L > 64``: the
+    reference composition (torch autograd).
     """
     if isinstance(x, Tensor):
         (U,) = autocast_like(x.device.type, x, U)
@@ -298,15 +303,35 @@ def rank_one_experts(x: Tensor, U: Tensor, sigma: Tensor, V: Tensor, gx: Tensor 
     All tensors share x's dtype (``U``, ``V``, ``sigma`` frozen buffers are usually cast once by the module).
     Returns ``[..., d_out]`` in x's dtype. Differentiable in every tensor input.
 
-    Status: the reference composition (fp32 math) on every device — no fused kernel yet; the gate is
-    materialised as ``[T, R]`` fp32 here. The fused two-GEMM kernel that forms ``g`` in the epilogue is
-    issue 11 item 2's remaining work.
+    Status — no fused two-GEMM kernel yet (issue 11 item 2 remains open): the Householder step runs the
+    fused chain kernel on CUDA; the rest is a composition that materialises the gate ``g`` as ``[T, R]``.
+    fp32/fp64 and CPU: the reference (fp32 math, one rounding). CUDA fp16/bf16: cuBLAS GEMMs in x's dtype
+    around the fused ``rank_one_scale`` kernel (``z = x'V`` and ``gx Q`` rounded to x's dtype once more than
+    the reference: the error of the same-dtype torch composition).
     """
     if isinstance(x, Tensor):
         U, sigma, V, gx, Q, p_task, H_vectors = autocast_like(x.device.type, x, U, sigma, V, gx, Q, p_task, H_vectors)
     _check_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, eps)
     xh = x if H_vectors is None else householder_apply(x, H_vectors, eps=eps)
+    if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16):
+        return _experts_composed(xh, U, sigma, V, gx, Q, p_task, clip)
     return rank_one_experts_reference(xh, U, sigma, V, gx, Q, p_task, None, clip=clip, eps=eps)
+
+
+def _experts_composed(x, U, sigma, V, gx, Q, p_task, clip):
+    """The fp16/bf16 CUDA path: ``rank_one_scale(x V, σ, p + gx Q) Uᵀ`` with GEMMs in x's dtype."""
+    from .rank_one import rank_one_scale
+
+    z = x @ V
+    if gx is not None:
+        g = gx @ Q if p_task is None else torch.add(gx @ Q, p_task)
+    elif p_task is not None:
+        g = p_task.expand(z.shape)
+    else:
+        g = torch.zeros_like(z)
+    if clip:
+        return (z * torch.relu(sigma + g)) @ U.T
+    return rank_one_scale(z, sigma, g.contiguous()) @ U.T
 
 
 def hra_vectors(hra_u: Tensor) -> Tensor:
