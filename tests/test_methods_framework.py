@@ -382,3 +382,44 @@ def test_bf16_autocast_cpu(method, cfg):
     assert float((err < 3e-2).float().mean()) >= 0.8, err
     yb.float().square().sum().backward()
     assert all(p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+
+
+def test_routing_segments_adapter_ids_and_extra_keys_validated_on_entry():
+    @register_method("test_seg")
+    class Seg(ToyTaskLoRA):
+        routing_keys = ("mix",)
+
+        @classmethod
+        def routing_limits(cls, cfg):
+            return {"adapter_ids": cfg.num_tasks}
+
+        @classmethod
+        def validate_routing_extra(cls, key, value, cfg):
+            if value.shape[-1] != cfg.num_tasks:
+                raise ValueError(f"test_seg: {key} must be [..., {cfg.num_tasks}]")
+            return value.float()
+
+    try:
+        m = mokernels.inject(MLP(), "test_seg", target_modules=["up"])
+        st = m.mokernels_state
+        off = torch.tensor([0, 2, 5])
+        mokernels.set_routing(m, segments=(off, torch.tensor([0, 2])), adapter_ids=[1, -1], mix=torch.ones(2, 3))
+        assert st.segments[0].tolist() == [0, 2, 5] and st.segments[2] is None and st.extra["mix"].dtype == torch.float32
+        bad = [
+            (dict(segments=(torch.tensor([0, 3, 2]), torch.tensor([0, 1]))), "sorted and start at 0"),
+            (dict(segments=(torch.tensor([1, 2, 3]), torch.tensor([0, 1]))), "sorted and start at 0"),
+            (dict(segments=(off, torch.tensor([0, 1, 2]))), r"seg_ids must be \[S\] or \[S, k\] with S = 2"),
+            (dict(segments=(off, torch.tensor([[0, 1], [2, 0]]), torch.ones(2, 3))), "seg_w must be a float tensor"),
+            (dict(segments=(off, torch.tensor([0, 3]))), r"segments seg_ids must be in \[-1, 3\)"),
+            (dict(adapter_ids=[0, 3]), r"adapter_ids must be in \[-1, 3\)"),
+            (dict(adapter_ids=torch.tensor([0.0, 1.0])), "adapter_ids must be an integer tensor"),
+            (dict(adapter_ids=torch.zeros(2, 2, dtype=torch.long)), "adapter_ids must be 1-D"),
+            (dict(mix=torch.ones(2, 2)), r"mix must be \[..., 3\]"),
+            (dict(foo=[0]), r"unknown routing key\(s\) \['foo'\]; this method accepts"),
+        ]
+        for ctx, msg in bad:
+            with pytest.raises(ValueError, match=msg):
+                mokernels.set_routing(m, **ctx)
+            assert st.adapter_ids.tolist() == [1, -1]  # a refused set changes nothing
+    finally:
+        METHODS.pop("test_seg")

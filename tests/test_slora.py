@@ -31,11 +31,11 @@ def _reference(layer: SLoRALinear, x: torch.Tensor) -> torch.Tensor:
     """Per-token fp64 loop over METHODS.md's formula (own top-p selection, no mokernels op)."""
     c = layer.cfg
     G = c.num_general
-    A, B = layer.lora_A.double(), layer.lora_B.double()
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
     out = []
     for t in x.reshape(-1, x.shape[-1]).double():
-        p = torch.softmax((layer.router.double() @ t) / c.router_temperature, -1)
-        order = sorted(range(c.num_task), key=lambda i: (-float(p[i].detach()), i))
+        p = torch.softmax((layer.router.detach().double() @ t) / c.router_temperature, -1)
+        order = sorted(range(c.num_task), key=lambda i: (-float(p[i]), i))
         sel, mass = [], 0.0
         for i in order:
             sel.append(i)

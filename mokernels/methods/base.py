@@ -25,6 +25,10 @@ Contract additions by H12a (additive: nothing of the agreed contract changed):
   (default ``["query", "value"]``), ``demo_routing(cfg, task_ids) -> dict`` (the routing context for a batch
   whose sentences have ``task_ids [B]``; default: ``task_ids`` and/or ``adapter_ids`` = the task ids, for
   whichever of the two ``routing_limits`` names, else ``{}``).
+* ``task_ids``, ``adapter_ids`` and ``segments`` are accepted for every method; ``mokernels.set_adapter_ids``
+  exists beside ``set_task``. ``SharedParams.forward`` is the identity (a wrapped ``nn.Sequential`` runs).
+  inject gives every new layer the train/eval mode of the linear it replaces.
+* ``stats()`` values that are floats are averaged over layers and printed by the demo.
 * ``METHODS`` lives here; ``mokernels.methods`` imports every method module it finds (slora, effilora,
   dlp_lora, samora, moore), so a method registers itself just by existing — no edit of __init__.py.
 """

@@ -27,7 +27,18 @@ __all__ = ["inject", "save_adapters", "load_adapters", "merge", "unmerge", "extr
 
 FORMAT = "mokernels.adapters"
 FORMAT_VERSION = "1"
-VERSION = "0.1.0"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mokernels")
+    except Exception:  # running from a source checkout that is not installed
+        return "0.1.0+src"
+
+
+VERSION = _version()
 SHARED_PREFIX = "mokernels_shared."
 log = logging.getLogger("mokernels")
 

@@ -18,6 +18,9 @@ never suppressed and always train.
   The callback runs under ``torch.no_grad()`` and returns a float or a scalar tensor; every rank must
   compute the same value (e.g. a fixed validation batch, or all-reduce it in the callback).
 
+Under ``torch.compile`` the suppression scale is a Python float on each layer: a compiled validation
+forward is specialised (recompiled once) for the suppressed blocks.
+
 Defaults: period 100, n_suppress = half the blocks, K = a quarter (at least 1), score_lr 1.0,
 suppress_scale 0.0, seed 0.
 """

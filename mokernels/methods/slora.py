@@ -11,7 +11,9 @@ For a token ``x`` (``E = G + N`` experts, each ``A_i [r, d_in]``, ``B_i [d_out, 
 
 Composed from the ops: :func:`~mokernels.ops.route` (top-p), :func:`~mokernels.ops.lora.lora_shrink`
 (codes of the active experts, ``[T, k, r]``) and :func:`~mokernels.ops.lora.lora_expand` (the weighted
-expand-add into the base output). With ``cross_attention=False`` it is a plain routed MoE-LoRA.
+expand-add into the base output; the attention sits between them, so no fused kernel covers it yet).
+With ``cross_attention=False`` it is a plain routed MoE-LoRA through the fused
+:func:`~mokernels.ops.lora.lora_apply` (mixture form).
 
 Init (constraint solution space): the rows of all ``E`` experts' ``A`` are orthonormal, orthogonal to the
 top-``init_k`` right singular vectors of ``W`` and to each other (a QR of a Gaussian projected off
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.lora import MAX_RANK, lora_expand, lora_shrink
+from ..ops.lora import MAX_RANK, lora_apply, lora_expand, lora_shrink
 from ..ops.router import route
 from .base import AdapterLayer, MethodConfig, register_method
 
@@ -147,6 +149,9 @@ class SLoRALinear(AdapterLayer):
             self.active_stats[0] += counts.sum().to(torch.float64)
             self.active_stats[1] += counts.numel()
         act = base.dtype
+        if not self.cfg.cross_attention:  # a plain routed mixture: the fused multi-adapter kernel
+            return lora_apply(self.lora_dropout(x).to(act), self.lora_A.to(act), self.lora_B.to(act), self.scaling,
+                              mixture=(ids, w), base_out=base, validate=False)
         h = lora_shrink(self.lora_dropout(x).to(act), self.lora_A.to(act), mixture=(ids, w), validate=False)
         if self.cfg.cross_attention:  # [..., k, r]: the active codes attend to each other
             mask = (ids >= 0)[..., None, :]
