@@ -212,7 +212,8 @@ def _ddp_worker(rank, world, port, out):
         for method in DDP_METHODS:
             m = _ddp_model(method)
             half = 8 // world
-            res[method] = _ddp_step(m, torch.nn.parallel.DistributedDataParallel(m), slice(rank * half, (rank + 1) * half))
+            ddp = torch.nn.parallel.DistributedDataParallel(m)
+            res[method] = _ddp_step(m, ddp, slice(rank * half, (rank + 1) * half))
             if method == "moore":
                 res["moore_V"] = m.up.svd_V.clone()
         torch.save(res, f"{out}.{rank}")

@@ -103,9 +103,11 @@ class DLPLoRALinear(AdapterLayer):
             raise ValueError(f"mokernels.routing: {key} routing ids/weights must be [S, k], got {list(ids.shape)} / "
                              f"{list(value.routing.weights.shape)}")
         if off is not None and (off.dim() != 1 or off.shape[0] != ids.shape[0] + 1):
-            raise ValueError(f"mokernels.routing: {key} offsets must be [S+1] = [{ids.shape[0] + 1}], got {list(off.shape)}")
+            raise ValueError(f"mokernels.routing: {key} offsets must be [S+1] = [{ids.shape[0] + 1}], "
+                             f"got {list(off.shape)}")
         if ids.numel() or off is not None:
-            checks = [ids.max() >= cfg.num_adapters if ids.numel() else torch.zeros((), dtype=torch.bool, device=ids.device)]
+            no = torch.zeros((), dtype=torch.bool, device=ids.device)
+            checks = [ids.max() >= cfg.num_adapters if ids.numel() else no]
             if off is not None:
                 checks += [(off[1:] < off[:-1]).any() | (off[0] != 0), off[-1]]
             bad_id, *rest = torch.stack([c.to(torch.int64) for c in checks]).tolist()  # one host sync
@@ -147,8 +149,9 @@ class DLPLoRALinear(AdapterLayer):
         ri = A.shape[0]
         if A.dim() != 2 or B.dim() != 2 or tuple(A.shape) != (ri, d_in) or tuple(B.shape) != (self.out_features, ri) \
                 or ri > r:
-            raise ValueError(f"dlp_lora: layer {self.layer_name!r}: expected A [r_i, {d_in}] and B [{self.out_features}, "
-                             f"r_i] with r_i <= r = {r}, got A {list(A.shape)} and B {list(B.shape)}")
+            raise ValueError(f"dlp_lora: layer {self.layer_name!r}: expected A [r_i, {d_in}] and "
+                             f"B [{self.out_features}, r_i] with r_i <= r = {r}, got A {list(A.shape)} and "
+                             f"B {list(B.shape)}")
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.lora_A[slot, :ri].copy_(A)
@@ -286,8 +289,9 @@ def sentence_routing(classifier: Optional[nn.Module] = None, *, embeddings: Opti
     ``log(probs)``, or ``classifier(embeddings)`` / ``classifier(embedder(inputs))``; then
     ``route(logits, top_p=top_p, max_k=max_k, renorm=renorm)`` (validated: one host sync per batch).
     ``offsets [S+1]`` (optional, packed sentences over the flattened tokens; their values are checked
-    when the routing enters the model, :meth:`DLPLoRALinear.validate_routing_extra`). ``num_adapters``: the pool size N the logits must have. Model-internal
-    logits are validated by ``route`` (NaN / all -inf rows: ValueError), once per batch."""
+    when the routing enters the model, :meth:`DLPLoRALinear.validate_routing_extra`). ``num_adapters``: the
+    pool size N the logits must have. Model-internal logits are validated by ``route`` (NaN / all -inf
+    rows: ValueError), once per batch."""
     given = [n for n, v in (("logits", logits), ("probs", probs), ("embeddings", embeddings),
                             ("embedder", embedder)) if v is not None]
     if len(given) != 1:
@@ -321,10 +325,20 @@ def pool_size(model: nn.Module) -> int:
     raise ValueError("dlp_lora: the model has no dlp_lora layer (mokernels.inject(model, 'dlp_lora', ...))")
 
 
+def _to_model(model: nn.Module, rt: DLPRouting) -> DLPRouting:
+    """The routing on the model's device (e.g. a CPU classifier for a CUDA model); no copy if already there."""
+    p = next(model.parameters(), None)
+    if p is None or rt.routing.ids.device == p.device:
+        return rt
+    r = rt.routing
+    mv = lambda t: None if t is None else t.to(p.device, non_blocking=True)  # noqa: E731
+    return rt._replace(offsets=mv(rt.offsets), routing=Routing(mv(r.ids), mv(r.weights), mv(r.counts), mv(r.dense)))
+
+
 def set_routing(model: nn.Module, classifier: Optional[nn.Module] = None, **kw) -> DLPRouting:
     """Sticky form of :func:`routing` (``mokernels.set_routing(model, dlp_lora=...)``): the routing stays
     until the next set_routing / set_task / ``mokernels.clear_routing(model)``. Returns it."""
-    rt = sentence_routing(classifier, num_adapters=pool_size(model), **kw)
+    rt = _to_model(model, sentence_routing(classifier, num_adapters=pool_size(model), **kw))
     mk_set_routing(model, **{STATE_KEY: rt})
     return model.mokernels_state.extra[STATE_KEY]  # as validated (num_tokens filled)
 
@@ -334,7 +348,7 @@ def routing(model: nn.Module, classifier: Optional[nn.Module] = None, **kw):
     """Context manager: the batch's sentence routing (arguments as :func:`sentence_routing`) for every
     dlp_lora layer of ``model`` (``mokernels.routing(model, dlp_lora=...)``; the previous routing is
     restored on exit). Yields the :class:`DLPRouting`."""
-    rt = sentence_routing(classifier, num_adapters=pool_size(model), **kw)
+    rt = _to_model(model, sentence_routing(classifier, num_adapters=pool_size(model), **kw))
     with mk_routing(model, **{STATE_KEY: rt}) as st:
         yield st.extra[STATE_KEY]  # as validated (num_tokens filled)
 
@@ -403,7 +417,8 @@ def load_peft_pool(model: nn.Module, paths: Sequence, *, start: int = 0) -> nn.M
         ck = read_peft(p) if not isinstance(p, PeftLoRA) else p
         missing = sorted(set(ck.layers) - set(layers))
         if missing:
-            raise ValueError(f"dlp_lora: checkpoint {j} ({p}) has LoRA weights for {missing[:3]}{'...' if len(missing) > 3 else ''}"
+            more = "..." if len(missing) > 3 else ""
+            raise ValueError(f"dlp_lora: checkpoint {j} ({p}) has LoRA weights for {missing[:3]}{more}"
                              f" which are not dlp_lora layers of the model (wrapped: {sorted(layers)[:3]}...)")
         for name, m in layers.items():
             dt = m.lora_A.dtype
@@ -411,7 +426,8 @@ def load_peft_pool(model: nn.Module, paths: Sequence, *, start: int = 0) -> nn.M
                 A, B, s = ck.layers[name]
                 m.set_adapter(start + j, A.to(dt), B.to(dt), s)
             else:
-                m.set_adapter(start + j, m.lora_A.new_zeros(1, m.in_features), m.lora_B.new_zeros(m.out_features, 1), 0.0)
+                m.set_adapter(start + j, m.lora_A.new_zeros(1, m.in_features), m.lora_B.new_zeros(m.out_features, 1),
+                              0.0)
     return model
 
 
