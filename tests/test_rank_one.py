@@ -386,3 +386,12 @@ def test_cpu_path_under_a_dispatch_mode():
     with Log():
         out = rank_one_scale(z, s, g)
     assert seen and torch.equal(out, rank_one_scale_reference(z, s, g))
+
+
+def test_jit_trace_records_the_cpu_path():
+    """Under torch.jit.trace the native kernel (a direct pybind call the tracer cannot see) is not used:
+    the trace records torch ops and recomputes for new inputs instead of replaying a constant."""
+    z, s, g = make((3,), 5, torch.bfloat16)
+    traced = torch.jit.trace(lambda a, b, c: rank_one_scale(a, b, c), (z, s, g), check_trace=False)
+    z2, s2, g2 = make((3,), 5, torch.bfloat16)
+    assert torch.equal(traced(z2, s2, g2), rank_one_scale_reference(z2, s2, g2))

@@ -48,7 +48,21 @@
 //    SM in flight -> ~160 µs at T = 65536 on an H100 (estimate; latency bound, 3 KB smem per row; the
 //    roofline is 45 µs). The peer is torch's softmax + segmented sort + cumsum. A warp-per-row variant
 //    (or a radix select of the cut) is the next step if a GPU run shows it matters.
-//    Registers: 32 (fp64 48), dynamic smem next_pow2(N)·12 B (fp64 24 B) <= 48 KB.
+//    Registers: 32 (fp64 48), dynamic smem next_pow2(N)·12 B (fp64 24 B); above 32 KiB (N = 4096 fp32,
+//    2048 fp64: 48 KiB + 64 B static) the launcher opts in (MK_SET_MAX_DYNAMIC_SMEM; the emulator
+//    checks static + dynamic against 48 KiB and the opt-in like the GPU).
+//    Not done yet (issue 8, estimate only, no GPU): warp-per-row keep-many kernel. The obstacle is rule
+//    4: the prefix mass must be the *sequential* fp32 sum in sorted order (a warp scan rounds
+//    differently and may move the cut by one expert at exact boundaries). Plan that keeps the bits:
+//    a warp scan of the sorted e in fp64 (exact to ~1e-16 relative for <= 4096 fp32 terms) gives the
+//    candidate cut j*; the sequential fp32 sum differs from the exact prefix by at most
+//    (j-1)·2^-24·prefix_j, so when no prefix j near j* lies within that band of fl(top_p·S) the cut is
+//    j* (the common case: one scan, ~log2(32) shuffles per 32 keys); otherwise one lane redoes the
+//    sequential sum up to the band (rare). Sort: each lane holds N/32 keys in registers, a bitonic
+//    network in registers + shuffles for the last 5 stages (N = 256: 8 keys/lane, ~36 compare-exchange
+//    steps x 8 = ~290 instructions per lane), stores of ids/weights coalesced by lane. Estimate at
+//    T = 65536, N = 256: ~450 warp-instructions per row -> 29 M -> ~32 µs issue time on an H100 (132
+//    SMs x 4 schedulers x 1.75 GHz), under the 45 µs memory roofline, i.e. memory bound (vs ~160 µs now).
 //
 //  cosine_logits_kernel — SAMoRA: cos(h_t, k_i) in A into a [T, N] workspace that the kernels above
 //    then route (the keys of a 32-expert chunk transposed in shared memory with their norms, computed

@@ -84,6 +84,18 @@ _grad_enabled = torch.is_grad_enabled
 _forward_ad = torch.autograd.forward_ad
 
 
+def native_call_ok() -> bool:
+    """Whether an op may call native code directly (pybind, bypassing the dispatcher) on plain tensors:
+    not under torch.compile/export, no TorchDispatchMode (FakeTensorMode, ...) active and no jit tracer
+    recording (each would miss the call or hand it fake tensors)."""
+    return not _is_compiling() and not _dispatch_modes() and _tracing_state() is None
+
+
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_tracing_state = torch._C._get_tracing_state
+
+
 def autocast_like(device_type: str, like: torch.Tensor, *ts):
     """The autocast contract of the ops that take parameters (README "Autocast"): under ``torch.autocast``
     for ``device_type``, the parameter-like inputs ``ts`` follow the activation ``like``'s dtype (a

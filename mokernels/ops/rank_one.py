@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _C
 from ._checks import (FLOAT_DTYPES, acc_dtype, autocast_like, expect, expect_dtype, expect_same_device, grad_or_tangent,
-                      is_eager)
+                      is_eager, native_call_ok)
 
 _OP = "rank_one_scale"
 
@@ -36,8 +36,8 @@ def rank_one_scale(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
     the fused kernel; CPU tensors the reference's arithmetic (fp16/bf16: native one-pass kernels,
     ``csrc/cpu/cpu_ops.cpp``, bit-identical). Non-contiguous inputs are copied to contiguous ones first.
     """
-    if type(z) is Tensor and z.is_cpu and not torch.compiler.is_compiling() and not _dispatch_modes():
-        # CPU eager (no FakeTensorMode or other dispatch mode active): fewest Python steps
+    if type(z) is Tensor and z.is_cpu and native_call_ok():
+        # CPU eager (no FakeTensorMode or other dispatch mode, no jit tracer): fewest Python steps
         if torch.is_autocast_enabled("cpu"):
             sigma, g = autocast_like("cpu", z, sigma, g)
         dt = z.dtype
@@ -135,7 +135,6 @@ def _scratch_blocks(n: int, rows: int, R: int, acc: torch.dtype) -> list[Tensor]
 # before them: then the blocked torch compositions below.
 _native_fwd = getattr(_C, "rank_one_scale_cpu", None)
 _native_bwd = getattr(_C, "rank_one_scale_backward_cpu", None)
-_dispatch_modes = torch._C._len_torch_dispatch_stack  # > 0: a TorchDispatchMode (FakeTensorMode, ...) is active
 
 
 def _scale_cpu(z: Tensor, sigma: Tensor, g: Tensor) -> Tensor:

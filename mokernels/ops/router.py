@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .. import _C
 from ._checks import (FLOAT_DTYPES, acc_dtype, autocast_like, can_sync, expect, expect_dtype, expect_same_device, grad_or_tangent,
-                      is_eager, is_number)
+                      is_eager, is_number, native_call_ok)
 
 _OP = "route"
 RENORMS = ("sum", "softmax", "none")
@@ -63,7 +63,6 @@ MAX_EXPERTS_KERNEL_BWD = 1024  # the CUDA backward kernel's limit on N (larger N
 # before it (then the reference path).
 _native_route = getattr(_C, "route_topk_cpu", None)
 _RENORM_CODE = {"sum": 0, "softmax": 1, "none": 2}
-_dispatch_modes = torch._C._len_torch_dispatch_stack  # > 0: a TorchDispatchMode (FakeTensorMode, ...) is active
 
 
 def _kernel_max_n(dtype: torch.dtype) -> int:
@@ -217,7 +216,7 @@ def route(
     """
     if (type(logits) is Tensor and logits.is_cpu and _native_route is not None and logits.dim() >= 1
             and (top_p is None or (type(top_p) in (float, int) and top_p >= 1.0)) and logits.dtype in FLOAT_DTYPES
-            and not torch.compiler.is_compiling() and not _dispatch_modes() and not grad_or_tangent(logits)):
+            and native_call_ok() and not grad_or_tangent(logits)):
         # CPU, no autograd, no top-p cut (top-k / keep-all): the native one-pass kernel (csrc/cpu/cpu_ops.cpp),
         # called directly; validity comes out of the same pass (issue 9: a few µs per call, not ~30)
         N = logits.shape[-1]
