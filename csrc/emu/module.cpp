@@ -17,6 +17,7 @@
 #include "../lora.cu"
 #include "../lora_bwd.cu"
 #include "../householder.cu"
+#include "../lora_fused_w.cu"
 
 #include "selftest.h"
 #pragma GCC diagnostic pop

@@ -6,9 +6,13 @@
 a wrapped model's base state-dict keys do not change; adapters are ``lora_A [N, r, in]``,
 ``lora_B [N, out, r]`` and the buffer ``scaling [N]`` (alpha / r, fp32).
 
-The base output is computed first and passed as ``base_out``, so the LoRA kernel writes y once
-(no extra read+write pass over y). Parameters may be kept in fp32 while activations are fp16/bf16
-(autocast): the adapters are used in the activation dtype. CPU tensors run the reference.
+Forward paths (one dtype everywhere, no autocast, no active dropout): at most
+``mokernels.ops.lora.LINEAR_FUSED_MAX_TOKENS`` tokens -> ``lora_linear`` (on CUDA without autograd: one
+pass over W applying the adapters too); more tokens without bias -> the LoRA delta first, then the base
+GEMM accumulates into it (``addmm_``, beta = 1). Otherwise the base output is computed first and passed
+as ``base_out``, so the LoRA kernel writes y once (no extra read+write pass over y). Parameters may be
+kept in fp32 while activations are fp16/bf16 (autocast): the adapters are used in the activation dtype.
+CPU tensors run the reference.
 """
 from __future__ import annotations
 

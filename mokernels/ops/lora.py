@@ -54,8 +54,11 @@ dtypes are a ValueError, never a silent upcast. The ops are autocast-neutral (ke
 keys, end of this file): no argument is cast, and the CPU reference keeps its fp32 accumulation inside
 an autocast region.
 
-Kernels: CUDA tensors run the fused SIMT kernel of ``csrc/kernels/lora.cuh`` (shrink -> expand per
-token, ``h`` kept on chip; sized for decode); CPU tensors run the reference :func:`lora_apply_reference`.
+Kernels: CUDA tensors run ``csrc/kernels/lora.cuh`` — decode: a shrink kernel (h and the resolved ids
+to a [T, k, r] workspace) and an expand kernel (shared A: one fused SIMT kernel, h on chip); prefill
+(segments averaging >= 32 tokens, fp16/bf16): ``lora_prefill.cuh``'s split-K tensor-core shrink and
+expand. :func:`lora_linear` (the whole layer, ``x Wᵀ + bias`` + the adapters) runs the fused pass over W
+of ``lora_fused_w.cuh`` at decode sizes. CPU tensors run the references (:func:`lora_apply_reference`).
 """
 from __future__ import annotations
 
@@ -512,8 +515,11 @@ def lora_linear(
     values up to summation order.
     """
     op = "lora_linear"
+    expect(isinstance(x, Tensor) and x.dim() >= 1, op, "x must be a [..., d_in] tensor")
     expect(isinstance(W, Tensor) and W.dim() == 2, op, "W must be a [d_out, d_in] tensor")
-    expect(bias is None or isinstance(bias, Tensor), op, "bias must be a [d_out] tensor or None")
+    expect(W.shape[1] == x.shape[-1], op, f"W must be [d_out, d_in] with d_in = {x.shape[-1]}, got {list(W.shape)}")
+    expect(bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == (W.shape[0],)), op,
+           f"bias must be [d_out] = [{W.shape[0]}] or None")
     if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and x.dim() >= 1
             and x.numel() <= LINEAR_FUSED_MAX_TOKENS * x.shape[-1] and not grad_or_tangent(x, W, A, B)
             and (bias is None or not grad_or_tangent(bias))):
