@@ -13,6 +13,14 @@ composition — no fused kernel yet), ``nn.Linear`` (the base layer, F.linear), 
 ``((x V) * (σ + p + gx Q)) Uᵀ``). bytes_moved = the factors ``(d_in + d_out)·R·elt`` + x and y.
 Target: ≤ 1.05× the floor (d_in + d_out)·R / (d_in·d_out) × base — 2× (square), 1.37× (4096→11008).
 
+Paper estimate (no GPU lent to this work yet; nothing here is measured on a GPU): L = 8, T = D = 4096, bf16:
+HBM 67 MB -> 22 µs at 3.0 TB/s; 2·L FMAs per element (0.27 G FMA, ~9 µs of the FP32 pipe, overlapped with
+memory by 24 resident warps per SM: 80 registers and 70 KB of shared memory -> 3 blocks of 256 per SM); 512
+blocks = 1.3 waves of 396; the prologue adds two tiny launches (~4-6 µs) -> ~30-40 µs, at the target's
+edge (risks: the wave tail, two barriers per tile). Backward: one more kernel pass (dx, b) ~ forward, plus fp32
+copies of x and g and two [L, T] x [T, D] GEMMs for dU (~100 µs) -> ~4x forward, above the issue's 3x: a fused
+token-reduction kernel for aᵀg and bᵀx (no fp32 copies) is the next step.
+
 On CPU everything is the reference path (labelled); in quick mode a tiny workload adds the real kernel
 source run by the emulator (logic only, its time says nothing about the GPU).
 """

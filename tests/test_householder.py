@@ -317,3 +317,11 @@ def test_cuda_forward_backward(dtype, L, N, D):
                                                         transpose=transpose)
         torch.testing.assert_close(dx.double(), wdx, **{k: 2 * v for k, v in kernel_tol(dtype, L).items()})
         torch.testing.assert_close(dU.double(), wdU, rtol=5e-2, atol=5e-2 * wdU.abs().max().item())
+
+
+def test_cuda_kernel_registered_with_cuda_builds():
+    import mokernels
+
+    _need_op(torch.ops.mokernels, "the loaded _C")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key("mokernels::householder_apply", "CUDA")
+    assert has == mokernels.build_info()["with_cuda"]

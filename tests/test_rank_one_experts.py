@@ -121,3 +121,13 @@ def test_half_precision_composition_path(per_token_task, gate):
                                           clip=clip)
         assert got.dtype == torch.bfloat16 and got.shape == want.shape
         torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_matches_reference(dtype):
+    args = [a.cuda() for a in make(T=64, d_in=96, d_out=80, d_s=8, L=8, dtype=dtype)]
+    got = rank_one_experts(*args)
+    want = rank_one_experts_reference(*[a.double() for a in args])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2 * want.abs().max().item())
+    torch.testing.assert_close(got.double(), want, **tol)
