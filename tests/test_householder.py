@@ -245,6 +245,32 @@ def test_emulated_special_vectors(hh_ops, init, N, D):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+# Review regressions (parametrised N·D > SMALL_WORK: kept out of the TSan pass).
+@pytest.mark.emu
+@pytest.mark.parametrize("N,D", [(9, 2048)])
+def test_emulated_staged_tile_above_48k(hh_ops, N, D):
+    """fp32 D = 2048: the staged x tile (64 KiB) + 6 KiB fixed = 70 KiB of dynamic shared memory, above the 48 KiB
+    default: the launcher must opt in through MK_SET_MAX_DYNAMIC_SMEM (the emulator rejects the launch
+    otherwise; a raw cudaFuncSetAttribute under !MOKERNELS_EMULATION hid this path from every emulated test)."""
+    x, U = rand(N, D, dtype=torch.float32), rand(3, D, dtype=torch.float32)
+    out, _ = hh_ops.householder_apply(x, U, True, 1e-12, False)
+    want = householder_sequential_reference(x.double(), U.double(), transpose=True)
+    torch.testing.assert_close(out, want.float(), **kernel_tol(torch.float32, 3))
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("N,D", [(9, 64)])
+def test_emulated_zero_vector_tiny_eps(hh_ops, N, D):
+    """A zero vector is the identity for any eps > 0. With rn = 1/eps folded into K as rn_l·rn_k, fp32 K
+    overflowed for eps < ~5e-20 (K = inf, t = inf·0 = NaN in every row)."""
+    x, U = rand(N, D, dtype=torch.float32), rand(3, D, dtype=torch.float32)
+    U[1] = 0
+    out, s = hh_ops.householder_apply(x, U, False, 1e-30, True)
+    want = householder_sequential_reference(x.double(), U[[0, 2]].double())
+    torch.testing.assert_close(out, want.float(), **kernel_tol(torch.float32, 3))
+    assert torch.isfinite(s).all() and (s[:, 1] == 0).all()
+
+
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 5, 9, 64, False), (torch.float32, 8, 9, 64, True),
                                                   (torch.bfloat16, 3, 9, 64, False)])

@@ -84,7 +84,9 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kMaxL)
   const int t = threadIdx.x;
   if (t < L) {
     const A n = sqrt_acc(G[t * L + t]);
-    rs[t] = A(1) / (n > eps ? n : eps);
+    // A zero vector is the identity whatever rn is (û = rn·u = 0); rn = 0 there, not 1/eps: K folds rn_l·rn_k
+    // in, and 1/eps² overflows fp32 for eps < ~5e-20 (K = inf, t = inf·0 = NaN in every output row).
+    rs[t] = n > A(0) ? A(1) / (n > eps ? n : eps) : A(0);
   }
   block_sync();
   for (int idx = t; idx < L * L; idx += kMaxL) {
@@ -303,12 +305,13 @@ cudaError_t launch_apply(const T* x, const T* U, const acc_t<T>* ws, T* out, acc
   cudaError_t err = cudaSuccess;
   dispatch_vec<T>(vec, [&](auto V) {
     auto kernel = apply_kernel<T, decltype(V)::value>;
-#if !defined(MOKERNELS_EMULATION)
-    if (smem > 48 * 1024) {  // a staged tile above the 48 KiB default: opt in (sm_80: 163 KiB, sm_90: 227 KiB)
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    // A staged tile above the 48 KiB default: opt in (sm_80: 163 KiB, sm_90: 227 KiB). Through the platform
+    // macro, not a raw cudaFuncSetAttribute under !MOKERNELS_EMULATION: the emulator models the limit and
+    // rejected every staged launch above 48 KiB (fp32 D > ~1500, bf16 D > ~3000), so that path was never emulated.
+    if (smem > 48 * 1024) {
+      err = MK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
       if (err != cudaSuccess) return;
     }
-#endif
     MK_LAUNCH(kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem, stream, x, U,
               ws_K<T>(ws, L, transpose), ws_rn<T>(ws, L), out, s_out, N, D, L, stage);
     err = last_launch_error();
