@@ -126,7 +126,7 @@ class MoORELinear(AdapterLayer):
         act = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # activation dtype
         c = lambda t: None if t is None else t.to(act)  # noqa: E731  (no-op without autocast)
         xa = x.to(act)
-        merged = self.merged_V is not None
+        merged = self._merged_V_current()
         y = rank_one_experts(xa, c(self.svd_U), c(self.svd_sigma), c(self.merged_V if merged else self.svd_V),
                              F.linear(xa, c(self.router_gamma)), c(self.router_Q), c(self.task_gates(x)),
                              None if merged or not self.cfg.householder else c(self.householder_u), clip=self.cfg.clip)
@@ -154,17 +154,43 @@ class MoORELinear(AdapterLayer):
         the router stays (the merged layer still reads the task ids and x)."""
         if self.merged:
             raise RuntimeError(f"mokernels: layer {self.layer_name!r} is already merged")
+        self._fold()
+        self.merged = True
+
+    @torch.no_grad()
+    def _fold(self) -> None:
         v = self.svd_V
         self.merged_V = householder_apply(v.T, self.householder_u, transpose=True).T.contiguous() \
             if self.cfg.householder else v.clone()
-        self.merged = True
+        self._merged_sig = self._fold_sig()
+
+    def _fold_sig(self) -> tuple:
+        u, v = self.householder_u, self.svd_V
+        return (u, u.data_ptr(), u._version, u.dtype, v, v.data_ptr(), v._version, v.dtype)
+
+    def _merged_V_current(self) -> bool:
+        """Whether the forward may use the folded ``V' = Hᵀ V``. ``merged_V`` is a cache of the chain: it is
+        refolded when the Householder vectors or V changed since the merge (``load_adapters``, an optimizer
+        step, ``copy_``, ``.to(dtype)``), and the chain itself runs when autograd needs gradients for the
+        Householder vectors (training while merged trains them, as unmerged)."""
+        if not self.merged:
+            return False
+        if self.cfg.householder and torch.is_grad_enabled() and self.householder_u.requires_grad:
+            return False
+        sig = self._fold_sig()
+        old = getattr(self, "_merged_sig", None)
+        same = old is not None and all((a is b) if isinstance(a, Tensor) else a == b for a, b in zip(old, sig))
+        if self.merged_V is None or not same:
+            self._fold()
+        return True
 
     def unmerge(self) -> None:
         self.merged_V = None
+        self._merged_sig = None
         self.merged = False
 
     def stats(self) -> dict:
-        return {"rank": int(self.svd_sigma.shape[0]), "merged": self.merged_V is not None}
+        return {"rank": int(self.svd_sigma.shape[0]), "merged": self.merged}
 
     def extra_repr(self) -> str:
         c = self.cfg
