@@ -423,3 +423,25 @@ def test_routing_segments_adapter_ids_and_extra_keys_validated_on_entry():
             assert st.adapter_ids.tolist() == [1, -1]  # a refused set changes nothing
     finally:
         METHODS.pop("test_seg")
+
+
+def test_inject_refuses_a_target_that_matches_only_non_linear_modules():
+    """Review: target_modules=["query", "word_embeddings"] wrapped the linears and silently ignored the
+    Embedding (PEFT would wrap it, or raise): a pattern that matches only non-Linear modules is an error."""
+
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.word_embeddings = nn.Embedding(10, 8)
+            self.norm = nn.LayerNorm(8)
+            self.up = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2)  # out_proj: a Linear subclass
+
+    m = Emb()
+    for pat, what in (("word_embeddings", "Embedding"), ("norm", "LayerNorm"), ("out_proj", "Linear")):
+        with pytest.raises(ValueError, match=rf"target pattern '{pat}' matches no nn.Linear, only .*{what}"):
+            mokernels.inject(m, "test_lora", target_modules=["up", pat])
+        assert not hasattr(m, "mokernels_config")
+    # patterns that match nothing, or Linear and other modules alike, stay fine
+    mokernels.inject(m, "test_lora", target_modules=["up", "absent", r"(up|norm)"])
+    assert mokernels.methods.match_targets(Emb(), [r"(up|norm)"]) == ["up"]

@@ -62,14 +62,34 @@ def _matches(name: str, pattern: str) -> bool:
 
 def match_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
     """Qualified names of the ``nn.Linear`` modules that ``target_modules`` matches and ``exclude_modules``
-    does not (rules in the module docstring). ValueError naming the patterns when nothing matches."""
+    does not (rules in the module docstring). ValueError naming the patterns when nothing matches, or when a
+    pattern matches only modules that are not ``nn.Linear`` (e.g. an ``Embedding``: it would be skipped
+    silently). A pattern that matches nothing at all is allowed while another one matches (PEFT's rule)."""
     targets, excludes = _as_list(target_modules), _as_list(exclude_modules)
     if not targets or not all(isinstance(p, str) and p for p in targets + excludes):
         raise ValueError(f"mokernels.inject: target_modules must be a non-empty list of name patterns, got {target_modules!r}")
     names = []
+    others: dict[str, list[str]] = {p: [] for p in targets}  # per pattern: matched modules that are not wrapped
+    hit: set[str] = set()  # patterns that matched an nn.Linear
     for n, m in model.named_modules():
-        if type(m) is nn.Linear and any(_matches(n, p) for p in targets) and not any(_matches(n, p) for p in excludes):
+        if any(_matches(n, p) for p in excludes):
+            continue
+        ps = [p for p in targets if _matches(n, p)]
+        if not ps:
+            continue
+        if type(m) is nn.Linear:
             names.append(n)
+            hit.update(ps)
+        else:
+            for p in ps:
+                others[p].append(f"{n or '<root>'} ({type(m).__name__})")
+    only_other = {p: v for p, v in others.items() if v and p not in hit}
+    if names and only_other:  # PEFT raises for unsupported target types too: never skip the user's target silently
+        p, v = next(iter(only_other.items()))
+        raise ValueError(f"mokernels.inject: target pattern {p!r} matches no nn.Linear, only {v[:3]}"
+                         + (f" and {len(v) - 3} more" if len(v) > 3 else "") + "; mokernels wraps modules whose type "
+                         "is exactly nn.Linear (not Embedding, Conv or Linear subclasses): remove the pattern"
+                         + (f" (also {sorted(only_other)[1:]})" if len(only_other) > 1 else ""))
     if not names:
         lin = [n for n, m in model.named_modules() if type(m) is nn.Linear]
         raise ValueError(f"mokernels.inject: no nn.Linear matches target_modules={targets}"
