@@ -445,3 +445,17 @@ def test_inject_refuses_a_target_that_matches_only_non_linear_modules():
     # patterns that match nothing, or Linear and other modules alike, stay fine
     mokernels.inject(m, "test_lora", target_modules=["up", "absent", r"(up|norm)"])
     assert mokernels.methods.match_targets(Emb(), [r"(up|norm)"]) == ["up"]
+
+
+def test_routing_save_load_merge_through_ddp_like_wrappers(tmp_path):
+    """Review: mokernels.routing(DistributedDataParallel(model), ...) raised "has no mokernels adapters", and
+    save_adapters through the wrapper wrote keys under "module." that the bare model cannot load."""
+    m = mokernels.inject(MLP(), "test_task_lora", target_modules=["up"])
+    for wrapped in (nn.DataParallel(m), torch.compile(m)):  # both hold the model as a child (.module / ._orig_mod)
+        with mokernels.routing(wrapped, task_ids=torch.tensor([1])) as st:
+            assert st is m.mokernels_state and m.mokernels_state.task_ids.tolist() == [1]
+        assert m.mokernels_state.task_ids is None
+        p = tmp_path / "w.safetensors"
+        mokernels.save_adapters(wrapped, p)
+        assert mokernels.load_adapters(m, p) is m  # keys without "module."/"_orig_mod."
+        assert mokernels.load_adapters(wrapped, p) is wrapped

@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import METHODS, AdapterLayer, MethodConfig, RoutingState, SharedParams
+from .base import METHODS, AdapterLayer, MethodConfig, RoutingState, SharedParams, unwrap_model
 
 __all__ = ["inject", "save_adapters", "load_adapters", "merge", "unmerge", "extra_losses", "trainable_parameters",
            "adapter_layers", "match_targets"]
@@ -211,6 +211,7 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
 def save_adapters(model: nn.Module, path: str) -> None:
     """Writes every adapter tensor (layer state, shared parameters once) to ``path`` (safetensors), with
     the JSON config in the file's metadata header."""
+    model = unwrap_model(model)
     from safetensors.torch import save_file
 
     c = _config(model)
@@ -252,6 +253,7 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
     Always an error: another method's checkpoint, a mis-shaped tensor. With ``strict`` (default) also:
     a different config or target list, missing or unexpected keys (nothing is loaded then). With
     ``strict=False`` the keys present in both are loaded and the others left alone."""
+    outer, model = model, unwrap_model(model)
     from safetensors.torch import load_file
 
     c = _config(model)
@@ -294,7 +296,7 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
             for k, p in shared.items():
                 if SHARED_PREFIX + k in sd:
                     p.copy_(sd[SHARED_PREFIX + k])
-    return model
+    return outer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,6 +307,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Merges every wrapped layer into its base weight (methods with ``can_merge``). Unless the method's
     merged layers still route (``merged_keeps_routing``, MoORE), the routing is cleared and refused until
     :func:`unmerge`. NotImplementedError for methods that cannot merge (nothing is changed)."""
+    outer, model = model, unwrap_model(model)
     c = _config(model)
     layers = adapter_layers(model)
     cls = type(layers[0][1]) if layers else None
@@ -327,16 +330,17 @@ def merge(model: nn.Module) -> nn.Module:
         st = model.mokernels_state
         st.clear()
         st.merged = True
-    return model
+    return outer
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Restores every base weight bit-exactly (LIFO); no-op when not merged."""
+    outer, model = model, unwrap_model(model)
     c = _config(model)
     if not c.get("merged"):
-        return model
+        return outer
     for _, layer in reversed(adapter_layers(model)):
         layer.unmerge()
     c["merged"] = False
     model.mokernels_state.merged = False
-    return model
+    return outer
