@@ -459,3 +459,14 @@ def test_routing_save_load_merge_through_ddp_like_wrappers(tmp_path):
         mokernels.save_adapters(wrapped, p)
         assert mokernels.load_adapters(m, p) is m  # keys without "module."/"_orig_mod."
         assert mokernels.load_adapters(wrapped, p) is wrapped
+
+
+def test_load_non_strict_warns_about_a_different_config(tmp_path, caplog):
+    """Review: strict=False silently kept the model's hyperparameters when the checkpoint's differ."""
+    src = mokernels.inject(MLP(), "test_lora", target_modules=["up"], r=2)
+    p = tmp_path / "a.safetensors"
+    mokernels.save_adapters(src, p)
+    dst = mokernels.inject(MLP(), "test_lora", target_modules=["up"], r=2, alpha=7.0)
+    with caplog.at_level("WARNING", logger="mokernels"):
+        mokernels.load_adapters(dst, p, strict=False)
+    assert "config differs from the model's in ['alpha']" in caplog.text

@@ -252,7 +252,8 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
 
     Always an error: another method's checkpoint, a mis-shaped tensor. With ``strict`` (default) also:
     a different config or target list, missing or unexpected keys (nothing is loaded then). With
-    ``strict=False`` the keys present in both are loaded and the others left alone."""
+    ``strict=False`` the keys present in both are loaded and the others left alone; the model keeps its own
+    hyperparameters (a config that differs, e.g. another alpha, is logged as a WARNING on "mokernels")."""
     outer, model = model, unwrap_model(model)
     from safetensors.torch import load_file
 
@@ -261,8 +262,12 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
     if meta["method"] != c["method"]:
         raise ValueError(f"mokernels.load_adapters: {path} holds {meta['method']!r} adapters but the model is wrapped "
                          f"with {c['method']!r}")
+    diff = sorted(k for k in set(meta["config"]) | set(c["config"]) if meta["config"].get(k) != c["config"].get(k))
+    if diff and not strict:  # the model keeps its own hyperparameters (e.g. alpha): outputs differ from the source's
+        log.warning("mokernels.load_adapters(strict=False): %s: config differs from the model's in %s (checkpoint %s "
+                    "vs model %s); the model keeps its own values", path, diff,
+                    {k: meta["config"].get(k) for k in diff}, {k: c["config"].get(k) for k in diff})
     if strict:
-        diff = sorted(k for k in set(meta["config"]) | set(c["config"]) if meta["config"].get(k) != c["config"].get(k))
         if diff:
             raise ValueError(f"mokernels.load_adapters: config differs from the model's in {diff}: checkpoint "
                              f"{ {k: meta['config'].get(k) for k in diff} } vs model { {k: c['config'].get(k) for k in diff} }")
