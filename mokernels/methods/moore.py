@@ -16,7 +16,9 @@ vectors, the task embeddings, P, Γ, Q (σ too with ``train_sigma=True``).
 
 Inference: ``mokernels.merge(model)`` (:meth:`MoORELinear.merge`) folds H into V (``V' = Hᵀ V``, kept beside V so that
 :meth:`unmerge` is exact) and the forward then skips the chain; the routing stays (task ids and x
-still gate the experts). The layer is
+still gate the experts). ``V'`` is a cache: it is refolded when the Householder vectors or V change
+(``load_adapters``, an optimizer step), and a forward that needs their gradients (grad mode on, vectors
+trainable: training while merged) runs the chain, so merged and unmerged always agree. The layer is
 :func:`mokernels.ops.rank_one_experts` (issue 11: the chain, the two expert GEMMs and the gate in one
 op; today its reference composition) and :func:`mokernels.ops.householder_apply` for the merge.
 
