@@ -169,3 +169,16 @@ def test_routing_errors(minilm, minilm_batch, tmp_path):
         dlp_lora.set_routing(m, logits=torch.randn(2, 3), probs=torch.rand(2, 3))
     with pytest.raises(ValueError, match="PEFT"):
         dlp_lora.read_peft(tmp_path)
+
+
+def test_set_routing_through_a_data_parallel_wrapper():
+    """Review: dlp_lora.set_routing(DataParallel(model), ...) raised AttributeError ('mokernels_state')."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    m = mokernels.inject(net, "dlp_lora", target_modules=["0"], num_adapters=2, r=2)
+    with torch.no_grad():
+        m[0].lora_B.normal_()
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    rt = dlp_lora.set_routing(torch.nn.DataParallel(m), probs=probs)
+    assert rt is m.mokernels_state.extra[dlp_lora.STATE_KEY]
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(m(x), m[0].reference_forward(x), rtol=1e-5, atol=1e-5)

@@ -423,3 +423,50 @@ def test_routing_segments_adapter_ids_and_extra_keys_validated_on_entry():
             assert st.adapter_ids.tolist() == [1, -1]  # a refused set changes nothing
     finally:
         METHODS.pop("test_seg")
+
+
+def test_inject_refuses_a_target_that_matches_only_non_linear_modules():
+    """Review: target_modules=["query", "word_embeddings"] wrapped the linears and silently ignored the
+    Embedding (PEFT would wrap it, or raise): a pattern that matches only non-Linear modules is an error."""
+
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.word_embeddings = nn.Embedding(10, 8)
+            self.norm = nn.LayerNorm(8)
+            self.up = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2)  # out_proj: a Linear subclass
+
+    m = Emb()
+    for pat, what in (("word_embeddings", "Embedding"), ("norm", "LayerNorm"), ("out_proj", "Linear")):
+        with pytest.raises(ValueError, match=rf"target pattern '{pat}' matches no nn.Linear, only .*{what}"):
+            mokernels.inject(m, "test_lora", target_modules=["up", pat])
+        assert not hasattr(m, "mokernels_config")
+    # patterns that match nothing, or Linear and other modules alike, stay fine
+    mokernels.inject(m, "test_lora", target_modules=["up", "absent", r"(up|norm)"])
+    assert mokernels.methods.match_targets(Emb(), [r"(up|norm)"]) == ["up"]
+
+
+def test_routing_save_load_merge_through_ddp_like_wrappers(tmp_path):
+    """Review: mokernels.routing(DistributedDataParallel(model), ...) raised "has no mokernels adapters", and
+    save_adapters through the wrapper wrote keys under "module." that the bare model cannot load."""
+    m = mokernels.inject(MLP(), "test_task_lora", target_modules=["up"])
+    for wrapped in (nn.DataParallel(m), torch.compile(m)):  # both hold the model as a child (.module / ._orig_mod)
+        with mokernels.routing(wrapped, task_ids=torch.tensor([1])) as st:
+            assert st is m.mokernels_state and m.mokernels_state.task_ids.tolist() == [1]
+        assert m.mokernels_state.task_ids is None
+        p = tmp_path / "w.safetensors"
+        mokernels.save_adapters(wrapped, p)
+        assert mokernels.load_adapters(m, p) is m  # keys without "module."/"_orig_mod."
+        assert mokernels.load_adapters(wrapped, p) is wrapped
+
+
+def test_load_non_strict_warns_about_a_different_config(tmp_path, caplog):
+    """Review: strict=False silently kept the model's hyperparameters when the checkpoint's differ."""
+    src = mokernels.inject(MLP(), "test_lora", target_modules=["up"], r=2)
+    p = tmp_path / "a.safetensors"
+    mokernels.save_adapters(src, p)
+    dst = mokernels.inject(MLP(), "test_lora", target_modules=["up"], r=2, alpha=7.0)
+    with caplog.at_level("WARNING", logger="mokernels"):
+        mokernels.load_adapters(dst, p, strict=False)
+    assert "config differs from the model's in ['alpha']" in caplog.text

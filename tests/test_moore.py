@@ -242,3 +242,37 @@ def test_ddp_gloo_matches_single_process(tmp_path):
             for n, g in want.items():
                 torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6, msg=f"{method} rank {rank}: {n}")
     assert torch.equal(res[0]["moore_V"], res[1]["moore_V"])
+
+
+def _toy_moore(seed=0):
+    torch.manual_seed(0)  # the same base model, adapters randomised by seed
+    net = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 16))
+    m = mokernels.inject(net, "moore", target_modules=["0", "2"], num_tasks=2, task_dim=4, router_dim=4, householder=4)
+    _randomize(m, seed=seed + 1)
+    mokernels.set_task(m, torch.tensor([0, 1, -1]))
+    return m
+
+
+def test_merged_fold_follows_the_householder_vectors():
+    """Review: the folded V' = Hᵀ V is a cache of the chain. Before the fix it went stale after
+    load_adapters / an optimizer step / copy_ into a merged model (silently wrong outputs), and training
+    while merged gave the Householder vectors no gradient."""
+    src, dst = _toy_moore(0), _toy_moore(5)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        want = src(x)
+    mokernels.merge(dst)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(mokernels.methods.adapter_layers(dst), mokernels.methods.adapter_layers(src)):
+            a.load_adapter_state_dict(b.adapter_state_dict())  # what load_adapters does, layer by layer
+        got = dst(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # training while merged: the chain's vectors get gradients, equal to the unmerged model's
+    dst.train()
+    dst(x).square().sum().backward()
+    g_merged = [lay.householder_u.grad.clone() for _, lay in mokernels.methods.adapter_layers(dst)]
+    dst.zero_grad()
+    mokernels.unmerge(dst)
+    dst(x).square().sum().backward()
+    for g, (_, lay) in zip(g_merged, mokernels.methods.adapter_layers(dst)):
+        torch.testing.assert_close(g, lay.householder_u.grad, rtol=1e-5, atol=1e-6)

@@ -112,3 +112,17 @@ def test_slora_minilm(minilm, minilm_fresh, minilm_batch, minilm_target, tmp_pat
     assert torch.equal(fresh(**minilm_batch).last_hidden_state, m(**minilm_batch).last_hidden_state)
     with torch.no_grad():
         assert float(minilm_loss(fresh, minilm_batch, minilm_target)) == float(minilm_loss(m, minilm_batch, minilm_target))
+
+
+def test_active_stats_survive_half():
+    """Review: ``model.half()`` turned the fp64 token counters into fp16 (they stop counting at 2048 tokens)."""
+    net = nn.Sequential(nn.Linear(32, 16))
+    m = mokernels.inject(net, "slora", target_modules=["0"], r=2, init_k=4)
+    lay = m[0]
+    with torch.no_grad():
+        lay(torch.randn(3, 32))
+    m.to(torch.float64).to(torch.float16)
+    assert lay.active_stats.dtype == torch.float64 and lay.stats()["tokens"] == 3
+    lay.active_stats[1] = 4097.0  # counts that fp16 cannot hold
+    m.to(torch.float32)
+    assert lay.stats()["tokens"] == 4097

@@ -45,11 +45,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["MethodConfig", "RoutingState", "SharedParams", "AdapterLayer", "METHODS", "register_method",
-           "ROUTING_FIELDS"]
+           "ROUTING_FIELDS", "unwrap_model"]
 
 METHODS: dict[str, type["AdapterLayer"]] = {}
 ROUTING_FIELDS = ("task_ids", "adapter_ids", "segments")
 _BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module ``mokernels.inject`` wrapped, seen through the wrappers that hold it as a child: DDP,
+    ``nn.DataParallel``, FSDP (``.module``) and ``torch.compile`` (``._orig_mod``), so that routing, save,
+    load and merge on ``DistributedDataParallel(model)`` act on ``model`` (checkpoint keys without
+    ``module.``). A model with its own ``mokernels_config`` is returned as it is."""
+    seen = 0
+    while "mokernels_config" not in model.__dict__ and seen < 8:  # own attribute (torch.compile forwards getattr)
+        inner = model.__dict__.get("_modules", {}).get("module") or model.__dict__.get("_modules", {}).get("_orig_mod")
+        if not isinstance(inner, nn.Module):
+            break
+        model, seen = inner, seen + 1
+    return model
 
 
 def register_method(name: str):

@@ -15,13 +15,15 @@ import contextlib
 
 from torch import nn
 
-from .base import RoutingState
+from .base import RoutingState, unwrap_model
 
 __all__ = ["routing", "set_routing", "set_task", "set_adapter_ids", "clear_routing", "routing_state"]
 
 
 def routing_state(model: nn.Module) -> RoutingState:
-    """The model's RoutingState; ValueError if the model was not wrapped by mokernels.inject."""
+    """The model's RoutingState (also through DDP / DataParallel / torch.compile wrappers); ValueError if the
+    model was not wrapped by mokernels.inject."""
+    model = unwrap_model(model)
     st = getattr(model, "mokernels_state", None)
     if not isinstance(st, RoutingState):
         raise ValueError(f"mokernels: {type(model).__name__} has no mokernels adapters; call mokernels.inject(model, ...) first")

@@ -44,6 +44,7 @@ from ..ops import Routing, lora_apply, route
 from ..ops.lora import MAX_RANK
 from .base import AdapterLayer, MethodConfig, register_method
 from .context import routing as mk_routing
+from .context import routing_state
 from .context import set_routing as mk_set_routing
 
 STATE_KEY = "dlp_lora"  # the routing state's extra[...] entry
@@ -340,7 +341,7 @@ def set_routing(model: nn.Module, classifier: Optional[nn.Module] = None, **kw) 
     until the next set_routing / set_task / ``mokernels.clear_routing(model)``. Returns it."""
     rt = _to_model(model, sentence_routing(classifier, num_adapters=pool_size(model), **kw))
     mk_set_routing(model, **{STATE_KEY: rt})
-    return model.mokernels_state.extra[STATE_KEY]  # as validated (num_tokens filled)
+    return routing_state(model).extra[STATE_KEY]  # as validated (num_tokens filled); also through DDP wrappers
 
 
 @contextlib.contextmanager

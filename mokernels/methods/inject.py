@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import METHODS, AdapterLayer, MethodConfig, RoutingState, SharedParams
+from .base import METHODS, AdapterLayer, MethodConfig, RoutingState, SharedParams, unwrap_model
 
 __all__ = ["inject", "save_adapters", "load_adapters", "merge", "unmerge", "extra_losses", "trainable_parameters",
            "adapter_layers", "match_targets"]
@@ -62,14 +62,34 @@ def _matches(name: str, pattern: str) -> bool:
 
 def match_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
     """Qualified names of the ``nn.Linear`` modules that ``target_modules`` matches and ``exclude_modules``
-    does not (rules in the module docstring). ValueError naming the patterns when nothing matches."""
+    does not (rules in the module docstring). ValueError naming the patterns when nothing matches, or when a
+    pattern matches only modules that are not ``nn.Linear`` (e.g. an ``Embedding``: it would be skipped
+    silently). A pattern that matches nothing at all is allowed while another one matches (PEFT's rule)."""
     targets, excludes = _as_list(target_modules), _as_list(exclude_modules)
     if not targets or not all(isinstance(p, str) and p for p in targets + excludes):
         raise ValueError(f"mokernels.inject: target_modules must be a non-empty list of name patterns, got {target_modules!r}")
     names = []
+    others: dict[str, list[str]] = {p: [] for p in targets}  # per pattern: matched modules that are not wrapped
+    hit: set[str] = set()  # patterns that matched an nn.Linear
     for n, m in model.named_modules():
-        if type(m) is nn.Linear and any(_matches(n, p) for p in targets) and not any(_matches(n, p) for p in excludes):
+        if any(_matches(n, p) for p in excludes):
+            continue
+        ps = [p for p in targets if _matches(n, p)]
+        if not ps:
+            continue
+        if type(m) is nn.Linear:
             names.append(n)
+            hit.update(ps)
+        else:
+            for p in ps:
+                others[p].append(f"{n or '<root>'} ({type(m).__name__})")
+    only_other = {p: v for p, v in others.items() if v and p not in hit}
+    if names and only_other:  # PEFT raises for unsupported target types too: never skip the user's target silently
+        p, v = next(iter(only_other.items()))
+        raise ValueError(f"mokernels.inject: target pattern {p!r} matches no nn.Linear, only {v[:3]}"
+                         + (f" and {len(v) - 3} more" if len(v) > 3 else "") + "; mokernels wraps modules whose type "
+                         "is exactly nn.Linear (not Embedding, Conv or Linear subclasses): remove the pattern"
+                         + (f" (also {sorted(only_other)[1:]})" if len(only_other) > 1 else ""))
     if not names:
         lin = [n for n, m in model.named_modules() if type(m) is nn.Linear]
         raise ValueError(f"mokernels.inject: no nn.Linear matches target_modules={targets}"
@@ -191,6 +211,7 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
 def save_adapters(model: nn.Module, path: str) -> None:
     """Writes every adapter tensor (layer state, shared parameters once) to ``path`` (safetensors), with
     the JSON config in the file's metadata header."""
+    model = unwrap_model(model)
     from safetensors.torch import save_file
 
     c = _config(model)
@@ -231,7 +252,9 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
 
     Always an error: another method's checkpoint, a mis-shaped tensor. With ``strict`` (default) also:
     a different config or target list, missing or unexpected keys (nothing is loaded then). With
-    ``strict=False`` the keys present in both are loaded and the others left alone."""
+    ``strict=False`` the keys present in both are loaded and the others left alone; the model keeps its own
+    hyperparameters (a config that differs, e.g. another alpha, is logged as a WARNING on "mokernels")."""
+    outer, model = model, unwrap_model(model)
     from safetensors.torch import load_file
 
     c = _config(model)
@@ -239,8 +262,12 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
     if meta["method"] != c["method"]:
         raise ValueError(f"mokernels.load_adapters: {path} holds {meta['method']!r} adapters but the model is wrapped "
                          f"with {c['method']!r}")
+    diff = sorted(k for k in set(meta["config"]) | set(c["config"]) if meta["config"].get(k) != c["config"].get(k))
+    if diff and not strict:  # the model keeps its own hyperparameters (e.g. alpha): outputs differ from the source's
+        log.warning("mokernels.load_adapters(strict=False): %s: config differs from the model's in %s (checkpoint %s "
+                    "vs model %s); the model keeps its own values", path, diff,
+                    {k: meta["config"].get(k) for k in diff}, {k: c["config"].get(k) for k in diff})
     if strict:
-        diff = sorted(k for k in set(meta["config"]) | set(c["config"]) if meta["config"].get(k) != c["config"].get(k))
         if diff:
             raise ValueError(f"mokernels.load_adapters: config differs from the model's in {diff}: checkpoint "
                              f"{ {k: meta['config'].get(k) for k in diff} } vs model { {k: c['config'].get(k) for k in diff} }")
@@ -274,7 +301,7 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
             for k, p in shared.items():
                 if SHARED_PREFIX + k in sd:
                     p.copy_(sd[SHARED_PREFIX + k])
-    return model
+    return outer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,6 +312,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Merges every wrapped layer into its base weight (methods with ``can_merge``). Unless the method's
     merged layers still route (``merged_keeps_routing``, MoORE), the routing is cleared and refused until
     :func:`unmerge`. NotImplementedError for methods that cannot merge (nothing is changed)."""
+    outer, model = model, unwrap_model(model)
     c = _config(model)
     layers = adapter_layers(model)
     cls = type(layers[0][1]) if layers else None
@@ -307,16 +335,17 @@ def merge(model: nn.Module) -> nn.Module:
         st = model.mokernels_state
         st.clear()
         st.merged = True
-    return model
+    return outer
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Restores every base weight bit-exactly (LIFO); no-op when not merged."""
+    outer, model = model, unwrap_model(model)
     c = _config(model)
     if not c.get("merged"):
-        return model
+        return outer
     for _, layer in reversed(adapter_layers(model)):
         layer.unmerge()
     c["merged"] = False
     model.mokernels_state.merged = False
-    return model
+    return outer

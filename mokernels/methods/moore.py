@@ -16,7 +16,9 @@ vectors, the task embeddings, P, Γ, Q (σ too with ``train_sigma=True``).
 
 Inference: ``mokernels.merge(model)`` (:meth:`MoORELinear.merge`) folds H into V (``V' = Hᵀ V``, kept beside V so that
 :meth:`unmerge` is exact) and the forward then skips the chain; the routing stays (task ids and x
-still gate the experts). The layer is
+still gate the experts). ``V'`` is a cache: it is refolded when the Householder vectors or V change
+(``load_adapters``, an optimizer step), and a forward that needs their gradients (grad mode on, vectors
+trainable: training while merged) runs the chain, so merged and unmerged always agree. The layer is
 :func:`mokernels.ops.rank_one_experts` (issue 11: the chain, the two expert GEMMs and the gate in one
 op; today its reference composition) and :func:`mokernels.ops.householder_apply` for the merge.
 
@@ -126,7 +128,7 @@ class MoORELinear(AdapterLayer):
         act = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # activation dtype
         c = lambda t: None if t is None else t.to(act)  # noqa: E731  (no-op without autocast)
         xa = x.to(act)
-        merged = self.merged_V is not None
+        merged = self._merged_V_current()
         y = rank_one_experts(xa, c(self.svd_U), c(self.svd_sigma), c(self.merged_V if merged else self.svd_V),
                              F.linear(xa, c(self.router_gamma)), c(self.router_Q), c(self.task_gates(x)),
                              None if merged or not self.cfg.householder else c(self.householder_u), clip=self.cfg.clip)
@@ -154,17 +156,43 @@ class MoORELinear(AdapterLayer):
         the router stays (the merged layer still reads the task ids and x)."""
         if self.merged:
             raise RuntimeError(f"mokernels: layer {self.layer_name!r} is already merged")
+        self._fold()
+        self.merged = True
+
+    @torch.no_grad()
+    def _fold(self) -> None:
         v = self.svd_V
         self.merged_V = householder_apply(v.T, self.householder_u, transpose=True).T.contiguous() \
             if self.cfg.householder else v.clone()
-        self.merged = True
+        self._merged_sig = self._fold_sig()
+
+    def _fold_sig(self) -> tuple:
+        u, v = self.householder_u, self.svd_V
+        return (u, u.data_ptr(), u._version, u.dtype, v, v.data_ptr(), v._version, v.dtype)
+
+    def _merged_V_current(self) -> bool:
+        """Whether the forward may use the folded ``V' = Hᵀ V``. ``merged_V`` is a cache of the chain: it is
+        refolded when the Householder vectors or V changed since the merge (``load_adapters``, an optimizer
+        step, ``copy_``, ``.to(dtype)``), and the chain itself runs when autograd needs gradients for the
+        Householder vectors (training while merged trains them, as unmerged)."""
+        if not self.merged:
+            return False
+        if self.cfg.householder and torch.is_grad_enabled() and self.householder_u.requires_grad:
+            return False
+        sig = self._fold_sig()
+        old = getattr(self, "_merged_sig", None)
+        same = old is not None and all((a is b) if isinstance(a, Tensor) else a == b for a, b in zip(old, sig))
+        if self.merged_V is None or not same:
+            self._fold()
+        return True
 
     def unmerge(self) -> None:
         self.merged_V = None
+        self._merged_sig = None
         self.merged = False
 
     def stats(self) -> dict:
-        return {"rank": int(self.svd_sigma.shape[0]), "merged": self.merged_V is not None}
+        return {"rank": int(self.svd_sigma.shape[0]), "merged": self.merged}
 
     def extra_repr(self) -> str:
         c = self.cfg

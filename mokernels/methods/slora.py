@@ -179,6 +179,16 @@ class SLoRALinear(AdapterLayer):
     def reset_stats(self) -> None:
         self.active_stats.zero_()
 
+    def _apply(self, fn, recurse=True):
+        """``model.half()`` / ``.to(dtype)`` convert every floating buffer: keep the token counters in fp64
+        (in fp16 they stop counting at 2048 tokens and overflow past 65504)."""
+        before = self._buffers.get("active_stats")
+        out = super()._apply(fn, recurse)
+        st = self._buffers.get("active_stats")
+        if st is not None and before is not None and st.dtype != torch.float64:
+            self._buffers["active_stats"] = before.to(st.device)
+        return out
+
     def extra_repr(self) -> str:
         c = self.cfg
         return (super().extra_repr() + f", r={c.r}, general={c.num_general}, task={c.num_task}, top_p={c.top_p}, "
