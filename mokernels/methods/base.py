@@ -302,6 +302,24 @@ class SharedParams(nn.Module):
 # Adapter layer
 
 
+def state_dict_problems(own: dict, sd: dict, strict: bool, holder: str) -> list:
+    """What keeps ``sd`` (a checkpoint) from loading into ``own`` (the ``holder``'s tensors, "layer" or
+    "model"): missing and unexpected keys (only with ``strict``) and mis-shaped keys (always), each with a
+    count and the first five names; empty when it loads."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shaped = sorted(f"{k}: checkpoint {list(sd[k].shape)} vs {holder} {list(own[k].shape)}"
+                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    problems = []
+    if strict and missing:
+        problems.append(f"{len(missing)} missing key(s) {missing[:5]}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) {unexpected[:5]}")
+    if shaped:
+        problems.append(f"mis-shaped key(s) {shaped[:5]}")
+    return problems
+
+
 class AdapterLayer(nn.Module):
     """Base of every method layer: a drop-in for the ``nn.Linear`` it wraps (see the module docstring).
 
@@ -438,17 +456,7 @@ class AdapterLayer(nn.Module):
         """Copies ``sd`` into the same-named tensors; ValueError naming missing/unexpected/mis-shaped keys
         (missing/unexpected only with ``strict``; mis-shaped always)."""
         own = self._adapter_tensors()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        shaped = sorted(f"{k}: checkpoint {list(sd[k].shape)} vs layer {list(own[k].shape)}"
-                        for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
-        problems = []
-        if strict and missing:
-            problems.append(f"missing keys {missing}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if shaped:
-            problems.append(f"mis-shaped keys {shaped}")
+        problems = state_dict_problems(own, sd, strict, "layer")
         if problems:
             raise ValueError(f"mokernels.load_adapters: layer {self.layer_name!r}: " + "; ".join(problems))
         with torch.no_grad():

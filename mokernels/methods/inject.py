@@ -20,7 +20,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import METHODS, AdapterLayer, MethodConfig, RoutingState, SharedParams, unwrap_model
+from .base import (METHODS, AdapterLayer, MethodConfig, RoutingState, SharedParams, state_dict_problems,
+                   unwrap_model)
 
 __all__ = ["inject", "save_adapters", "load_adapters", "merge", "unmerge", "extra_losses", "trainable_parameters",
            "adapter_layers", "match_targets"]
@@ -278,17 +279,7 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
                              f"{miss[:5]}, in the checkpoint but not wrapped {extra[:5]}")
     sd = load_file(str(path))
     own = _tensors(model)
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shaped = sorted(f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
-                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
-    problems = []
-    if strict and missing:
-        problems.append(f"{len(missing)} missing key(s) {missing[:5]}")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) {unexpected[:5]}")
-    if shaped:
-        problems.append(f"mis-shaped key(s) {shaped[:5]}")
+    problems = state_dict_problems(own, sd, strict, "model")
     if problems:
         raise ValueError(f"mokernels.load_adapters: {path}: " + "; ".join(problems))
     for n, layer in adapter_layers(model):
