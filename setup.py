@@ -175,8 +175,12 @@ sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "
 sanitize_cc = ["-ftrivial-auto-var-init=pattern", "-fno-wrapv"]
 emu_defs = ["-DMOKERNELS_EMULATION", "-Wno-unknown-pragmas"] + [f"-I{i}" for i in emu_incs]
 # The TSan module: only the kernel TU is instrumented; its shim (shim_tsan.cpp, -DMK_EMU_TSAN) is compiled
-# separately without -fsanitize (see TsanShimBuild) and linked in as an object.
+# separately without -fsanitize (see EmuBuild) and linked in as an object.
 TSAN_SHIM = ("csrc/emu/shim_tsan.cpp", ["-O2", "-fPIC", "-std=c++20", "-DMK_EMU_TSAN", f"-I{csrc}"] + emu_defs)
+# The kernel families: one emulation TU each (csrc/emu/kernels_<family>.cpp), so MAX_JOBS compiles them in
+# parallel; every emulator flavour builds all of them (each flavour in its own build directory, see
+# EmuBuild.build_extension, so the same source's objects never collide).
+EMU_KERNEL_TUS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "emu").glob("kernels_*.cpp"))
 for name, module_src, shim_src, flags, link, wanted in (
     ("mokernels._emu", "csrc/emu/module.cpp", "csrc/emu/shim.cpp", ["-O2"], [], build_emu),
     ("mokernels._emu_asan", "csrc/emu/module_asan.cpp", "csrc/emu/shim_asan.cpp", ["-O1", "-g"] + sanitize, sanitize,
@@ -188,7 +192,7 @@ for name, module_src, shim_src, flags, link, wanted in (
         ext_modules.append(
             cx.CppExtension(
                 name,
-                sources=[module_src] + ([shim_src] if shim_src else []),
+                sources=[module_src] + ([shim_src] if shim_src else []) + EMU_KERNEL_TUS,
                 include_dirs=[csrc],
                 extra_compile_args={"cxx": flags + emu_defs + (sanitize_cc if name.endswith("asan") else [])},
                 extra_link_args=link,
@@ -196,11 +200,23 @@ for name, module_src, shim_src, flags, link, wanted in (
         )
 
 
-class TsanShimBuild(cx.BuildExtension):
-    """BuildExtension that first compiles the TSan module's shim without instrumentation (one set of
-    compile flags per extension would instrument the scheduler's own bookkeeping)."""
+class EmuBuild(cx.BuildExtension):
+    """BuildExtension that gives each emulator flavour its own build directory (they compile the same
+    kernels_*.cpp sources with different flags) and first compiles the TSan module's shim without
+    instrumentation (one set of compile flags per extension would instrument the scheduler's own
+    bookkeeping)."""
 
     def build_extension(self, ext):
+        if not ext.name.startswith("mokernels._emu"):
+            return super().build_extension(ext)
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
+        try:
+            self._build_emu(ext)
+        finally:
+            self.build_temp = base
+
+    def _build_emu(self, ext):
         if ext.name == "mokernels._emu_tsan":
             import subprocess
 
@@ -235,7 +251,7 @@ setup(
     description="Fused CUDA kernels for mixture-of-adapters fine-tuning and serving",
     packages=find_packages(include=["mokernels", "mokernels.*"]),
     ext_modules=ext_modules,
-    cmdclass={"build_ext": TsanShimBuild.with_options(use_ninja=True)},
+    cmdclass={"build_ext": EmuBuild.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=[f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy"],
     zip_safe=False,

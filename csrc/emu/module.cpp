@@ -6,21 +6,12 @@
 
 #include "../schemas.h"
 
-// Kernel code: a maybe-uninitialised local (a forgotten neutral value, an accumulator set on one path
-// only) is a build error, not a warning (torch's headers, included above, are not held to it).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic error "-Wuninitialized"
-#pragma GCC diagnostic error "-Wmaybe-uninitialized"
-#include "../rank_one.cu"
-#include "../tile_gemm.cu"
-#include "../router.cu"
-#include "../lora.cu"
-#include "../lora_bwd.cu"
-#include "../lora_fused_w.cu"
-#include "../householder.cu"
-
+// The kernel families are separate translation units (kernels_<family>.cpp, compiled into every
+// emulator module by setup.py / CMakeLists.txt) so the build runs them in parallel; this TU holds the
+// schema library, the emulator self-test kernels and the sanitizer/mutation catalogues.
+#include "kernel_tu_begin.h"
 #include "selftest.h"
-#pragma GCC diagnostic pop
+#include "kernel_tu_end.h"
 
 #include "planted.h"  // deliberately wrong kernels (sanitizer build only)
 #include "mutants.h"  // the planted-bug catalogue (tests/test_emu_mutants.py)
