@@ -18,6 +18,7 @@
 #include "../lora_bwd.cu"
 #include "../lora_fused_w.cu"
 #include "../householder.cu"
+#include "../moore.cu"
 
 #include "selftest.h"
 #pragma GCC diagnostic pop
