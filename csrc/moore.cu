@@ -87,6 +87,7 @@ at::Tensor gate_gemm(const at::Tensor& x, const at::Tensor& V, const at::Tensor&
     using T = typename decltype(tag)::type;
     Args<T> a = make_args<T>(in, clip);
     a.S = ptr<T>(S);
+    a.pairs = can_pair(a);
     check_launch(kFwd, launch_fwd<T>(a, current_stream()));
   });
   return S;
@@ -122,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bwd(const at::Tensor& dS_in,
     a.dz = need_dz ? ptr<T>(dz) : nullptr;
     a.dg = need_dg ? ptr<T>(dg) : nullptr;
     a.partial = need_dsigma ? ptr<float>(partial) : nullptr;
+    a.pairs = can_pair(a);
     check_launch(kBwd, launch_bwd<T>(a, need_dsigma ? ptr<T>(dsigma) : nullptr, current_stream()));
   });
   return {dz, dg, dsigma};

@@ -76,6 +76,7 @@ struct Args {
   int64_t tokens = 0;
   int d_in = 0, R = 0, d_s = 0;
   bool p_per_token = false, clip = false;
+  bool pairs = false;          // R even and S, dS, dz, dg, a per-token p 4-byte aligned: 32-bit pair accesses
   T* S = nullptr;              // forward output [T, R]
   const T* dS = nullptr;       // backward input [T, R]
   T* dz = nullptr;             // backward outputs [T, R], nullptr: not written
@@ -176,31 +177,75 @@ MK_GLOBAL void MK_MOORE_BOUNDS experts_gate_kernel(const Args<T> a) {
     if (MK_MUTABLE("moore.war_barrier")) block_sync();  // the next step's copies overwrite the other stage
   }
 
-  // epilogue: c = σ + p + gx Q, formed in registers only
-  float csum[kNT][2] = {};  // backward: this lane's dg column sums (columns 2·(lane%4) + j of n-tile ni)
+  // epilogue: c = σ + p + gx Q, formed in registers only. Lane holds columns n, n + 1 (n even) of rows g, g + 8:
+  // with a.pairs (R even, 4-byte aligned [T, R] pointers) each pair moves as one 32-bit access.
+  float cb[kNT][2];  // σ (+ a task gate shared by all tokens) of this lane's columns, loaded once
+#pragma unroll
+  for (int ni = 0; ni < kNT; ++ni)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int n = n0 + wn * kWN + ni * 8 + 2 * (lane % 4) + j;
+      cb[ni][j] = n < a.R ? to_acc(a.sigma[n]) + (a.p != nullptr && !a.p_per_token ? to_acc(a.p[n]) : 0.f) : 0.f;
+    }
+  const bool p_tok = a.p != nullptr && a.p_per_token;
+  auto load2 = [&](const T* src, int64_t idx, bool two, float (&v)[2]) {
+    if (a.pairs) {
+      const Vec<T, 2> w = load_vec<2>(src + idx);
+      v[0] = to_acc(w.v[0]);
+      v[1] = to_acc(w.v[1]);
+    } else {
+      v[0] = to_acc(src[idx]);
+      v[1] = two ? to_acc(src[idx + 1]) : 0.f;
+    }
+  };
+  auto store2 = [&](T* dst, int64_t idx, bool two, float v0, float v1) {
+    if (a.pairs) {
+      store_vec<2>(dst + idx, Vec<T, 2>{{from_acc<T>(v0), from_acc<T>(v1)}});
+    } else {
+      dst[idx] = from_acc<T>(v0);
+      if (two) dst[idx + 1] = from_acc<T>(v1);
+    }
+  };
+  float csum[kNT][2] = {};  // backward: this lane's dg column sums
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
     for (int ni = 0; ni < kNT; ++ni)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const RowCol rc = mma_c_coord(lane, i);
+      for (int h = 0; h < 2; ++h) {
+        const RowCol rc = mma_c_coord(lane, 2 * h);
         const int64_t t = m0 + wm * kWM + mi * 16 + rc.row;
         const int n = n0 + wn * kWN + ni * 8 + rc.col;
         if (t >= a.tokens || n >= a.R) continue;
-        float c = to_acc(a.sigma[n]) + accg[mi][ni][i];
-        if (a.p != nullptr) c += to_acc(a.p[a.p_per_token ? t * a.R + n : n]);
+        const bool two = n + 1 < a.R;
         const int64_t idx = t * a.R + n;
+        float c[2] = {cb[ni][0] + accg[mi][ni][2 * h], cb[ni][1] + accg[mi][ni][2 * h + 1]};
+        if (p_tok) {
+          float pv[2];
+          load2(a.p, idx, two, pv);
+          c[0] += pv[0];
+          c[1] += pv[1];
+        }
+        const float z[2] = {accz[mi][ni][2 * h], accz[mi][ni][2 * h + 1]};
         if constexpr (!BWD) {
-          if (a.clip) c = c > 0.f ? c : 0.f;
-          a.S[idx] = from_acc<T>(accz[mi][ni][i] * c);
+          if (a.clip) {
+            c[0] = c[0] > 0.f ? c[0] : 0.f;
+            c[1] = c[1] > 0.f ? c[1] : 0.f;
+          }
+          store2(a.S, idx, two, z[0] * c[0], z[1] * c[1]);
         } else {
-          const bool pass = !a.clip || c > 0.f;  // relu'(c) = 1[c > 0], as torch
-          const float d = to_acc(a.dS[idx]);
-          const float dz = pass ? d * c : 0.f, dg = pass ? d * accz[mi][ni][i] : 0.f;
-          if (a.dz != nullptr) a.dz[idx] = from_acc<T>(dz);
-          if (a.dg != nullptr) a.dg[idx] = from_acc<T>(dg);
-          csum[ni][i % 2] += dg;
+          float d[2];
+          load2(a.dS, idx, two, d);
+          float dz[2], dg[2];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const bool pass = !a.clip || c[j] > 0.f;  // relu'(c) = 1[c > 0], as torch
+            dz[j] = pass ? d[j] * c[j] : 0.f;
+            dg[j] = pass ? d[j] * z[j] : 0.f;
+            csum[ni][j] += dg[j];  // 0 for a column past R (d = 0 there)
+          }
+          if (a.dz != nullptr) store2(a.dz, idx, two, dz[0], dz[1]);
+          if (a.dg != nullptr) store2(a.dg, idx, two, dg[0], dg[1]);
         }
       }
   if constexpr (BWD) {
@@ -232,6 +277,12 @@ template <class T>
 inline bool can_async(const Args<T>& a) {
   const int64_t n = std::gcd(std::gcd(a.d_in, a.R), a.gx != nullptr ? a.d_s : 0);
   return pick_vec<T>(n, {a.x, a.V, a.gx, a.Q}) * sizeof(T) == 16;
+}
+
+// Host: may the epilogue move column pairs as 32-bit accesses?
+template <class T>
+inline bool can_pair(const Args<T>& a) {
+  return pick_vec<T>(a.R, {a.S, a.dS, a.dz, a.dg, a.p_per_token ? a.p : nullptr}) >= 2;
 }
 
 inline int64_t token_tiles(int64_t tokens) { return ceil_div(tokens, tile::kBM); }
