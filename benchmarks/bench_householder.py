@@ -8,10 +8,16 @@ bytes_moved = x read + out written + U read: ``(2·T·D + L·D)·elt`` (backward
 again: ``+ 3·T·D·elt``). Target (H100): L = 8, T = 4096 ≤ 40 µs (≤ 2× the 22 µs roof).
 
 MoORE workloads, H merged into V (inference): d_in = 4096, d_out ∈ {4096, 11008}, T ∈ {32, 4096}, R =
-min(d_in, d_out), d_s = 64. Impls: ``mokernels`` (``rank_one_experts``: today the fp32 reference
-composition — no fused kernel yet), ``nn.Linear`` (the base layer, F.linear), ``torch 3-op`` (bf16:
-``((x V) * (σ + p + gx Q)) Uᵀ``). bytes_moved = the factors ``(d_in + d_out)·R·elt`` + x and y.
-Target: ≤ 1.05× the floor (d_in + d_out)·R / (d_in·d_out) × base — 2× (square), 1.37× (4096→11008).
+min(d_in, d_out), d_s = 64; plus fwd+bwd rows at T = 4096 (gradients to x, the router Γ, Q and the task gate
+p; U, σ, V frozen). Impls: ``mokernels`` (``rank_one_experts``; CUDA: the fused gate GEMM of
+csrc/kernels/moore.cuh + cuBLAS ``S Uᵀ``; CPU: the fp32 reference), ``mokernels unfused`` (the composition it
+replaced: cuBLAS GEMMs around ``rank_one_scale``, the gate materialised as [T, R]), ``nn.Linear`` (the base
+layer, F.linear; fwd+bwd: dx only), ``torch 3-op`` (bf16: ``((x V) * (σ + p + gx Q)) Uᵀ``). bytes_moved =
+the factors ``(d_in + d_out)·R·elt`` + x and y. Target: ≤ 1.05× the floor (d_in + d_out)·R / (d_in·d_out) ×
+base — 2× (square), 1.37× (4096→11008); backward ≤ 3× forward. The fused kernel's paper estimate (tiles,
+occupancy, bytes) is in the header of csrc/kernels/moore.cuh: ~2.2-2.6× base for the square layer (above the
+2.1× target: mma.sync 64×128 tiles vs cuBLAS), not measured. CPU rows are labelled (CPU path); in quick mode a
+tiny MoORE workload adds the emulated kernels (logic only).
 
 Paper estimate (no GPU lent to this work yet; nothing here is measured on a GPU): L = 8, T = D = 4096, bf16:
 HBM 67 MB -> 22 µs at 3.0 TB/s; 2·L FMAs per element (0.27 G FMA, ~9 µs of the FP32 pipe, overlapped with
@@ -39,6 +45,7 @@ LOOP = "HRA loop"
 EXPLICIT = "explicit H + GEMM"
 BASE = "nn.Linear (base)"
 COMPOSE = "torch 3-op"
+UNFUSED = "mokernels unfused (gate as [T, R])"
 EMU = "emulated kernel (logic only)"
 
 HH_FULL = [(T, 4096, L) for L in (2, 8, 32) for T in (32, 4096)]
@@ -46,6 +53,8 @@ HH_QUICK = [(64, 256, 8)]
 MOORE_FULL = [(T, 4096, d_out) for d_out in (4096, 11008) for T in (32, 4096)]
 MOORE_QUICK = [(64, 256, 256)]
 EMU_SHAPE = (16, 64, 8)
+MOORE_EMU_SHAPE = (16, 64, 64)
+MOORE_BWD_T = 4096  # fwd+bwd rows (full mode) at this T
 
 
 class _Lazy:
@@ -110,8 +119,9 @@ def _hh_workload(T, D, L, dtype, device, backward, extra=None, tag=""):
     )
 
 
-def _moore_workload(T, d_in, d_out, dtype, device):
+def _moore_workload(T, d_in, d_out, dtype, device, backward=False, tag="", emu=False):
     from mokernels.ops import rank_one_experts
+    from mokernels.ops.householder import _experts_composed
 
     R, d_s = min(d_in, d_out), 64
 
@@ -121,30 +131,47 @@ def _moore_workload(T, d_in, d_out, dtype, device):
         x, U, V, W = r(T, d_in), r(d_out, R), r(d_in, R), r(d_out, d_in)
         sigma, p = torch.rand(R, generator=gen, device=device, dtype=dtype), r(R)
         gamma, Q = r(d_s, d_in), r(d_s, R)
-        return x, U, sigma, V, gamma, Q, p, W
+        if backward:  # MoORE training: x, the router (gamma, Q) and the task gate p learn; U, σ, V are frozen
+            x, gamma, Q, p = (t.requires_grad_() for t in (x, gamma, Q, p))
+        dy = torch.randn(T, d_out, generator=gen, device=device, dtype=dtype) if backward else None
+        return x, U, sigma, V, gamma, Q, p, W, dy
 
     inp = _Lazy(build)
 
-    def ours():
-        x, U, sigma, V, gamma, Q, p, _ = inp()
-        return rank_one_experts(x, U, sigma, V, F.linear(x, gamma), Q, p)
+    def run(f, base=False):
+        def call():
+            x, U, sigma, V, gamma, Q, p, W, dy = inp()
+            y = f(x, U, sigma, V, gamma, Q, p, W)
+            if not backward:
+                return y
+            return torch.autograd.grad(y, (x,) if base else (x, gamma, Q, p), dy)  # base: dx only (W frozen)
 
-    def base():
-        x, *_, W = inp()
-        return F.linear(x, W)
+        return call
 
-    def compose():
-        x, U, sigma, V, gamma, Q, p, _ = inp()
-        return ((x @ V) * (sigma + p + F.linear(x, gamma) @ Q)) @ U.T
+    ours = run(lambda x, U, sigma, V, gamma, Q, p, W: rank_one_experts(x, U, sigma, V, F.linear(x, gamma), Q, p))
+    unfused = run(lambda x, U, sigma, V, gamma, Q, p, W: _experts_composed(x, U, sigma, V, F.linear(x, gamma), Q, p,
+                                                                           False))
+    base = run(lambda x, U, sigma, V, gamma, Q, p, W: F.linear(x, W), base=True)
+    compose = run(lambda x, U, sigma, V, gamma, Q, p, W: ((x @ V) * (sigma + p + F.linear(x, gamma) @ Q)) @ U.T)
+    impls = {OURS: ours, UNFUSED: unfused, BASE: base, COMPOSE: compose}
+    if emu:
+        from mokernels import emu as emu_mod
+        from mokernels.ops.moore import experts_fused
 
+        ops = emu_mod.ops()
+        impls[EMU] = run(lambda x, U, sigma, V, gamma, Q, p, W: experts_fused(ops, x, U, sigma, V, F.linear(x, gamma),
+                                                                             Q, p, False))
     elt = torch.empty((), dtype=dtype).element_size()
     floor = (d_in + d_out) * R / (d_in * d_out)
+    kind = "fwd+bwd" if backward else "fwd"
+    fwd_flops = 2 * T * R * (d_in + d_out + d_s) + 2 * T * d_s * d_in
     return Workload(
-        family=FAMILY, name=f"moore merged T={T} {d_in}->{d_out}", impls={OURS: ours, BASE: base, COMPOSE: compose},
-        ours=OURS, bytes_moved=((d_in + d_out) * R + d_s * (d_in + R) + T * (d_in + d_out)) * elt,
-        flops=2 * T * R * (d_in + d_out + d_s) + 2 * T * d_s * d_in,
-        params={"op": "rank_one_experts", "T": T, "d_in": d_in, "d_out": d_out, "R": R, "dtype": str(dtype).split(".")[-1],
-                "target": f"≤ {1.05 * floor:.2f}× base"},
+        family=FAMILY, name=f"moore merged {kind} T={T} {d_in}->{d_out}{tag}", impls=impls, ours=OURS,
+        bytes_moved=((d_in + d_out) * R + d_s * (d_in + R) + T * (d_in + d_out) * (3 if backward else 1)) * elt,
+        flops=fwd_flops * (3 if backward else 1),
+        params={"op": "rank_one_experts", "pass": kind, "T": T, "d_in": d_in, "d_out": d_out, "R": R,
+                "dtype": str(dtype).split(".")[-1],
+                "target": f"≤ {1.05 * floor:.2f}× base" if not backward else "≤ 3× the fwd row"},
     )
 
 
@@ -164,10 +191,14 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
         if L == 8:
             ws.append(_hh_workload(T, D, L, bf16, device, True, tag=tag))
     for T, d_in, d_out in (MOORE_QUICK if quick else MOORE_FULL):
-        ws.append(_moore_workload(T, d_in, d_out, bf16, device))
+        ws.append(_moore_workload(T, d_in, d_out, bf16, device, tag=tag))
+        if T == MOORE_BWD_T:
+            ws.append(_moore_workload(T, d_in, d_out, bf16, device, backward=True, tag=tag))
     if quick and device.type == "cpu":
         import mokernels.emu as emu
 
         if emu.available() and hasattr(emu.ops(), "householder_apply"):
             ws.append(_hh_workload(*EMU_SHAPE, bf16, device, False, extra={EMU: _emu_impl}, tag=" (emulated)"))
+        if emu.available() and hasattr(emu.ops(), "experts_gate_gemm"):
+            ws.append(_moore_workload(*MOORE_EMU_SHAPE, bf16, device, tag=" (CPU path + emulated)", emu=True))
     return ws

@@ -52,6 +52,13 @@ inline void define_schemas(torch::Library& m) {
   // (norms clamped at eps), x [..., D], U [L, D] (x's dtype, 0 <= L <= 64). out = x H^T (transpose: x H), x's dtype;
   // s = the normalised projections x Y^T [N, L] fp32 (fp64 for fp64) when return_s, else an empty [0, 0] tensor.
   m.def("householder_apply(Tensor x, Tensor U, bool transpose, float eps, bool return_s) -> (Tensor, Tensor)");
+  // MoORE rank-one experts, first GEMM with the gate fused (kernels/moore.cuh; CPU: the reference). x [T,d_in],
+  // V [d_in,R], sigma [R], gx [T,d_s] and Q [d_s,R] (both or neither), p_task [R] or [T,R] or None, fp16/bf16.
+  // S = (x V) * c, c = sigma + p_task + gx Q (clip: relu(c)) -> [T,R] (x's dtype); c is never materialised.
+  m.def("experts_gate_gemm(Tensor x, Tensor V, Tensor sigma, Tensor? gx, Tensor? Q, Tensor? p_task, bool clip) -> Tensor");
+  // Its backward from dS [T,R]: (dz = dS * c, dg = dS * (x V), both masked by c > 0 under clip, dsigma = sum over
+  // tokens of dg [R], x's dtype); z and gx Q are recomputed, one not asked for is an empty [0] tensor.
+  m.def("experts_gate_bwd(Tensor dS, Tensor x, Tensor V, Tensor sigma, Tensor? gx, Tensor? Q, Tensor? p_task, bool clip, bool need_dz, bool need_dg, bool need_dsigma) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace mk

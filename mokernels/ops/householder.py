@@ -303,23 +303,31 @@ def rank_one_experts(x: Tensor, U: Tensor, sigma: Tensor, V: Tensor, gx: Tensor 
     All tensors share x's dtype (``U``, ``V``, ``sigma`` frozen buffers are usually cast once by the module).
     Returns ``[..., d_out]`` in x's dtype. Differentiable in every tensor input.
 
-    Status — no fused two-GEMM kernel yet (issue 11 item 2 remains open): the Householder step runs the
-    fused chain kernel on CUDA; the rest is a composition that materialises the gate ``g`` as ``[T, R]``.
-    fp32/fp64 and CPU: the reference (fp32 math, one rounding). CUDA fp16/bf16: cuBLAS GEMMs in x's dtype
-    around the fused ``rank_one_scale`` kernel (``z = x'V`` and ``gx Q`` rounded to x's dtype once more than
-    the reference: the error of the same-dtype torch composition).
+    Status — CUDA fp16/bf16: two GEMMs (:mod:`mokernels.ops.moore`): a tensor-core kernel computes
+    ``S = (x'V) ⊙ (σ + g)`` with ``g = p_task + gx Q`` formed in its epilogue (never materialised as ``[T, R]``),
+    then ``y = S Uᵀ`` (cuBLAS); the backward recomputes ``x'V`` and ``gx Q`` in a second fused kernel (dz, dg, dσ)
+    around cuBLAS GEMMs. ``S`` is rounded to x's dtype (the error of the same-dtype torch composition).
+    The kernels are compiled (sm_80/sm_90a) and run through the CPU emulator in the tests; they have NOT yet run
+    on a GPU. The Householder step runs the fused chain kernel on CUDA before them. fp32/fp64 and CPU: the
+    reference (fp32 math, one rounding). An extension built without the ``experts_gate_gemm`` op: the older
+    composition (``rank_one_scale`` between cuBLAS GEMMs, the gate materialised).
     """
     if isinstance(x, Tensor):
         U, sigma, V, gx, Q, p_task, H_vectors = autocast_like(x.device.type, x, U, sigma, V, gx, Q, p_task, H_vectors)
     _check_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, eps)
     xh = x if H_vectors is None else householder_apply(x, H_vectors, eps=eps)
     if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16):
+        from . import moore
+
+        if moore.HAS_OP:
+            return moore.experts_fused(torch.ops.mokernels, xh, U, sigma, V, gx, Q, p_task, clip)
         return _experts_composed(xh, U, sigma, V, gx, Q, p_task, clip)
     return rank_one_experts_reference(xh, U, sigma, V, gx, Q, p_task, None, clip=clip, eps=eps)
 
 
 def _experts_composed(x, U, sigma, V, gx, Q, p_task, clip):
-    """The fp16/bf16 CUDA path: ``rank_one_scale(x V, σ, p + gx Q) Uᵀ`` with GEMMs in x's dtype."""
+    """The unfused fp16/bf16 composition (benchmark peer; CUDA path of an extension without the fused op):
+    ``rank_one_scale(x V, σ, p + gx Q) Uᵀ`` with GEMMs in x's dtype."""
     from .rank_one import rank_one_scale
 
     z = x @ V
