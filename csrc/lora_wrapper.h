@@ -16,6 +16,44 @@ inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at:
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The routing metadata's shapes, dtypes and devices, shared by the forward (run_with) and backward
+// (csrc/lora_bwd.cu) wrappers: scale [N] (acc), offsets [S+1] int32 (rows = segments), ids [R, k] int32,
+// weights [R, k] (acc). Returns {R, S, k}; k = N without ids (dense weights).
+struct RoutingDims {
+  int64_t R, S, k;
+};
+inline RoutingDims check_routing(const char* op, const at::Tensor& x, int64_t T, int64_t N, at::ScalarType acc,
+                                 const std::optional<at::Tensor>& scale_in, const std::optional<at::Tensor>& ids_in,
+                                 const std::optional<at::Tensor>& w_in, const std::optional<at::Tensor>& off_in) {
+  if (scale_in) {
+    check_device(op, "scale", *scale_in, x);
+    TORCH_CHECK_VALUE(scale_in->dim() == 1 && scale_in->size(0) == N, op, ": scale must be [N] = [", N, "], got ",
+                      scale_in->sizes());
+    check_dtype(op, "scale", *scale_in, acc);
+  }
+  int64_t R = T, S = 0, k = N;  // rows of the routing metadata; slots per row
+  if (has(off_in)) {
+    check_device(op, "offsets", *off_in, x);
+    TORCH_CHECK_VALUE(off_in->dim() == 1 && off_in->size(0) >= 1, op, ": offsets must be [S+1], got ", off_in->sizes());
+    check_dtype(op, "offsets", *off_in, at::kInt);
+    R = S = off_in->size(0) - 1;
+  }
+  if (has(ids_in)) {
+    check_device(op, "ids", *ids_in, x);
+    TORCH_CHECK_VALUE(ids_in->dim() == 2 && ids_in->size(0) == R, op, ": ids must be [R, k] with R = ", R,
+                      has(off_in) ? " segments" : " tokens", ", got ", ids_in->sizes());
+    check_dtype(op, "ids", *ids_in, at::kInt);
+    k = ids_in->size(1);
+  }
+  if (has(w_in)) {
+    check_device(op, "weights", *w_in, x);
+    TORCH_CHECK_VALUE(w_in->dim() == 2 && w_in->size(0) == R && w_in->size(1) == k, op, ": weights must be [",
+                      R, ", ", k, "], got ", w_in->sizes());
+    check_dtype(op, "weights", *w_in, acc);
+  }
+  return {R, S, k};
+}
+
 // Optional extras of the split decode and prefill paths (lora_apply_sliced, mixed ranks): the output slices'
 // A [N, r, d_in] / B [N, d_out_s, r] (then A_in / B_in are slice 0's) and ranks [N] int32.
 struct Extra {
@@ -82,32 +120,8 @@ inline void run_with(LaunchFn&& launch_fn, const char* op, const at::Tensor& x_i
   const auto dt = x_in.scalar_type(), acc = acc_type(dt);
   check_dtype(op, "A", A_in, dt);
   check_dtype(op, "B", B_in, dt);
-  if (scale_in) {
-    check_device(op, "scale", *scale_in, x_in);
-    TORCH_CHECK_VALUE(scale_in->dim() == 1 && scale_in->size(0) == N, op, ": scale must be [N] = [", N, "], got ",
-                      scale_in->sizes());
-    check_dtype(op, "scale", *scale_in, acc);
-  }
-  int64_t R = T, S = 0, k = N;  // rows of the routing metadata; slots per row
-  if (has(off_in)) {
-    check_device(op, "offsets", *off_in, x_in);
-    TORCH_CHECK_VALUE(off_in->dim() == 1 && off_in->size(0) >= 1, op, ": offsets must be [S+1], got ", off_in->sizes());
-    check_dtype(op, "offsets", *off_in, at::kInt);
-    R = S = off_in->size(0) - 1;
-  }
-  if (has(ids_in)) {
-    check_device(op, "ids", *ids_in, x_in);
-    TORCH_CHECK_VALUE(ids_in->dim() == 2 && ids_in->size(0) == R, op, ": ids must be [R, k] with R = ", R,
-                      has(off_in) ? " segments" : " tokens", ", got ", ids_in->sizes());
-    check_dtype(op, "ids", *ids_in, at::kInt);
-    k = ids_in->size(1);
-  }
-  if (has(w_in)) {
-    check_device(op, "weights", *w_in, x_in);
-    TORCH_CHECK_VALUE(w_in->dim() == 2 && w_in->size(0) == R && w_in->size(1) == k, op, ": weights must be [",
-                      R, ", ", k, "], got ", w_in->sizes());
-    check_dtype(op, "weights", *w_in, acc);
-  }
+  const RoutingDims rd = check_routing(op, x_in, T, N, acc, scale_in, ids_in, w_in, off_in);
+  const int64_t S = rd.S, k = rd.k;
   TORCH_CHECK_VALUE(k <= INT32_MAX / (r + 2), op, ": too many adapter slots per token (k = ", k, ")");
   TORCH_CHECK_VALUE(d_out <= INT32_MAX, op, ": d_out must fit in int32");
   if (has(base_in)) {

@@ -104,8 +104,12 @@ struct PrefillArgs {
 // Phase 0 of both kernels, all threads: which tile blockIdx.x is (see the header) -> meta = {m0, m1, row
 // (-1 gap, -2 past the end), k_valid, ids, ranks, H columns, KH} (prefill::kMeta*), scoef = the valid
 // slots' coefficients. A slot whose adapter has rank 0 is dropped like an invalid id.
+struct TileInfo {
+  int64_t m0, m1;  // the tile's tokens [m0, m1)
+  int row, nv;     // routing row (-1 gap, -2 past the end), valid slots
+};
 template <class T>
-MK_DEVICE void prefill_tile(const Args<T>& a, int32_t* meta, float* scoef) {
+MK_DEVICE TileInfo prefill_tile(const Args<T>& a, int32_t* meta, float* scoef) {
   using namespace prefill;
   const int64_t T_ = a.tokens;
   // warp 0 walks the pieces 32 at a time, one per lane (max-scan of the
@@ -170,6 +174,7 @@ MK_DEVICE void prefill_tile(const Args<T>& a, int32_t* meta, float* scoef) {
     }
   }
   block_sync();
+  return {meta[0], meta[1], meta[2], meta[3]};
 }
 
 // sass-budget: mk::lora::prefill_shrink_kernel block=128 regs<=160 spill=0 hot
@@ -182,10 +187,10 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_shrink_kernel(const PrefillArgs<T>
   MK_SHARED_ARRAY(float, scoef, kMaxSlots);
   const int64_t T_ = a.tokens;
   const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
-  prefill_tile(a, meta, scoef);
-  const int64_t m0 = meta[0], m1 = meta[1];
-  const int nv = meta[3];
-  if (meta[2] < 0 || nv == 0) return;  // block-uniform: gap, past the end, or no adapter (H not read)
+  const TileInfo ti = prefill_tile(a, meta, scoef);
+  const int64_t m0 = ti.m0, m1 = ti.m1;
+  const int nv = ti.nv;
+  if (ti.row < 0 || nv == 0) return;  // block-uniform: gap, past the end, or no adapter (H not read)
   const SliceView<T> sv = slice_view(a, blockIdx.z);  // grid.z: the output slice (its own A)
   const int d_in = a.d_in;
   float* hp = p.hp + static_cast<int64_t>(blockIdx.z) * p.ksplit * T_ * p.kh;
@@ -275,10 +280,10 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_expand_kernel(const PrefillArgs<T>
   MK_SHARED_ARRAY(float, scoef, kMaxSlots);
   const int64_t T_ = a.tokens;
   const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
-  prefill_tile(a, meta, scoef);
-  const int64_t m0 = meta[0], m1 = meta[1];
-  const int nv = meta[3];
-  if (meta[2] == -2) return;  // block-uniform: past the last tile
+  const TileInfo ti = prefill_tile(a, meta, scoef);
+  const int64_t m0 = ti.m0, m1 = ti.m1;
+  const int nv = ti.nv;
+  if (ti.row == -2) return;  // block-uniform: past the last tile
   // grid.z: the output slice, its columns [sv.col, sv.col + sv.d_out) of y; o below is slice-local
   const SliceView<T> sv = slice_view(a, blockIdx.z);
   T* const ys = a.y + sv.col;
