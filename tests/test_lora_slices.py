@@ -280,18 +280,18 @@ def test_emulated_op_checks_slices_and_ranks(emu_ops):
 
 
 @pytest.mark.emu
-@pytest.mark.skipif(SMALL, reason="~12k A rows of fibers: a wrapper check, not a race; too slow for the TSan pass")
+@pytest.mark.skipif(SMALL, reason="~2.5k A rows of fibers: a wrapper check, not a race; too slow for the TSan pass")
 def test_emulated_many_slots_not_limited_by_fused_kernel_smem(emu_ops):
     """k · (r + 2) · 4 bytes > 48 KiB was refused for every form, though only the shared-A SIMT kernel keeps
     per-slot state in shared memory: the split decode path now runs it (and shared A still refuses)."""
-    k, r = 97, 128  # 97 · 130 · 4 = 50440 bytes
-    A, B, scale = weights(4, r, 8, 8, torch.float32)
-    x = torch.randn(1, 8)
+    k, r = 2460, 1  # fp64: the old (k·r + k) · 8 + 4k = 49200 bytes > 48 KiB
+    A, B, scale = weights(4, r, 8, 8, torch.float64)
+    x = torch.randn(1, 8, dtype=torch.float64)
     ids = torch.full((1, k), -1, dtype=torch.int32)
     ids[0, :4] = torch.arange(4, dtype=torch.int32)
-    w = torch.rand(1, k)
-    s = scale.float()
-    torch.testing.assert_close(emu_ops.lora_apply(x, A, B, s, ids, w, None, None),
-                               lora_apply_reference(x, A, B, s, ids, w), **KERNEL_TOL[torch.float32])
+    w = torch.rand(1, k, dtype=torch.float64)
+    torch.testing.assert_close(emu_ops.lora_apply(x, A, B, scale, ids, w, None, None),
+                               lora_apply_reference(x, A, B, scale, ids, w), **KERNEL_TOL[torch.float64])
+    x = x.float()
     with pytest.raises(ValueError, match="shared memory"):
         emu_ops.lora_shared_apply(x, torch.randn(8, 8), torch.randn(6200, 8, 8), 1.0, None, torch.rand(1, 6200), None)

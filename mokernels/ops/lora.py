@@ -59,6 +59,14 @@ to a [T, k, r] workspace) and an expand kernel (shared A: one fused SIMT kernel,
 (segments averaging >= 32 tokens, fp16/bf16): ``lora_prefill.cuh``'s split-K tensor-core shrink and
 expand. :func:`lora_linear` (the whole layer, ``x Wᵀ + bias`` + the adapters) runs the fused pass over W
 of ``lora_fused_w.cuh`` at decode sizes. CPU tensors run the references (:func:`lora_apply_reference`).
+
+Several output slices (:func:`lora_apply_sliced`: the q/k/v or gate/up adapters of a fused projection) run
+the same decode / prefill kernels once, the slice being grid dimension z (a by-value table of the slices'
+A/B pointers: no stacking copy). Mixed ranks (``ranks=[N]`` on lora_apply / lora_apply_ /
+lora_apply_sliced): A/B stay padded to ``r = r_max`` and the kernels neither read nor multiply an
+adapter's rows/columns past ``ranks[n]`` (prefill: padded to the 16-wide mma tile). Neither is offered by
+shared A or the fused pass over W (:func:`lora_linear`). Their backward: the per-slice backward kernels
+(once per slice), on A/B masked past the ranks (a masked copy; dA/dB are masked too: zero in the padding).
 """
 from __future__ import annotations
 
