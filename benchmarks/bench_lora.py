@@ -22,6 +22,13 @@ On CPU quick mode the shapes shrink (d=256) and two tiny workloads add the emula
 the decode kernel (fp32, per-token ids) and the tensor-core prefill kernel (bf16, 2 segments of 128).
 On CPU every number describes the reference path, not GPU performance.
 
+Issue 10 item 8 rows (decode, T = 32, ids uniform over 26 adapters):
+* ``decode qkv slices``: a fused q/k/v projection (W [3d, d]) with one adapter per slice: ours is ``lora_apply_sliced``
+  (one launch per kernel for the 3 slices) reading ``F.linear`` as base_out, vs three ``lora_apply`` calls
+  (one per slice, then ``torch.cat``) and the base alone;
+* ``decode mixed ranks``: ranks 4 / 8 / 16 over the adapters, stored padded to 16: ``lora_apply(ranks=)``
+  (padding neither read nor multiplied) vs the same call treating every adapter as rank 16.
+
 bytes_moved (ideal, per call): W + x + y + the used adapters' A and B (+ base bias ignored).
 """
 from __future__ import annotations
@@ -181,6 +188,70 @@ def _emu(inp):
     return run
 
 
+PER_SLICE = "3x lora_apply + cat"  # peers of the item-8 rows (ours: lora_apply_sliced / lora_apply(ranks=))
+PADDED = "lora_apply padded to r_max"
+
+
+class _Item8:
+    """Inputs of the item-8 rows, built on first use: qkv slices (3 x [N, r, d] / [N, d, r]) or mixed ranks."""
+
+    def __init__(self, device, dtype, T, d, r, N, seed=0):
+        self.args = (device, dtype, T, d, r, N, seed)
+        self._t = None
+
+    def __call__(self):
+        if self._t is None:
+            device, dtype, T, d, r, N, seed = self.args
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            mk = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731
+            self._t = dict(
+                x=mk(T, d), W=mk(3 * d, d, std=d**-0.5), As=[mk(N, r, d, std=d**-0.5) for _ in range(3)],
+                Bs=[mk(N, d, r, std=r**-0.5) for _ in range(3)], scale=torch.full((N,), 2.0, device=device),
+                ids=torch.randint(0, N, (T,), generator=g).to(device, torch.int32),
+                ranks=torch.tensor([(4, 8, 16)[i % 3] for i in range(N)], dtype=torch.int32, device=device))
+        return self._t
+
+
+def _item8_workloads(device, dtype, T, d, r, N):
+    from mokernels.ops.lora import lora_apply, lora_apply_sliced
+
+    inp = _Item8(device, dtype, T, d, r, N)
+    elt = torch.empty((), dtype=dtype).element_size()
+
+    def sliced():
+        t = inp()
+        return lora_apply_sliced(t["x"], t["As"], t["Bs"], t["scale"], ids=t["ids"], validate=False,
+                                 base_out=F.linear(t["x"], t["W"]))
+
+    def per_slice():
+        t = inp()
+        base = F.linear(t["x"], t["W"])
+        return torch.cat([lora_apply(t["x"], A, B, t["scale"], ids=t["ids"], validate=False, base_out=base[:, i * d:(i + 1) * d])
+                          for i, (A, B) in enumerate(zip(t["As"], t["Bs"]))], -1)
+
+    def ranked(use_ranks):
+        def run():
+            t = inp()
+            return lora_apply(t["x"], t["As"][0], t["Bs"][0], t["scale"], ids=t["ids"], validate=False,
+                              base_out=F.linear(t["x"], t["W"][:d]), ranks=t["ranks"] if use_ranks else None)
+
+        return run
+
+    params = dict(T=T, d=d, r=r, N=N, form="decode", dtype=str(dtype).replace("torch.", ""))
+    used = min(N, T)
+    return [
+        Workload(family=FAMILY, name=f"decode qkv slices T={T} N={N} d={d}", ours=OURS,
+                 impls={OURS: sliced, PER_SLICE: per_slice, BASE: lambda: F.linear(inp()["x"], inp()["W"])},
+                 bytes_moved=(3 * d * d + 4 * T * d + 3 * used * 2 * r * d) * elt, flops=2 * T * d * 3 * d,
+                 params=dict(params, slices=3)),
+        Workload(family=FAMILY, name=f"decode mixed ranks 4/8/16 T={T} N={N} d={d}", ours=OURS,
+                 impls={OURS: ranked(True), PADDED: ranked(False),
+                        BASE: lambda: F.linear(inp()["x"], inp()["W"][:d])},
+                 bytes_moved=(d * d + 2 * T * d + used * 2 * (28 // 3) * d) * elt, flops=2 * T * d * d,
+                 params=dict(params, ranks="4/8/16")),
+    ]
+
+
 def _workload(device, dtype, name, T, d, r, N, form, train=False, emu=False):
     elt = torch.empty((), dtype=dtype).element_size()
     inp = _Layer(device, dtype, T, d, r, N, form, grad=train)
@@ -219,6 +290,7 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
         _workload(device, dt, f"DLP top-2 seg mixture T={Tp} N=26 d={d}", Tp, d, r, 26, "mixture"),
         _workload(device, dt, f"DLP top-2 seg mixture T={Tp} N=100 d={d}", Tp, d, r, 100, "mixture"),
         _workload(device, dt, f"prefill T={Tp} N=32 d={d}", Tp, d, r, 32, "segments", train=True),
+        *_item8_workloads(device, dt, 32, d, r, 26),
     ]
     if quick and device.type == "cpu":
         import mokernels.emu as emu

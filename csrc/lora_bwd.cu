@@ -7,6 +7,7 @@
 
 #include "torch_glue.h"
 #include "kernels/lora_bwd.cuh"
+#include "lora_wrapper.h"
 
 namespace mk::lora_bwd {
 namespace {
@@ -16,7 +17,7 @@ constexpr const char* kSharedBwd = "mokernels.lora_shared_apply_backward";
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+using lora::wrap::has;
 
 // dx [T, d_in] (x's dtype), dA (A's shape), dB (B's shape), dw [R, k] (fp32 / fp64); an unneeded one is
 // an empty [0] tensor.
@@ -43,39 +44,15 @@ Grads run(const char* op, const at::Tensor& g_in, const at::Tensor& x_in, const 
   check_dtype(op, "A", A_in, dt);
   check_dtype(op, "B", B_in, dt);
   check_dtype(op, "grad", g_in, dt);
-  if (scale_in) {
-    check_device(op, "scale", *scale_in, x_in);
-    TORCH_CHECK_VALUE(scale_in->dim() == 1 && scale_in->size(0) == N, op, ": scale must be [N] = [", N, "], got ",
-                      scale_in->sizes());
-    check_dtype(op, "scale", *scale_in, acc);
-  }
-  int64_t R = T, S = 0, k = N;
-  if (given(off_in)) {
-    check_device(op, "offsets", *off_in, x_in);
-    TORCH_CHECK_VALUE(off_in->dim() == 1 && off_in->size(0) >= 1, op, ": offsets must be [S+1], got ", off_in->sizes());
-    check_dtype(op, "offsets", *off_in, at::kInt);
-    R = S = off_in->size(0) - 1;
-  }
-  if (given(ids_in)) {
-    check_device(op, "ids", *ids_in, x_in);
-    TORCH_CHECK_VALUE(ids_in->dim() == 2 && ids_in->size(0) == R, op, ": ids must be [R, k] with R = ", R,
-                      given(off_in) ? " segments" : " tokens", ", got ", ids_in->sizes());
-    check_dtype(op, "ids", *ids_in, at::kInt);
-    k = ids_in->size(1);
-  }
-  if (given(w_in)) {
-    check_device(op, "weights", *w_in, x_in);
-    TORCH_CHECK_VALUE(w_in->dim() == 2 && w_in->size(0) == R && w_in->size(1) == k, op, ": weights must be [", R, ", ",
-                      k, "], got ", w_in->sizes());
-    check_dtype(op, "weights", *w_in, acc);
-  }
+  const lora::wrap::RoutingDims rd = lora::wrap::check_routing(op, x_in, T, N, acc, scale_in, ids_in, w_in, off_in);
+  const int64_t R = rd.R, S = rd.S, k = rd.k;
   TORCH_CHECK_VALUE(d_in <= INT32_MAX && d_out <= INT32_MAX && N <= INT32_MAX && T * std::max<int64_t>(k, 1) <= INT32_MAX,
                     op, ": sizes must fit in int32 (T * k pairs included)");
   const size_t tail = dt == at::kDouble ? token_tail_bytes<double>(static_cast<int>(r), static_cast<int>(k), shared_a)
                                         : token_tail_bytes<float>(static_cast<int>(r), static_cast<int>(k), shared_a);
   TORCH_CHECK_VALUE(tail <= kMaxSmem, op, ": k = ", k, " adapter slots of rank ", r,
                     " need more shared memory than the backward kernel has");
-  need_dw = need_dw && given(w_in);
+  need_dw = need_dw && has(w_in);
 
   const auto empty0 = [&](at::ScalarType t) { return at::empty({0}, x_in.options().dtype(t)); };
   at::Tensor dx = need_dx ? at::empty({T, d_in}, x_in.options()) : empty0(dt);
@@ -92,16 +69,16 @@ Grads run(const char* op, const at::Tensor& g_in, const at::Tensor& x_in, const 
   DeviceGuard guard(x_in);
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(), g = g_in.contiguous();
   const at::Tensor scale = scale_in ? scale_in->contiguous() : at::Tensor();
-  const at::Tensor ids = given(ids_in) ? ids_in->contiguous() : at::Tensor();
-  const at::Tensor w = given(w_in) ? w_in->contiguous() : at::Tensor();
-  const at::Tensor off = given(off_in) ? off_in->contiguous() : at::Tensor();
+  const at::Tensor ids = has(ids_in) ? ids_in->contiguous() : at::Tensor();
+  const at::Tensor w = has(w_in) ? w_in->contiguous() : at::Tensor();
+  const at::Tensor off = has(off_in) ? off_in->contiguous() : at::Tensor();
   const bool sort = (need_dA && !shared_a) || need_dB;
   const int64_t P = T * k;
   const auto iopt = x.options().dtype(at::kInt);
   at::Tensor pair_id = sort ? at::empty({P}, iopt) : at::Tensor();
   at::Tensor gu = need_dA ? at::empty({shared_a ? T : P, r}, x.options().dtype(acc)) : at::Tensor();
   at::Tensor gh = need_dB ? at::empty({P, r}, x.options().dtype(acc)) : at::Tensor();
-  at::Tensor dw_tok = need_dw ? (given(off_in) ? at::empty({T, k}, x.options().dtype(acc)) : dw) : at::Tensor();
+  at::Tensor dw_tok = need_dw ? (has(off_in) ? at::empty({T, k}, x.options().dtype(acc)) : dw) : at::Tensor();
   const cudaStream_t stream = current_stream();
 
   dispatch_float(op, dt, [&](auto tag) {
@@ -154,7 +131,7 @@ Grads run(const char* op, const at::Tensor& g_in, const at::Tensor& x_in, const 
                      ptr<T_>(dB)};
       check_launch(op, launch_reduce<T_, false>(rb, a.N, stream));
     }
-    if (need_dw && given(off_in))
+    if (need_dw && has(off_in))
       check_launch(op, launch_seg_dw<Acc>(ptr<Acc>(dw_tok), a.offsets, a.segs, T, a.k, ptr<Acc>(dw), stream));
   });
   return {dx, dA, dB, dw};
@@ -170,7 +147,7 @@ Grads lora_apply_backward(const at::Tensor& grad, const at::Tensor& x, const at:
 Grads lora_shared_apply_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                  double scale, const std::optional<at::Tensor>& ids, const at::Tensor& weights,
                                  bool need_dx, bool need_dA, bool need_dB, bool need_dw) {
-  if (!given(ids)) {
+  if (!has(ids)) {
     TORCH_CHECK_VALUE(B.dim() == 3 && weights.dim() == 2 && weights.size(0) == x.size(0) && weights.size(1) == B.size(0),
                       kSharedBwd, ": dense weights must be [T, N], got ", weights.sizes());
   }

@@ -28,9 +28,14 @@ inline void define_schemas(torch::Library& m) {
   // or segments (offsets [S+1] int32, token t in row s iff offsets[s] <= t < offsets[s+1]); ids [R,k]
   // int32 (ids outside [0,N) = no adapter), weights [R,k] fp32/fp64 or None (= 1).
   // y = base_out + sum_j w_j scale[id_j] B[id_j] A[id_j] x  -> [T,d_out] (x's dtype).
-  m.def("lora_apply(Tensor x, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets, Tensor? base_out) -> Tensor");
+  // ranks [N] int32 or None: adapter n uses only the first ranks[n] rows of A[n] / columns of B[n] (mixed
+  // ranks without padded compute; clamped into [0, r] by the kernels, validated in Python).
+  m.def("lora_apply(Tensor x, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets, Tensor? base_out, Tensor? ranks=None) -> Tensor");
   // In place (inference): out [T,d_out] += the same delta.
-  m.def("lora_apply_(Tensor(a!) out, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets) -> ()");
+  m.def("lora_apply_(Tensor(a!) out, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets, Tensor? ranks=None) -> ()");
+  // Output slices in one launch (fused q/k/v or gate/up projections): A S x [N,r,d_in], B S x [N,d_out_s,r];
+  // slice s writes columns [sum_{s'<s} d_out_s', + d_out_s) of y [T, sum_s d_out_s]; S <= 8. Else as lora_apply.
+  m.def("lora_apply_sliced(Tensor x, Tensor[] A, Tensor[] B, Tensor scale, Tensor ids, Tensor? weights, Tensor? offsets, Tensor? base_out, Tensor? ranks=None) -> Tensor");
   // Shared A [r,d_in], experts B [N,d_out,r]: y = base_out + scale * sum_i w[t,i] B_i (A x[t]); weights
   // dense [T,N] (ids None) or compact [T,k] with ids [T,k] int32 (-1 pads); weights fp32 (fp64).
   m.def("lora_shared_apply(Tensor x, Tensor A, Tensor B, float scale, Tensor? ids, Tensor weights, Tensor? base_out) -> Tensor");

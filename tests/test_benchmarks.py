@@ -137,7 +137,8 @@ def test_gpu_report_columns(monkeypatch, tmp_path):
 
 def test_lora_quick_workloads_run_and_agree():
     """Every impl of the quick lora workloads runs on CPU; ours and the per-token gather+bmm peer
-    compute the same layer output on the decode workloads, and the emulated kernel matches ours."""
+    compute the same layer output on the decode workloads, the emulated kernel matches ours, and the
+    qkv-slices row's one sliced call matches its three per-slice calls."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -150,7 +151,7 @@ def test_lora_quick_workloads_run_and_agree():
         assert set(outs) >= {bench_lora.OURS, bench_lora.BASE}
         ours = outs[bench_lora.OURS]
         tol = 2e-2 if isinstance(ours, torch.Tensor) and ours.dtype == torch.bfloat16 else 1e-4  # emulated prefill row
-        for peer in (bench_lora.GATHER, bench_lora.EMU):
+        for peer in (bench_lora.GATHER, bench_lora.EMU, bench_lora.PER_SLICE):
             if peer in outs:
                 torch.testing.assert_close(outs[peer], outs[bench_lora.OURS], rtol=tol, atol=tol)
 

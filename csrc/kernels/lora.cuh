@@ -43,6 +43,7 @@
 #include <numeric>
 
 #include "common/dtype.cuh"
+#include "common/segments.cuh"
 #include "common/vec.cuh"
 #include "common/warp.cuh"
 
@@ -52,6 +53,7 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxRank = 128;
 constexpr int kMaxChunks = 8;
+constexpr int kMaxSlices = 8;  // output slices per launch (q/k/v, gate/up, ...)
 constexpr size_t kMaxSmem = 48 * 1024;  // dynamic shared memory without an opt-in attribute
 
 template <class T>
@@ -72,7 +74,43 @@ struct Args {
   bool shared_a;         // one A for every adapter: h computed once per token
   bool accumulate;       // y += delta (in place); else y = base + delta
   int x_bytes;           // bytes of the staged x row in shared memory (0: read x from global)
+  // Mixed ranks (split decode and prefill paths): adapter n uses only the first ranks[n] rows of A[n] and
+  // columns of B[n] (clamped into [0, r]; rows/columns beyond are never read); nullptr: every rank is r.
+  const int32_t* ranks;
+  // Output slices (split decode and prefill paths; the slice is grid dimension z): slices > 0 -> slice s
+  // has its own sA[s] [N, r, d_in] and sB[s] [N, d_out_s, r] and writes y's columns [col[s], col[s+1])
+  // (d_out = col[slices] is y's row length); slices == 0: the single slice (A, B, all d_out columns).
+  int slices;
+  const T* sA[kMaxSlices];
+  const T* sB[kMaxSlices];
+  int col[kMaxSlices + 1];
 };
+
+// One output slice of the arguments: its A, B, output width and first output column.
+template <class T>
+struct SliceView {
+  const T* A;
+  const T* B;
+  int d_out, col;
+};
+template <class T>
+MK_DEVICE SliceView<T> slice_view(const Args<T>& a, int s) {
+  if (a.slices == 0) return {a.A, a.B, a.d_out, 0};
+  return {a.sA[s], a.sB[s], a.col[s + 1] - a.col[s], a.col[s]};
+}
+template <class T> inline int num_slices(const Args<T>& a) { return a.slices == 0 ? 1 : a.slices; }
+// The widest slice (the expand kernels' grid covers it).
+template <class T> inline int max_slice_d_out(const Args<T>& a) {
+  int m = a.slices == 0 ? a.d_out : 0;
+  for (int s = 0; s < a.slices; ++s) m = std::max(m, a.col[s + 1] - a.col[s]);
+  return m;
+}
+
+// Adapter id's rank (valid id): ranks[id] clamped into [0, r], or r.
+template <class T>
+MK_DEVICE int rank_of(const Args<T>& a, int id) {
+  return a.ranks == nullptr ? a.r : std::min(a.r, std::max(0, a.ranks[id]));
+}
 
 // Dynamic shared memory: [x row (x_bytes, 16-aligned)] [h: hrows acc] [coef: k acc] [ids: k int32].
 template <class T> inline size_t smem_tail_bytes(int r, int k, bool shared_a) {
@@ -84,19 +122,10 @@ template <class T> inline int staged_x_bytes(int d_in, int r, int k, bool shared
   return x + smem_tail_bytes<T>(r, k, shared_a) <= kMaxSmem ? static_cast<int>(x) : 0;
 }
 
-// The routing row of token t (itself, or its segment: first s with offsets[s + 1] > t) and whether the
-// token is covered; in bounds whatever the offsets.
+// The routing row of token t (itself, or its segment) and whether the token is covered (common/segments.cuh).
 template <class T>
 MK_DEVICE int64_t routing_row(const Args<T>& a, int64_t t, bool& covered) {
-  covered = true;
-  if (a.offsets == nullptr) return t;
-  int lo = 0, hi = a.segs;
-  while (lo < hi) {
-    const int mid = lo + (hi - lo) / 2;
-    if (static_cast<int64_t>(a.offsets[mid + 1]) > t) hi = mid; else lo = mid + 1;
-  }
-  covered = lo < a.segs && t >= static_cast<int64_t>(a.offsets[lo]);
-  return lo;
+  return ::mk::routing_row(a.offsets, a.segs, t, covered);
 }
 
 // Slot j of routing row `row`: its adapter id and coefficient c = w_j · scale[id]; -1 (c = 0) when the
@@ -255,6 +284,8 @@ MK_GLOBAL void MK_LORA_BOUNDS shrink_kernel(const Workspace<T> f) {
   const int sub = threadIdx.x % tpr, slot = threadIdx.x / tpr;
   const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
   const int64_t kr = static_cast<int64_t>(a.k) * a.r, rows = a.tokens * kr, groups = ceil_div(rows, rpb);
+  const SliceView<T> sv = slice_view(a, blockIdx.y);  // grid.y: the output slice (its own A)
+  Acc* hs = f.h + static_cast<int64_t>(blockIdx.y) * rows;
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // block-uniform
     const int64_t q = g * rpb + slot;
     Acc s = Acc(0), c = Acc(0);
@@ -267,8 +298,8 @@ MK_GLOBAL void MK_LORA_BOUNDS shrink_kernel(const Workspace<T> f) {
       bool covered = true;
       const int64_t row = routing_row(a, t, covered);
       id = slot_adapter(a, row, covered, j, c);
-      if (id >= 0) {
-        const T* arow = a.A + (static_cast<int64_t>(id) * a.r + rr) * a.d_in;
+      if (id >= 0 && rr < rank_of(a, id)) {  // rows past the adapter's rank: h = 0, A not read
+        const T* arow = sv.A + (static_cast<int64_t>(id) * a.r + rr) * a.d_in;
         const T* xrow = a.x + t * a.d_in;
         for (int64_t b0 = static_cast<int64_t>(sub) * VEC; b0 < a.d_in; b0 += static_cast<int64_t>(tpr) * VEC * kShrinkUnroll) {
           V av[kShrinkUnroll], xv[kShrinkUnroll];
@@ -301,8 +332,8 @@ MK_GLOBAL void MK_LORA_BOUNDS shrink_kernel(const Workspace<T> f) {
       block_sync();  // red is reused by the next group
     }
     if (sub == 0 && q < rows) {
-      f.h[q] = c * s;
-      if (rr == 0) f.hid[t * a.k + j] = id;
+      hs[q] = c * s;
+      if (rr == 0 && blockIdx.y == 0) f.hid[t * a.k + j] = id;
     }
   }
 }
@@ -313,52 +344,62 @@ MK_GLOBAL void MK_LORA_BOUNDS expand_kernel(const Workspace<T> f) {
   using Acc = acc_t<T>;
   using V = Vec<T, VEC>;
   const Args<T>& a = f.l;
+  const SliceView<T> sv = slice_view(a, blockIdx.z);  // grid.z: the output slice
   const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (o >= a.d_out) return;
+  if (o >= sv.d_out) return;
+  const Acc* hsl = f.h + static_cast<int64_t>(blockIdx.z) * a.tokens * a.k * a.r;
   for (int64_t t = blockIdx.y; t < a.tokens; t += gridDim.y) {
     Acc v = Acc(0);
     for (int j = 0; j < a.k; ++j) {
       const int id = f.hid[t * a.k + j];
       if (id < 0) continue;
-      const Acc* h = f.h + (t * a.k + j) * a.r;
-      const T* brow = a.B + (static_cast<int64_t>(id) * a.d_out + o) * a.r;
+      const Acc* h = hsl + (t * a.k + j) * a.r;
+      const T* brow = sv.B + (static_cast<int64_t>(id) * sv.d_out + o) * a.r;
+      const int rn = rank_of(a, id);  // B's columns past it are never read
       Acc d = Acc(0);
-      for (int q = 0; q < a.r; q += VEC) {
+      int q = 0;
+      for (; q + VEC <= rn; q += VEC) {
         const V bv = load_vec<VEC>(brow + q);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) d += to_acc(bv.v[i]) * h[q + i];
       }
+      for (; q < rn; ++q) d += to_acc(brow[q]) * h[q];  // mixed ranks: the tail below one vector
       v += d;
     }
-    T* yp = a.y + t * a.d_out + o;
-    const Acc prev = a.accumulate ? to_acc(*yp) : (a.base != nullptr ? to_acc(a.base[t * a.d_out + o]) : Acc(0));
+    const int64_t yo = t * a.d_out + sv.col + o;
+    T* yp = a.y + yo;
+    const Acc prev = a.accumulate ? to_acc(*yp) : (a.base != nullptr ? to_acc(a.base[yo]) : Acc(0));
     *yp = from_acc<T>(prev + v);
   }
 }
 
 // Workspace bytes of the split path: h [T, k, r] (acc), 16-aligned, then hid [T, k] int32.
-template <class T> inline size_t workspace_h_bytes(int64_t tokens, int k, int r) {
-  return (static_cast<size_t>(tokens) * k * r * sizeof(acc_t<T>) + 15) / 16 * 16;
+// With output slices: h [slices, T, k, r] (each slice's own A), one hid.
+template <class T> inline size_t workspace_h_bytes(int64_t tokens, int k, int r, int slices = 1) {
+  return (static_cast<size_t>(slices) * tokens * k * r * sizeof(acc_t<T>) + 15) / 16 * 16;
 }
-template <class T> inline size_t workspace_bytes(int64_t tokens, int k, int r) {
-  return workspace_h_bytes<T>(tokens, k, r) + static_cast<size_t>(tokens) * k * sizeof(int32_t);
+template <class T> inline size_t workspace_bytes(int64_t tokens, int k, int r, int slices = 1) {
+  return workspace_h_bytes<T>(tokens, k, r, slices) + static_cast<size_t>(tokens) * k * sizeof(int32_t);
 }
 template <class T> inline void set_workspace(Workspace<T>& f, void* buf) {
   f.h = static_cast<acc_t<T>*>(buf);
-  f.hid = reinterpret_cast<int32_t*>(static_cast<unsigned char*>(buf) + workspace_h_bytes<T>(f.l.tokens, f.l.k, f.l.r));
+  f.hid = reinterpret_cast<int32_t*>(static_cast<unsigned char*>(buf) +
+                                     workspace_h_bytes<T>(f.l.tokens, f.l.k, f.l.r, num_slices(f.l)));
 }
 
 // Shrink only (the fused pass over W launches its own expand): f.l as for launch, !shared_a.
 template <class T>
 cudaError_t launch_shrink(Workspace<T>& f, int num_sms, cudaStream_t stream) {
   const Args<T>& a = f.l;
-  const int vec = pick_vec<T>(a.d_in, {a.x, a.A});
+  int vec = pick_vec<T>(a.d_in, {a.x, a.A});
+  for (int s = 0; s < a.slices; ++s) vec = std::min(vec, pick_vec<T>(a.d_in, {a.sA[s]}));
   f.tpr = shrink_tpr(a.d_in, vec);
   const int64_t groups = ceil_div(a.tokens * a.k * a.r, kThreads / f.tpr);
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(groups, 32 * static_cast<int64_t>(num_sms)));
   dispatch_vec<T>(vec, [&](auto V) {
     auto kernel = shrink_kernel<T, decltype(V)::value>;
-    MK_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, f);
+    MK_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(num_slices(a))), dim3(kThreads), 0,
+              stream, f);
   });
   return last_launch_error();
 }
@@ -368,9 +409,10 @@ template <class T>
 cudaError_t launch_split(Workspace<T>& f, int num_sms, cudaStream_t stream) {
   if (const cudaError_t e = launch_shrink(f, num_sms, stream); e != cudaSuccess) return e;
   const Args<T>& a = f.l;
-  const int vec = pick_vec<T>(a.r, {a.B});
-  const dim3 grid(static_cast<unsigned>(ceil_div(a.d_out, kThreads)),
-                  static_cast<unsigned>(std::min<int64_t>(a.tokens, 65535)));
+  int vec = pick_vec<T>(a.r, {a.B});
+  for (int s = 0; s < a.slices; ++s) vec = std::min(vec, pick_vec<T>(a.r, {a.sB[s]}));
+  const dim3 grid(static_cast<unsigned>(ceil_div(max_slice_d_out(a), kThreads)),
+                  static_cast<unsigned>(std::min<int64_t>(a.tokens, 65535)), static_cast<unsigned>(num_slices(a)));
   dispatch_vec<T>(vec, [&](auto V) {
     auto kernel = expand_kernel<T, decltype(V)::value>;
     MK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, f);

@@ -38,6 +38,7 @@
 #include <numeric>
 
 #include "common/dtype.cuh"
+#include "common/segments.cuh"
 #include "common/vec.cuh"
 #include "common/warp.cuh"
 
@@ -90,20 +91,6 @@ MK_DEVICE int popc(uint32_t m) {
 #else
   return __popc(m);
 #endif
-}
-
-// Routing row of token t: itself, or the first segment s with offsets[s + 1] > t (binary search, in
-// bounds whatever the offsets); covered = the token lies inside that segment.
-MK_DEVICE int64_t routing_row(const int32_t* offsets, int segs, int64_t t, bool& covered) {
-  covered = true;
-  if (offsets == nullptr) return t;
-  int lo = 0, hi = segs;
-  while (lo < hi) {
-    const int mid = lo + (hi - lo) / 2;
-    if (static_cast<int64_t>(offsets[mid + 1]) > t) hi = mid; else lo = mid + 1;
-  }
-  covered = lo < segs && t >= static_cast<int64_t>(offsets[lo]);
-  return lo;
 }
 
 // Block sum of one value per thread (fixed order: deterministic); every thread gets the total.
@@ -343,10 +330,13 @@ MK_GLOBAL void MK_LORA_BWD_BOUNDS(4) reduce_kernel(const RedArgs<T> a) {
   MK_SHARED_ARRAY(Row, lv, kChunk);
   const int64_t g = blockIdx.x;
   const int rr0 = blockIdx.y * kRankBlock;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.z) * kThreads + threadIdx.x) * VEC;
-  const bool cols = c0 < a.D;
   const int64_t begin = a.list != nullptr ? a.starts[g] : 0;
   const int64_t end = a.list != nullptr ? a.starts[g + 1] : a.pairs;
+  // column tiles of kThreads·VEC: grid.z of them, grid-stride past 65535 (D > ~8.4 M at VEC = 1)
+  const int64_t tiles = ceil_div(static_cast<int64_t>(a.D), static_cast<int64_t>(kThreads) * VEC);
+  for (int64_t zt = blockIdx.z; zt < tiles; zt += gridDim.z) {  // block-uniform
+  const int64_t c0 = (zt * kThreads + threadIdx.x) * VEC;
+  const bool cols = c0 < a.D;
   Acc acc[kRankBlock][VEC];
 #pragma unroll
   for (int b = 0; b < kRankBlock; ++b)
@@ -380,7 +370,7 @@ MK_GLOBAL void MK_LORA_BWD_BOUNDS(4) reduce_kernel(const RedArgs<T> a) {
     }
     block_sync();
   }
-  if (!cols) return;
+  if (!cols) continue;
 #pragma unroll
   for (int b = 0; b < kRankBlock; ++b) {
     const int rr = rr0 + b;
@@ -395,6 +385,7 @@ MK_GLOBAL void MK_LORA_BWD_BOUNDS(4) reduce_kernel(const RedArgs<T> a) {
       for (int i = 0; i < VEC; ++i) a.out[(g * a.D + c0 + i) * a.r + rr] = from_acc<T>(acc[b][i]);
     }
   }
+  }  // column tiles
 }
 
 // 4. dw[s, j] = Σ_{t in segment s} dw_tok[t, j] (tokens whose routing row is s, in token order).
@@ -447,8 +438,9 @@ cudaError_t launch_reduce(const RedArgs<T>& a, int groups, cudaStream_t stream) 
   dispatch_vec<T>(vec, [&](auto Vc) {
     constexpr int VEC = decltype(Vc)::value;
     auto kernel = reduce_kernel<T, VEC, RD>;
+    const int64_t tiles = ceil_div(a.D, static_cast<int64_t>(kThreads) * VEC);  // the kernel strides past 65535
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(ceil_div(a.r, kRankBlock)),
-                    static_cast<unsigned>(ceil_div(a.D, static_cast<int64_t>(kThreads) * VEC)));
+                    static_cast<unsigned>(std::min<int64_t>(tiles, 65535)));
     MK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, a);
   });
   return last_launch_error();

@@ -63,6 +63,10 @@ constexpr int kStage = (kBM + kMaxKH) * kLdS;  // one shrink stage: x tile [64][
 constexpr int kMinTokensPerSegment = 32;       // auto switch: average tokens per segment for this path
 constexpr int kMaxKSplit = 16;                 // d_in split of the shrink
 constexpr int kMaxChunksExpand = 16;           // d_out split of the expand
+// Tile metadata in shared memory: m0, m1, row, k_valid, then per valid slot its id, rank and first column
+// in H (ceil16 of the ranks before it: mixed ranks are padded only to the 16-wide mma tile), then KH.
+constexpr int kMetaIds = 4, kMetaRanks = kMetaIds + kMaxSlots, kMetaCols = kMetaRanks + kMaxSlots;
+constexpr int kMetaLen = kMetaCols + kMaxSlots + 1;
 static_assert(2 * kBN * kLdH <= 2 * kStage, "the expand's B stages reuse the shrink's buffer");
 static_assert((kLdS * 2) % 16 == 0 && (kLdH * 2) % 16 == 0 && (kStage * 2) % 16 == 0, "16-byte rows");
 }  // namespace prefill
@@ -98,9 +102,14 @@ struct PrefillArgs {
 #endif
 
 // Phase 0 of both kernels, all threads: which tile blockIdx.x is (see the header) -> meta = {m0, m1, row
-// (-1 gap, -2 past the end), k_valid, ids...}, scoef = the valid slots' coefficients.
+// (-1 gap, -2 past the end), k_valid, ids, ranks, H columns, KH} (prefill::kMeta*), scoef = the valid
+// slots' coefficients. A slot whose adapter has rank 0 is dropped like an invalid id.
+struct TileInfo {
+  int64_t m0, m1;  // the tile's tokens [m0, m1)
+  int row, nv;     // routing row (-1 gap, -2 past the end), valid slots
+};
 template <class T>
-MK_DEVICE void prefill_tile(const Args<T>& a, int32_t* meta, float* scoef) {
+MK_DEVICE TileInfo prefill_tile(const Args<T>& a, int32_t* meta, float* scoef) {
   using namespace prefill;
   const int64_t T_ = a.tokens;
   // warp 0 walks the pieces 32 at a time, one per lane (max-scan of the
@@ -144,15 +153,20 @@ MK_DEVICE void prefill_tile(const Args<T>& a, int32_t* meta, float* scoef) {
       cur = shfl_idx(end, kWarpSize - 1);
     }
     if (lane == 0) {
-      int nv = 0;
+      int nv = 0, kh = 0;
       for (int j = 0; row >= 0 && j < a.k; ++j) {
         float c = 0.f;
         const int id = slot_adapter(a, row, true, j, c);
-        if (id < 0) continue;
-        meta[4 + nv] = id;
+        const int rn = id >= 0 ? rank_of(a, id) : 0;
+        if (rn == 0) continue;
+        meta[kMetaIds + nv] = id;
+        meta[kMetaRanks + nv] = rn;
+        meta[kMetaCols + nv] = kh;
+        kh += static_cast<int>(ceil_div(rn, 16)) * 16;
         scoef[nv] = c;
         ++nv;
       }
+      meta[kMetaCols + nv] = kh;
       meta[0] = static_cast<int32_t>(m0);
       meta[1] = static_cast<int32_t>(m1);
       meta[2] = row;
@@ -160,6 +174,7 @@ MK_DEVICE void prefill_tile(const Args<T>& a, int32_t* meta, float* scoef) {
     }
   }
   block_sync();
+  return {meta[0], meta[1], meta[2], meta[3]};
 }
 
 // sass-budget: mk::lora::prefill_shrink_kernel block=128 regs<=160 spill=0 hot
@@ -168,15 +183,17 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_shrink_kernel(const PrefillArgs<T>
   using namespace prefill;
   const Args<T>& a = p.l;
   MK_SHARED_ARRAY_ALIGNED(16, T, stage, 2 * kStage);
-  MK_SHARED_ARRAY(int32_t, meta, 4 + kMaxSlots);
+  MK_SHARED_ARRAY(int32_t, meta, kMetaLen);
   MK_SHARED_ARRAY(float, scoef, kMaxSlots);
   const int64_t T_ = a.tokens;
   const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
-  prefill_tile(a, meta, scoef);
-  const int64_t m0 = meta[0], m1 = meta[1];
-  const int nv = meta[3];
-  if (meta[2] < 0 || nv == 0) return;  // block-uniform: gap, past the end, or no adapter (H not read)
-  const int r = a.r, r16 = static_cast<int>(ceil_div(r, 16)) * 16, d_in = a.d_in;
+  const TileInfo ti = prefill_tile(a, meta, scoef);
+  const int64_t m0 = ti.m0, m1 = ti.m1;
+  const int nv = ti.nv;
+  if (ti.row < 0 || nv == 0) return;  // block-uniform: gap, past the end, or no adapter (H not read)
+  const SliceView<T> sv = slice_view(a, blockIdx.z);  // grid.z: the output slice (its own A)
+  const int d_in = a.d_in;
+  float* hp = p.hp + static_cast<int64_t>(blockIdx.z) * p.ksplit * T_ * p.kh;
   const T zero = from_acc<T>(0.f);
   const int ks = blockIdx.y, nk = static_cast<int>(ceil_div(d_in, kBK));
   const int sps = static_cast<int>(ceil_div(nk, p.ksplit));
@@ -184,7 +201,8 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_shrink_kernel(const PrefillArgs<T>
 
   // shrink, slot by slot, over this block's d_in steps [kt0, kt1), into its partial of H
   for (int j = 0; j < nv; ++j) {
-    const T* Aj = a.A + static_cast<int64_t>(meta[4 + j]) * r * d_in;
+    const T* Aj = sv.A + static_cast<int64_t>(meta[kMetaIds + j]) * a.r * d_in;
+    const int r = meta[kMetaRanks + j], r16 = static_cast<int>(ceil_div(r, 16)) * 16;  // rows past r: not read
     auto load = [&](int s, int k0) {  // x rows [m0, m0+64) and A_j rows [0, r16), columns [k0, k0+32)
       T* sx = stage + s * kStage;
       T* sa = sx + kBM * kLdS;
@@ -245,7 +263,7 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_shrink_kernel(const PrefillArgs<T>
       for (int i = 0; i < 4; ++i) {
         const RowCol rc = mma_c_coord(lane, i);
         const int64_t t = m0 + warp * 16 + rc.row;  // rows past m1 belong to the next tile: not written
-        if (t < m1) p.hp[(static_cast<int64_t>(ks) * T_ + t) * p.kh + j * r16 + nt * 8 + rc.col] = cj * acc[nt][i];
+        if (t < m1) hp[(static_cast<int64_t>(ks) * T_ + t) * p.kh + meta[kMetaCols + j] + nt * 8 + rc.col] = cj * acc[nt][i];
       }
     }
   }
@@ -258,53 +276,64 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_expand_kernel(const PrefillArgs<T>
   const Args<T>& a = p.l;
   MK_SHARED_ARRAY_ALIGNED(16, T, stage, 2 * kBN * kLdH);
   MK_SHARED_ARRAY_ALIGNED(16, T, hs, kBM * kLdH);
-  MK_SHARED_ARRAY(int32_t, meta, 4 + kMaxSlots);
+  MK_SHARED_ARRAY(int32_t, meta, kMetaLen);
   MK_SHARED_ARRAY(float, scoef, kMaxSlots);
   const int64_t T_ = a.tokens;
   const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
-  prefill_tile(a, meta, scoef);
-  const int64_t m0 = meta[0], m1 = meta[1];
-  const int nv = meta[3];
-  if (meta[2] == -2) return;  // block-uniform: past the last tile
-  const int64_t cw = ceil_div(ceil_div(a.d_out, gridDim.y), kBN) * kBN;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * cw, c1 = std::min<int64_t>(a.d_out, c0 + cw);
+  const TileInfo ti = prefill_tile(a, meta, scoef);
+  const int64_t m0 = ti.m0, m1 = ti.m1;
+  const int nv = ti.nv;
+  if (ti.row == -2) return;  // block-uniform: past the last tile
+  // grid.z: the output slice, its columns [sv.col, sv.col + sv.d_out) of y; o below is slice-local
+  const SliceView<T> sv = slice_view(a, blockIdx.z);
+  T* const ys = a.y + sv.col;
+  const T* const bs = a.base != nullptr ? a.base + sv.col : nullptr;
+  const float* hp = p.hp + static_cast<int64_t>(blockIdx.z) * p.ksplit * T_ * p.kh;
+  const int64_t cw = ceil_div(ceil_div(sv.d_out, gridDim.y), kBN) * kBN;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * cw, c1 = std::min<int64_t>(sv.d_out, c0 + cw);
   if (c0 >= c1) return;
   if (nv == 0) {  // gap or no adapter: the base passes through
     if (!a.accumulate)
       for (int64_t e = threadIdx.x; e < (m1 - m0) * (c1 - c0); e += kBlock) {
         const int64_t t = m0 + e / (c1 - c0), o = c0 + e % (c1 - c0);
-        a.y[t * a.d_out + o] = a.base != nullptr ? a.base[t * a.d_out + o] : from_acc<T>(0.f);
+        ys[t * a.d_out + o] = bs != nullptr ? bs[t * a.d_out + o] : from_acc<T>(0.f);
       }
     return;
   }
-  const int r = a.r, r16 = static_cast<int>(ceil_div(r, 16)) * 16, KH = nv * r16;
+  const int r = a.r, KH = meta[kMetaCols + nv];  // H: the valid slots' ceil16(rank) columns each
   const T zero = from_acc<T>(0.f);
   // H tile [64, KH] = the sum of the shrink's ksplit partials (fp32, L2), rounded once to T
   for (int e = threadIdx.x; e < kBM * KH; e += kBlock) {
     const int m = e / KH, c = e % KH;
     float v = 0.f;
     if (m0 + m < m1)
-      for (int ks = 0; ks < p.ksplit; ++ks) v += p.hp[(static_cast<int64_t>(ks) * T_ + m0 + m) * p.kh + c];
+      for (int ks = 0; ks < p.ksplit; ++ks) v += hp[(static_cast<int64_t>(ks) * T_ + m0 + m) * p.kh + c];
     hs[m * kLdH + c] = from_acc<T>(v);
   }
   block_sync();
 
   // 2. expand: 32 output columns per step, B tiles double buffered
-  auto load_b = [&](int s, int64_t o0) {  // Bcat rows [o0, o0+32), columns [0, KH)
+  auto slot_of = [&](int col) {  // the valid slot whose H columns hold col
+    int j = 0;
+    while (j + 1 < nv && col >= meta[kMetaCols + j + 1]) ++j;
+    return j;
+  };
+  auto load_b = [&](int s, int64_t o0) {  // Bcat rows [o0, o0+32), columns [0, KH); B columns past a rank: 0, not read
     T* sb = stage + s * (kBN * kLdH);
     if constexpr (ASYNC) {
       for (int c = threadIdx.x; c < kBN * (KH / 8); c += kBlock) {
-        const int row = c / (KH / 8), col = (c % (KH / 8)) * 8, j = col / r16, q = col - j * r16;
+        const int row = c / (KH / 8), col = (c % (KH / 8)) * 8, j = slot_of(col), q = col - meta[kMetaCols + j];
         const int64_t o = o0 + row;
-        const bool ok = o < c1 && q < r;
-        const T* src = a.B + (static_cast<int64_t>(meta[4 + j]) * a.d_out + (ok ? o : 0)) * r + (ok ? q : 0);
-        cp_async_cg_zfill<16>(sb + row * kLdH + col, src, ok ? 16 : 0);
+        const int bytes = o < c1 ? std::max(0, std::min(8, meta[kMetaRanks + j] - q)) * static_cast<int>(sizeof(T)) : 0;
+        const T* src = sv.B + (static_cast<int64_t>(meta[kMetaIds + j]) * sv.d_out + (bytes > 0 ? o : 0)) * r + (bytes > 0 ? q : 0);
+        cp_async_cg_zfill<16>(sb + row * kLdH + col, src, bytes);
       }
     } else {
       for (int e = threadIdx.x; e < kBN * KH; e += kBlock) {
-        const int row = e / KH, col = e % KH, j = col / r16, q = col - j * r16;
+        const int row = e / KH, col = e % KH, j = slot_of(col), q = col - meta[kMetaCols + j];
         const int64_t o = o0 + row;
-        sb[row * kLdH + col] = (o < c1 && q < r) ? a.B[(static_cast<int64_t>(meta[4 + j]) * a.d_out + o) * r + q] : zero;
+        sb[row * kLdH + col] = (o < c1 && q < meta[kMetaRanks + j])
+                                   ? sv.B[(static_cast<int64_t>(meta[kMetaIds + j]) * sv.d_out + o) * r + q] : zero;
       }
     }
   };
@@ -337,8 +366,8 @@ MK_GLOBAL void MK_LORA_PREFILL_BOUNDS prefill_expand_kernel(const PrefillArgs<T>
         const RowCol rc = mma_c_coord(lane, i);
         const int64_t t = m0 + warp * 16 + rc.row, o = c0 + static_cast<int64_t>(ct) * kBN + nt * 8 + rc.col;
         if (t < m1 && o < c1) {
-          T* yp = a.y + t * a.d_out + o;
-          const float prev = a.accumulate ? to_acc(*yp) : (a.base != nullptr ? to_acc(a.base[t * a.d_out + o]) : 0.f);
+          T* yp = ys + t * a.d_out + o;
+          const float prev = a.accumulate ? to_acc(*yp) : (bs != nullptr ? to_acc(bs[t * a.d_out + o]) : 0.f);
           *yp = from_acc<T>(prev + acc[nt][i]);
         }
       }
@@ -353,8 +382,8 @@ inline int prefill_ksplit(int64_t tokens, int segs, int d_in, int num_sms) {
   const int64_t nk = ceil_div(d_in, kBK);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * int64_t(num_sms), real_tiles), nk, kMaxKSplit})));
 }
-inline size_t prefill_workspace_bytes(int64_t tokens, int k, int r, int ksplit) {
-  return static_cast<size_t>(ksplit) * tokens * k * ceil_div(r, 16) * 16 * sizeof(float);
+inline size_t prefill_workspace_bytes(int64_t tokens, int k, int r, int ksplit, int slices = 1) {
+  return static_cast<size_t>(slices) * ksplit * tokens * k * ceil_div(r, 16) * 16 * sizeof(float);
 }
 
 // Launcher: prefill_unsupported(p.l) == nullptr, tokens > 0, d_out > 0; p.hp sized by
@@ -366,14 +395,16 @@ cudaError_t launch_prefill(const PrefillArgs<T>& p, int num_sms, cudaStream_t st
   const int64_t tiles = ceil_div(a.tokens, kBM) + 2 * static_cast<int64_t>(a.segs) + 1;  // upper bound
   const int64_t real_tiles = ceil_div(a.tokens, kBM) + a.segs;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * int64_t(num_sms), real_tiles),
-                                                                  ceil_div(a.d_out, 2 * kBN), kMaxChunksExpand}));
-  const bool async = pick_vec<T>(std::gcd(a.d_in, a.r), {a.x, a.A, a.B}) * sizeof(T) == 16;
+                                                                  ceil_div(max_slice_d_out(a), 2 * kBN), kMaxChunksExpand}));
+  bool async = pick_vec<T>(std::gcd(a.d_in, a.r), {a.x, a.A, a.B}) * sizeof(T) == 16;
+  for (int s = 0; s < a.slices; ++s) async = async && pick_vec<T>(std::gcd(a.d_in, a.r), {a.sA[s], a.sB[s]}) * sizeof(T) == 16;
+  const unsigned nsl = static_cast<unsigned>(num_slices(a));
   if constexpr (sizeof(T) == 2) {
     auto shrink = async ? prefill_shrink_kernel<T, true> : prefill_shrink_kernel<T, false>;
-    MK_LAUNCH(shrink, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.ksplit)), dim3(kBlock), 0, stream, p);
+    MK_LAUNCH(shrink, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.ksplit), nsl), dim3(kBlock), 0, stream, p);
     if (const cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
     auto expand = async ? prefill_expand_kernel<T, true> : prefill_expand_kernel<T, false>;
-    MK_LAUNCH(expand, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), dim3(kBlock), 0, stream, p);
+    MK_LAUNCH(expand, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks), nsl), dim3(kBlock), 0, stream, p);
   }
   return last_launch_error();
 }

@@ -11,6 +11,7 @@ __all__ += ["Routing", "route", "route_cosine", "route_reference", "route_segmen
 from .lora import (  # noqa: E402
     lora_apply,
     lora_apply_,
+    lora_apply_sliced,
     lora_apply_reference,
     lora_expand,
     lora_linear,
@@ -19,7 +20,7 @@ from .lora import (  # noqa: E402
     lora_shrink,
 )
 
-__all__ += ["lora_apply", "lora_apply_", "lora_linear", "lora_shared_apply", "lora_shrink", "lora_expand", "lora_apply_reference",
+__all__ += ["lora_apply", "lora_apply_", "lora_apply_sliced", "lora_linear", "lora_shared_apply", "lora_shrink", "lora_expand", "lora_apply_reference",
             "lora_shared_apply_reference"]
 
 from .householder import (  # noqa: E402

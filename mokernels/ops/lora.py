@@ -59,6 +59,14 @@ to a [T, k, r] workspace) and an expand kernel (shared A: one fused SIMT kernel,
 (segments averaging >= 32 tokens, fp16/bf16): ``lora_prefill.cuh``'s split-K tensor-core shrink and
 expand. :func:`lora_linear` (the whole layer, ``x Wᵀ + bias`` + the adapters) runs the fused pass over W
 of ``lora_fused_w.cuh`` at decode sizes. CPU tensors run the references (:func:`lora_apply_reference`).
+
+Several output slices (:func:`lora_apply_sliced`: the q/k/v or gate/up adapters of a fused projection) run
+the same decode / prefill kernels once, the slice being grid dimension z (a by-value table of the slices'
+A/B pointers: no stacking copy). Mixed ranks (``ranks=[N]`` on lora_apply / lora_apply_ /
+lora_apply_sliced): A/B stay padded to ``r = r_max`` and the kernels neither read nor multiply an
+adapter's rows/columns past ``ranks[n]`` (prefill: padded to the 16-wide mma tile). Neither is offered by
+shared A or the fused pass over W (:func:`lora_linear`). Their backward: the per-slice backward kernels
+(once per slice), on A/B masked past the ranks (a masked copy; dA/dB are masked too: zero in the padding).
 """
 from __future__ import annotations
 
@@ -73,12 +81,14 @@ from .router import Routing
 
 _OP = "lora"
 MAX_RANK = 128  # kernel limit on r (h lives in shared memory); larger ranks: ValueError
+MAX_SLICES = 8  # lora_apply_sliced: output slices per launch (the kernels' pointer table)
 LINEAR_FUSED_MAX_TOKENS = 32  # lora_linear / MultiLoRALinear: the fused pass over W up to this many tokens (0: off)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 __all__ = [
     "lora_apply",
     "lora_apply_",
+    "lora_apply_sliced",
     "lora_linear",
     "lora_shared_apply",
     "lora_shrink",
@@ -243,6 +253,34 @@ def _check_base(base_out, lead, d_out: int, x: Tensor, op: str, name: str = "bas
     expect_dtype(op, name, base_out, like=x)
     expect(base_out.device == x.device, op, f"{name} is on {base_out.device} but x is on {x.device}")
     return base_out.reshape(-1, d_out)
+
+
+def _check_ranks(ranks, N: int, r: int, x: Tensor, validate: bool, op: str) -> Optional[Tensor]:
+    """``ranks [N]`` (any integer dtype) -> int32 on x's device, or None. In eager mode with ``validate``
+    (one host sync) every rank must lie in ``[0, r]``; unchecked, the kernels clamp into ``[0, r]``."""
+    if ranks is None:
+        return None
+    expect(isinstance(ranks, Tensor) and tuple(ranks.shape) == (N,), op,
+           f"ranks must be a [N] = [{N}] integer tensor, got {list(ranks.shape) if isinstance(ranks, Tensor) else ranks!r}")
+    expect(ranks.dtype in INT_DTYPES, op, f"ranks must be an integer tensor, got dtype {ranks.dtype}")
+    expect(ranks.device == x.device, op, f"ranks is on {ranks.device} but x is on {x.device}")
+    if validate and _is_eager() and can_sync(ranks) and N > 0:
+        lo, hi = (int(v) for v in torch.stack([ranks.min(), ranks.max()]).tolist())
+        expect(lo >= 0 and hi <= r, op, f"ranks must be in [0, r] = [0, {r}] (A/B hold r_max = {r} rows/columns), got "
+               f"values in [{lo}, {hi}]")
+    return _as_int32("ranks", ranks, op)
+
+
+def _rank_masked(A: Tensor, B: Tensor, ranks: Optional[Tensor]):
+    """A / B with the rows / columns past each adapter's rank set to exactly 0 (the region the kernels never
+    read: a NaN there does not reach the output, and autograd through this gives it zero gradients).
+    Ranks are clamped into [0, r] as the kernels do."""
+    if ranks is None:
+        return A, B
+    q = torch.arange(A.shape[-2], device=A.device)
+    live = q[None, :] < ranks.to(A.device).long()[:, None]  # [N, r]
+    z = torch.zeros((), dtype=A.dtype, device=A.device)
+    return torch.where(live[:, :, None], A, z), torch.where(live[:, None, :], B, z)
 
 
 def validate_routing(rt: LoraRouting, N: int, T: int, op: str = _OP, id_name: str = "ids") -> None:
@@ -428,6 +466,7 @@ def lora_apply(
     mixture=None,
     segment_mixture=None,
     base_out: Optional[Tensor] = None,
+    ranks: Optional[Tensor] = None,
     validate: bool = True,
 ) -> Tensor:
     """Fused multi-adapter LoRA: ``y = base_out + Σ_j w_j scale[i_j] B[i_j] A[i_j] x`` per token.
@@ -443,6 +482,10 @@ def lora_apply(
         segment_mixture: ``(offsets [S+1], seg_ids [S, k], seg_w [S, k])`` or ``(offsets, Routing [S, k])``.
         base_out: optional ``[..., d_out]`` (x's dtype), e.g. the base layer's output, added to the delta
             (one write of y: no extra pass over it).
+        ranks: optional ``[N]`` integer tensor (on x's device): mixed ranks in one batch. Adapter n uses
+            only the first ``ranks[n] <= r`` rows of ``A[n]`` and columns of ``B[n]`` (A/B stored padded to
+            ``r = r_max``); the kernels neither read nor multiply the padding (prefill: padded to the
+            16-wide mma tile), rank 0 = no update. The padded region gets zero gradients.
         validate: eager-mode metadata check (one fused pass, one host sync); see the module docstring.
     Returns:
         ``[..., d_out]`` in x's dtype: ``base_out + delta`` (or the delta alone).
@@ -450,8 +493,66 @@ def lora_apply(
     """
     lead, T, d_out, i, w, off, s, base = _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture,
                                                       base_out, validate, "lora_apply")
+    if ranks is not None:
+        ranks = _check_ranks(ranks, B.shape[0], B.shape[2], x, validate, "lora_apply")
     grad_ts = (x, A, B) if w is None and base is None else tuple(t for t in (x, A, B, w, base) if t is not None)
-    y = _call_op(torch.ops.mokernels.lora_apply, grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base)
+    y = _call_op(torch.ops.mokernels.lora_apply, grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base, ranks)
+    return y.reshape(*lead, d_out)
+
+
+def lora_apply_sliced(
+    x: Tensor,
+    As,
+    Bs,
+    scale,
+    *,
+    ids: Optional[Tensor] = None,
+    segments=None,
+    mixture=None,
+    segment_mixture=None,
+    base_out: Optional[Tensor] = None,
+    ranks: Optional[Tensor] = None,
+    validate: bool = True,
+) -> Tensor:
+    """Several output slices in one launch per kernel (the adapters of a fused q/k/v or gate/up projection,
+    vLLM's ``add_lora_linear(..., output_slices)``): slice s writes ``y[..., off_s : off_s + d_out_s]``,
+    ``off_s = Σ_{s' < s} d_out_s'``, with its own adapters ``As[s]`` / ``Bs[s]`` and the shared routing.
+
+    Args:
+        x: ``[..., d_in]``.
+        As: a sequence of S (``1 <= S <= 8``) tensors ``[N, r, d_in]``, or a stacked ``[S, N, r, d_in]``.
+        Bs: a sequence of S tensors ``[N, d_out_s, r]``, or a stacked ``[S, N, d_out, r]`` (equal widths).
+            Neither is copied: the kernels take a table of the slices' pointers (a stacked tensor is
+            unbound into views), so keep each slice contiguous (a non-contiguous one is copied per call).
+        scale, routing forms, ranks (shared by all slices), validate: as :func:`lora_apply`.
+        base_out: optional ``[..., Σ d_out_s]`` (the fused base projection's output).
+    Returns:
+        ``[..., Σ d_out_s]`` in x's dtype. Equals ``torch.cat([lora_apply(x, As[s], Bs[s], ...)], -1)``.
+    Differentiable in x, every A/B slice, mixture weights and base_out (the backward runs the per-slice
+    backward kernels once per slice and sums dx / d(weights)).
+    """
+    op = "lora_apply_sliced"
+    As = list(As.unbind(0)) if isinstance(As, Tensor) else list(As) if isinstance(As, Sequence) else As
+    Bs = list(Bs.unbind(0)) if isinstance(Bs, Tensor) else list(Bs) if isinstance(Bs, Sequence) else Bs
+    expect(isinstance(As, list) and isinstance(Bs, list) and 1 <= len(As) <= MAX_SLICES and len(As) == len(Bs), op,
+           f"As and Bs must be sequences (or stacked tensors) of the same length S in [1, {MAX_SLICES}], got "
+           f"{len(As) if isinstance(As, list) else type(As).__name__} and "
+           f"{len(Bs) if isinstance(Bs, list) else type(Bs).__name__}")
+    for s_, (a_, b_) in enumerate(zip(As, Bs)):
+        _check_weights(x, a_, b_, f"{op} (slice {s_})")
+        expect(tuple(a_.shape) == tuple(As[0].shape), op, f"every As[s] must be [N, r, d_in] = {list(As[0].shape)}, got "
+               f"As[{s_}] {list(a_.shape)}")
+    N, r = As[0].shape[0], As[0].shape[1]
+    d_out = sum(b_.shape[1] for b_ in Bs)
+    lead = x.shape[:-1]
+    base = _check_base(base_out, lead, d_out, x, op)
+    T, (i, w, off) = _routing(lead, N, dict(ids=ids, segments=segments, mixture=mixture,
+                                            segment_mixture=segment_mixture), x.device, acc_dtype(x.dtype), validate, op)
+    s = _scale_tensor(scale, N, x, op)
+    rk = _check_ranks(ranks, N, r, x, validate, op)
+    grad_ts = (x, *As, *Bs, *(t for t in (w, base) if t is not None))
+    y = _call_op(torch.ops.mokernels.lora_apply_sliced, grad_ts, x.reshape(T, x.shape[-1]), As, Bs, s, i, w, off, base,
+                 rk)
     return y.reshape(*lead, d_out)
 
 
@@ -466,6 +567,7 @@ def lora_apply_(
     segments=None,
     mixture=None,
     segment_mixture=None,
+    ranks: Optional[Tensor] = None,
     validate: bool = True,
 ) -> Tensor:
     """In-place (inference): ``out += Σ_j w_j scale[i_j] B[i_j] A[i_j] x``; ``out [..., d_out]`` in x's
@@ -482,7 +584,8 @@ def lora_apply_(
     expect(out.is_contiguous(), "lora_apply_", "out must be contiguous (it is updated in place)")
     expect(not _same_storage(out, x), "lora_apply_", "out must not share memory with x (the kernels still read x "
            "while other blocks write out); pass a copy of x or use lora_apply")
-    torch.ops.mokernels.lora_apply_(o2, x.reshape(T, x.shape[-1]), A, B, s, i, w, off)
+    rk = _check_ranks(ranks, B.shape[0], B.shape[2], x, validate, "lora_apply_")
+    torch.ops.mokernels.lora_apply_(o2, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, rk)
     return out
 
 
@@ -718,10 +821,12 @@ def _expand_all(z: Tensor, B: Tensor) -> Tensor:
     return z.reshape(-1, N * r) @ B.to(z.dtype).permute(0, 2, 1).reshape(N * r, d_out)
 
 
-def lora_apply_reference(x, A, B, scale, ids, weights=None, offsets=None, base_out=None) -> Tensor:
+def lora_apply_reference(x, A, B, scale, ids, weights=None, offsets=None, base_out=None, ranks=None) -> Tensor:
     """The op ``lora_apply`` on canonical arguments: ``x [T, d_in]``, ``ids [R, k]`` int, ``weights
     [R, k]`` or None (= 1), ``offsets [S+1]`` or None (rows = tokens), ``scale [N]``, ``base_out [T, d_out]``
-    or None. Returns ``[T, d_out]`` in x's dtype, computed in fp32 (fp64 for fp64)."""
+    or None, ``ranks [N]`` or None (mixed ranks: A/B masked past each rank). Returns ``[T, d_out]`` in x's
+    dtype, computed in fp32 (fp64 for fp64)."""
+    A, B = _rank_masked(A, B, ranks)
     N, d_out, r = B.shape
     T = x.shape[0]
     acc = acc_dtype(x.dtype)
@@ -732,6 +837,17 @@ def lora_apply_reference(x, A, B, scale, ids, weights=None, offsets=None, base_o
     if base_out is not None:
         y = y + base_out.to(acc)
     return y.to(x.dtype)
+
+
+def lora_apply_sliced_reference(x, As, Bs, scale, ids, weights=None, offsets=None, base_out=None, ranks=None):
+    """The op ``lora_apply_sliced``: the slices' :func:`lora_apply_reference` side by side."""
+    ys, c = [], 0
+    for A, B in zip(As, Bs):
+        d = B.shape[1]
+        base = None if base_out is None else base_out[:, c:c + d]
+        ys.append(lora_apply_reference(x, A, B, scale, ids, weights, offsets, base, ranks))
+        c += d
+    return torch.cat(ys, 1) if ys else x.new_empty((x.shape[0], 0))
 
 
 def _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, need_w: bool):
@@ -836,6 +952,12 @@ def _check_op(x, A, B, scale, ids, weights, offsets, op="lora_apply"):
     return T, d_out
 
 
+def _check_op_ranks(ranks, B, op="lora_apply"):
+    if ranks is not None:
+        expect(ranks.dim() == 1 and ranks.shape[0] == B.shape[0] and ranks.dtype == torch.int32, op,
+               f"ranks must be [N] = [{B.shape[0]}] int32, got {list(ranks.shape)} {ranks.dtype}")
+
+
 def _check_op_base(x, base, T, d_out, op="lora_apply"):
     if base is not None:
         expect(tuple(base.shape) == (T, d_out), op, f"base_out must be [T, d_out] = [{T}, {d_out}], got {list(base.shape)}")
@@ -843,32 +965,64 @@ def _check_op_base(x, base, T, d_out, op="lora_apply"):
 
 
 @torch.library.register_fake("mokernels::lora_apply")
-def _fake(x, A, B, scale, ids, weights, offsets, base_out):
+def _fake(x, A, B, scale, ids, weights, offsets, base_out, ranks=None):
     T, d_out = _check_op(x, A, B, scale, ids, weights, offsets)
     _check_op_base(x, base_out, T, d_out)
+    _check_op_ranks(ranks, B)
     return x.new_empty((T, d_out))
 
 
 @torch.library.register_kernel("mokernels::lora_apply", "cpu")
-def _cpu(x, A, B, scale, ids, weights, offsets, base_out):
+def _cpu(x, A, B, scale, ids, weights, offsets, base_out, ranks=None):
     T, d_out = _check_op(x, A, B, scale, ids, weights, offsets)
     _check_op_base(x, base_out, T, d_out)
+    _check_op_ranks(ranks, B)
     with torch.no_grad():
-        return lora_apply_reference(x, A, B, scale, ids, weights, offsets, base_out).contiguous()
+        return lora_apply_reference(x, A, B, scale, ids, weights, offsets, base_out, ranks).contiguous()
 
 
 @torch.library.register_fake("mokernels::lora_apply_")
-def _fake_(out, x, A, B, scale, ids, weights, offsets):
+def _fake_(out, x, A, B, scale, ids, weights, offsets, ranks=None):
     T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, "lora_apply_")
     _check_op_base(x, out, T, d_out, "lora_apply_")
+    _check_op_ranks(ranks, B, "lora_apply_")
 
 
 @torch.library.register_kernel("mokernels::lora_apply_", "cpu")
-def _cpu_(out, x, A, B, scale, ids, weights, offsets):
+def _cpu_(out, x, A, B, scale, ids, weights, offsets, ranks=None):
     T, d_out = _check_op(x, A, B, scale, ids, weights, offsets, "lora_apply_")
     _check_op_base(x, out, T, d_out, "lora_apply_")
+    _check_op_ranks(ranks, B, "lora_apply_")
     with torch.no_grad():
-        out.copy_(lora_apply_reference(x, A, B, scale, ids, weights, offsets, out))
+        out.copy_(lora_apply_reference(x, A, B, scale, ids, weights, offsets, out, ranks))
+
+
+def _check_sliced_op(x, As, Bs, scale, ids, weights, offsets, base_out, ranks):
+    op = "lora_apply_sliced"
+    expect(1 <= len(As) <= MAX_SLICES and len(As) == len(Bs), op,
+           f"A and B must be lists of the same length S in [1, {MAX_SLICES}], got {len(As)} and {len(Bs)}")
+    d_out = 0
+    for s_, (a_, b_) in enumerate(zip(As, Bs)):
+        T, d = _check_op(x, a_, b_, scale, ids, weights, offsets, op)
+        expect(tuple(a_.shape) == tuple(As[0].shape), op, f"every A[s] must be {list(As[0].shape)}, got A[{s_}] "
+               f"{list(a_.shape)}")
+        d_out += d
+    _check_op_base(x, base_out, x.shape[0], d_out, op)
+    _check_op_ranks(ranks, Bs[0], op)
+    return x.shape[0], d_out
+
+
+@torch.library.register_fake("mokernels::lora_apply_sliced")
+def _fake_sliced(x, As, Bs, scale, ids, weights, offsets, base_out, ranks=None):
+    T, d_out = _check_sliced_op(x, As, Bs, scale, ids, weights, offsets, base_out, ranks)
+    return x.new_empty((T, d_out))
+
+
+@torch.library.register_kernel("mokernels::lora_apply_sliced", "cpu")
+def _cpu_sliced(x, As, Bs, scale, ids, weights, offsets, base_out, ranks=None):
+    _check_sliced_op(x, As, Bs, scale, ids, weights, offsets, base_out, ranks)
+    with torch.no_grad():
+        return lora_apply_sliced_reference(x, As, Bs, scale, ids, weights, offsets, base_out, ranks).contiguous()
 
 
 def _check_linear_op(x, W, bias, A, B, scale, ids, weights, offsets):
@@ -905,8 +1059,8 @@ def _cpu_linear(x, W, bias, A, B, scale, ids, weights, offsets):
 
 
 def _setup(ctx, inputs, output):
-    x, A, B, scale, ids, weights, offsets, base_out = inputs
-    ctx.save_for_backward(x, A, B, scale, ids, weights, offsets)
+    x, A, B, scale, ids, weights, offsets, base_out, ranks = (*inputs, None)[:9]
+    ctx.save_for_backward(x, A, B, scale, ids, weights, offsets, ranks)
     ctx.has_w = weights is not None
 
 
@@ -922,17 +1076,64 @@ def _nonempty(t: Tensor, need: bool):
     return t if need else None
 
 
+def _apply_backward(g, x, A, B, scale, ids, weights, offsets, ranks, need_dx, need_dA, need_dB, need_w):
+    """(dx, dA, dB, dweights) of one lora_apply (one slice): the CUDA backward kernels when they fit, else
+    the closed-form reference. Mixed ranks: both run on A/B masked past each rank (a masked copy: the
+    backward kernels take no ranks yet) and dA/dB are masked the same way (zero in the padding)."""
+    Am, Bm = _rank_masked(A, B, ranks)
+    if _bwd_kernel_fits(x, ids.shape[1], A.shape[1], False):
+        dx, dA, dB, dw = torch.ops.mokernels.lora_apply_backward(g.contiguous(), x, Am, Bm, scale, ids, weights, offsets,
+                                                                 need_dx, need_dA, need_dB, need_w)
+    else:
+        dx, dA, dB, dw = _lora_apply_backward_reference(g, x, Am, Bm, scale, ids, weights, offsets, need_w)
+    if ranks is not None:
+        dA = _rank_masked(dA, dB, ranks)[0] if need_dA else dA
+        dB = _rank_masked(Am, dB, ranks)[1] if need_dB else dB
+    return dx, dA, dB, dw
+
+
 def _backward(ctx, g):
-    x, A, B, scale, ids, weights, offsets = ctx.saved_tensors
+    x, A, B, scale, ids, weights, offsets, ranks = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_w = bool(need[5]) and weights is not None
-    if _bwd_kernel_fits(x, ids.shape[1], A.shape[1], False):
-        dx, dA, dB, dw = torch.ops.mokernels.lora_apply_backward(g.contiguous(), x, A, B, scale, ids, weights, offsets,
-                                                                 bool(need[0]), bool(need[1]), bool(need[2]), need_w)
-    else:
-        dx, dA, dB, dw = _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, need_w)
+    dx, dA, dB, dw = _apply_backward(g, x, A, B, scale, ids, weights, offsets, ranks, bool(need[0]), bool(need[1]),
+                                     bool(need[2]), need_w)
     return (_nonempty(dx, need[0]), _nonempty(dA, need[1]), _nonempty(dB, need[2]), None, None,
-            dw if need_w else None, None, g if need[7] else None)
+            dw if need_w else None, None, g if need[7] else None, None)
+
+
+def _setup_sliced(ctx, inputs, output):
+    x, As, Bs, scale, ids, weights, offsets, base_out, ranks = (*inputs, None)[:9]
+    ctx.save_for_backward(x, scale, ids, weights, offsets, ranks, *As, *Bs)
+    ctx.nslices = len(As)
+    ctx.has_w = weights is not None
+
+
+def _backward_sliced(ctx, g):
+    """Per slice: the lora_apply backward (kernels or reference) on that slice's columns of g; dx and the
+    weights' gradient are summed over the slices."""
+    x, scale, ids, weights, offsets, ranks, *ab = ctx.saved_tensors
+    S = ctx.nslices
+    As, Bs = ab[:S], ab[S:]
+    need = ctx.needs_input_grad
+    need_w = bool(need[5]) and weights is not None
+    dx = dw = None
+    dAs, dBs, c = [], [], 0
+    for A, B in zip(As, Bs):
+        d = B.shape[1]
+        dxs, dA, dB, dws = _apply_backward(g[:, c:c + d], x, A, B, scale, ids, weights, offsets, ranks, bool(need[0]),
+                                           bool(need[1]), bool(need[2]), need_w)
+        c += d
+        dAs.append(dA if need[1] else None)
+        dBs.append(dB if need[2] else None)
+        if need[0]:
+            dx = dxs if dx is None else dx + dxs
+        if need_w:
+            dw = dws if dw is None else dw + dws
+    return (dx, dAs if need[1] else None, dBs if need[2] else None, None, None, dw, None, g if need[7] else None, None)
+
+
+torch.library.register_autograd("mokernels::lora_apply_sliced", _backward_sliced, setup_context=_setup_sliced)
 
 
 torch.library.register_autograd("mokernels::lora_apply", _backward, setup_context=_setup)
@@ -1063,7 +1264,7 @@ def _autocast_neutral(name: str):
     return kernel
 
 
-for _name in ("lora_apply", "lora_apply_", "lora_shared_apply", "lora_linear", "lora_apply_backward",
+for _name in ("lora_apply", "lora_apply_", "lora_apply_sliced", "lora_shared_apply", "lora_linear", "lora_apply_backward",
               "lora_shared_apply_backward"):
     for _key in ("AutocastCPU", "AutocastCUDA"):
         torch.library.impl(f"mokernels::{_name}", _key)(_autocast_neutral(_name))
