@@ -7,10 +7,13 @@ Impls: ``mokernels.ops.route`` (ours: the fused kernel on CUDA; on CPU its pure-
   * ``softmax+topk`` (top-k workloads only): ``softmax`` then ``topk`` then renorm.
 Workloads: T ∈ {4096, 65536} × N ∈ {8, 26, 64, 256} and T = 65536 × N = 1024, bf16 logits,
 SLoRA-style top-p 0.6 capped at 8 experts and top-k 2 forward, plus forward+backward for top-p; fp32
-logits for T=65536, N=64; top-p 0.95 uncapped at N = 64, 256, 1024 (large kept sets: the sort
-kernel, route_fwd_sort); SAMoRA's cosine router (dense gates from rank-8 codes, N=8) vs normalise +
-GEMM + softmax. Which kernel runs: csrc/kernels/router.cuh (route_fwd_topk for N <= 256 and
-min(kmax, N) <= 16, route_fwd_sort otherwise).
+logits for T=65536, N=64; top-p 0.95 uncapped at N = 64, 256 (large kept sets: the warp-per-row
+kernel, route_fwd_warp) and 1024 (the block-per-row sort kernel, route_fwd_sort); SAMoRA's cosine
+router (dense gates from rank-8 codes, N=8) vs normalise + GEMM + softmax. Which kernel runs:
+csrc/kernels/router.cuh (route_fwd_topk for N <= 256 and min(kmax, N) <= 16, route_fwd_warp for the
+other rows with N <= 256, route_fwd_sort above; backward route_bwd_kernel N <= 1024, route_bwd_large
+above), named in each row's ``kernel`` parameter; on CPU ``route`` runs the pure-torch reference
+(``kernel`` = "reference (CPU)").
 ``validate=False`` in the timed calls: eager validation is one host sync, not kernel time (the
 ``(CPU path)`` top-k rows -- issue 9's shapes, T=4096 N=64 and a tiny T=4 N=8, fp32 -- also time the
 default validated call beside it).
@@ -133,6 +136,17 @@ def _target(T: int, N: int, kind: str, dtype: torch.dtype, backward: bool) -> st
     return "faster than torch" if N == 256 else ""
 
 
+def _kernel(N: int, kmax: int, device: torch.device, backward: bool) -> str:
+    """The CUDA kernel(s) a row times (launch_fwd / launch_bwd's choice in csrc/kernels/router.cuh)."""
+    if device.type != "cuda":
+        return "reference (CPU)"
+    ke = min(kmax, N)
+    fwd = "route_fwd_topk" if N <= 256 and ke <= 16 else ("route_fwd_warp" if N <= 256 else "route_fwd_sort")
+    if not backward:
+        return fwd
+    return fwd + " + " + ("route_bwd_kernel" if N <= 1024 else "route_bwd_large")
+
+
 def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.device, backward: bool = False,
               emulated: bool = False, validated: bool = False, tag: str = "") -> Workload:
     kmax = {"top-p": MAX_K, "top-k": TOP_K, "top-p-wide": N}[kind]
@@ -168,7 +182,9 @@ def _workload(T: int, N: int, kind: str, dtype: torch.dtype, device: torch.devic
         ours=OURS,
         bytes_moved=_bytes(T, N, kmax, elt, backward),
         params={"pass": "fwd+bwd" if backward else "fwd", "select": kind, "T": T, "N": N, "kmax": kmax,
-                "dtype": _DTYPE_NAMES[dtype], "elt_size": elt, "target": _target(T, N, kind, dtype, backward)},
+                "dtype": _DTYPE_NAMES[dtype], "elt_size": elt, "target": _target(T, N, kind, dtype, backward),
+                "kernel": _kernel(N, kmax, device, backward)
+                + (f"; emulated: {_kernel(N, kmax, torch.device('cuda'), backward)}" if emulated else "")},
     )
 
 
@@ -227,8 +243,9 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
         ws.append(_workload(65536, LARGE_N, "top-k", bf16, device))
         ws.append(_workload(65536, LARGE_N, "top-p", bf16, device, backward=True))
         ws.append(_workload(65536, 64, "top-p", torch.float32, device))
-        for N in (64, 256, LARGE_N):  # large kept sets: the shared-memory sort kernel
+        for N in (64, 256, LARGE_N):  # large kept sets: route_fwd_warp (N <= 256), route_fwd_sort
             ws.append(_workload(65536, N, "top-p-wide", bf16, device))
+        ws.append(_workload(16384, 4096, "top-p", bf16, device, backward=True))  # route_bwd_large
     ws.append(_cosine_workload(QUICK_T[0] if quick else 65536, 8, 8, bf16, device))
     if device.type == "cpu":  # issue 9's CPU-path targets, at exactly its shapes (reference path)
         for T, N in ((4096, 64), (4, 8)):
@@ -238,4 +255,5 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
 
         if emu.available():
             ws.append(_workload(64, 26, "top-p", bf16, device, emulated=True))
+            ws.append(_workload(16, 100, "top-p-wide", bf16, device, emulated=True))  # the keep-many kernel
     return ws

@@ -140,8 +140,7 @@ at::Tensor route_bwd(const at::Tensor& grad_w_in, const std::optional<at::Tensor
                      std::string_view renorm) {
   check_device(kBwd, "logits", logits_in, logits_in);
   TORCH_CHECK_VALUE(logits_in.dim() == 2, kBwd, ": logits must be [T, N], got ", logits_in.sizes());
-  TORCH_CHECK_VALUE(logits_in.size(1) >= 1 && logits_in.size(1) <= kBwdMaxN, kBwd, ": logits must have 1 <= N <= ",
-                    kBwdMaxN, " experts (larger N: route_bwd_reference), got N = ", logits_in.size(1));
+  check_n(kBwd, "logits", logits_in.size(1), logits_in.scalar_type());  // the forward's limit
   check_temperature(kBwd, temperature, logits_in.scalar_type());
   const int rn = parse_renorm(kBwd, renorm);
   const int64_t T = logits_in.size(0), N = logits_in.size(1);

@@ -62,6 +62,7 @@ MUTANTS = [
     Mutant("rank_one.bwd.barrier", "real rank_one backward without its block_sync"),
     Mutant("rank_one.fwd.guard", "real rank_one forward without its column bounds guard"),
     Mutant("router.max_init", "real router backward: row max starts at 0 instead of -inf (wrong neutral value)"),
+    Mutant("router.warp_band", "real keep-many router: top-p cut from the fp64 prefix scan without the fp32 rounding band"),
     Mutant("tile_gemm.raw_barrier", "real tile GEMM without its read-after-write block_sync"),
     Mutant("tile_gemm.war_barrier", "real tile GEMM without its overwrite block_sync"),
 ]
@@ -85,6 +86,8 @@ def shim_features() -> dict[str, bool]:
 
 def _cases() -> dict[str, Callable]:
     """case name -> fn(ops, bug: bool) -> (got, want, tolerance); `want` from an independent reference."""
+    import math
+
     import torch
 
     from mokernels.ops import rank_one_scale_backward_reference, rank_one_scale_reference
@@ -151,6 +154,11 @@ def _cases() -> dict[str, Callable]:
     bargs = (torch.randn(5, 3, generator=g), None, logits, ids, 1.0, "sum")
     cases["router.max_init"] = real("router.max_init", lambda ops: (
         ops.route_bwd(*bargs), R.route_bwd_reference(*bargs), 1e-5))
+    tail = torch.full((1, 40), math.log(5e-8))  # 1 then e = 5e-8: each sequential fp32 add rounds back to 1,
+    tail[0, 0] = 0.0                            # the exact prefix crosses fl(top_p·S) > 1 ~20 terms in
+    cases["router.warp_band"] = real("router.warp_band", lambda ops: (
+        ops.route_fwd(tail, 1.0, 0.9999995, 40, "none", False)[2],
+        R.route_fwd_reference(tail, 1.0, 0.9999995, 40, "none", False)[2], 0.0))
     a, b = torch.randn(32, 48, generator=g).bfloat16(), torch.randn(16, 48, generator=g).bfloat16()
     for name in ("tile_gemm.raw_barrier", "tile_gemm.war_barrier"):
         cases[name] = real(name, lambda ops: (ops._tile_gemm(a, b, False), a.double() @ b.double().T, 1e-4 * 48))

@@ -1,5 +1,5 @@
-"""Router forward kernels of issue 8 (csrc/kernels/router.cuh: route_fwd_topk, route_fwd_sort,
-cosine_logits_kernel) run by the emulator against an independent implementation of the agreed
+"""Router forward kernels of issue 8 (csrc/kernels/router.cuh: route_fwd_topk, route_fwd_warp,
+route_fwd_sort, cosine_logits_kernel) run by the emulator against an independent implementation of the agreed
 selection rules (router_rules: x = z·r with r = 1/τ rounded once, order by x with ties to the lower
 index, top-p cut on the unnormalised running sum, summed sequentially in the accumulation dtype).
 Selection (ids, counts) must match exactly; weights within the dtype's tolerance."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOL
+from conftest import SMALL, TOL
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 NS = [1, 3, 8, 26, 64, 256, 1000, 1500]
@@ -184,6 +184,100 @@ def test_emulated_order_by_x_not_by_underflowed_p(emu_ops):
     assert ids2[0, :7].tolist() == [1, 2, 0, 3, 5, 6, 7] and ids2[0, 7:].eq(-1).all()
 
 
+# ---- route_fwd_warp: keep-many rows (min(kmax, N) > 16, 16 < N <= 256), one warp per row ----
+
+# (top_p, kmax as a function of N); every one keeps more than 16 experts or may
+KEEP_MANY = {
+    "p0.95_all": (0.95, lambda n: n),
+    "p0.6_k20": (0.6, lambda n: 20),
+    "p0.999_kwide": (0.999, lambda n: n + 37),  # ids/weights padded past 32·KPL
+    "p0_k17": (0.0, lambda n: 17),
+    "all_k40": (1.0, lambda n: 40),
+}
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("N", [17, 33, 100, 255])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_keep_many_warp_kernel(emu_ops, N, dtype):
+    """route_fwd_warp vs the rules for every τ case (1, < 1, > 1), every renorm, N not a power of
+    two (KPL = 1, 2, 4, 8 with padding keys), odd T (a partly filled last block), ties, -0, -inf
+    masks, NaN / +inf / all -inf rows, dense on and off."""
+    if SMALL:
+        pytest.skip("TSan pass: test_emulated_keep_many_tsan_tiny stands in for it")
+    T = 23 if N < 200 else 11
+    for mi, (mode, (top_p, kfn)) in enumerate(KEEP_MANY.items()):
+        kmax = kfn(N)
+        for k, (temp, renorm) in enumerate([(1.0, "sum"), (0.7, "softmax"), (1.9, "none")]):
+            z = make_logits(T, N, dtype, seed=N * 7 + mi * 3 + k)
+            got = emu_ops.route_fwd(z, temp, top_p, kmax, renorm, k != 2)
+            want = rules_reference(z, temp, top_p, kmax, renorm)
+            check(got, want if k != 2 else want[:3] + (got[3],), dtype, f"N={N} {mode} tau={temp} {renorm}")
+
+
+@pytest.mark.emu
+def test_emulated_keep_many_tsan_tiny(emu_ops):
+    """The warp kernel's one TSan case: 6 rows (the second block has two idle warps), N = 40, dense."""
+    z = make_logits(6, 40, torch.float32, seed=11)
+    for top_p in (0.9, 1.0):
+        got = emu_ops.route_fwd(z, 0.8, top_p, 30, "softmax", True)
+        check(got, rules_reference(z, 0.8, top_p, 30, "softmax"), torch.float32, f"tiny p={top_p}")
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_emulated_keep_many_exact_boundaries(emu_ops, dtype):
+    """Prefix sums that tie with fl(top_p·S) (uniform live sets: every running sum is an integer,
+    top_p = j/L lands on or next to one) and a tail the sequential fp32 sum cannot see (e = 5e-8
+    after a leading 1: each add rounds back to 1, the exact prefix crosses top_p·S ~ 100 terms in):
+    the warp kernel's fp64 scan is inside its rounding band there and must redo the sequential sum."""
+    if SMALL:
+        pytest.skip("TSan pass: boundary logic, not memory behaviour")
+    for N in (100, 256):
+        g = torch.Generator().manual_seed(N)
+        z = torch.zeros(8, N, dtype=torch.float64)
+        z[torch.rand(8, N, generator=g) < 0.3] = float("-inf")
+        z[3, :] = -0.0
+        z = z.to(dtype)
+        live = (z > float("-inf")).sum(-1)
+        for L in sorted(set(live.tolist()))[:3]:
+            for j in (1, 17, L // 2, L - 1):
+                top_p = j / L
+                for kmax in (N, 20):
+                    got = emu_ops.route_fwd(z, 1.0, top_p, kmax, "sum", True)
+                    check(got, rules_reference(z, 1.0, top_p, kmax, "sum"), dtype, f"uniform N={N} p={j}/{L}")
+    if dtype == torch.float64:
+        return
+    N = 200
+    z = torch.full((3, N), math.log(5e-8), dtype=torch.float32)
+    z[:, 0] = 0.0
+    z[1, 150:] = float("-inf")
+    z[2, ::2] = 0.0  # half ones: their adds are exact, the tails vanish in between
+    z = z.to(dtype)
+    for top_p, kmax in [(0.999995, N), (0.999995, 120), (0.999997, 60)]:  # fl(top_p·S) > 1
+        want = rules_reference(z, 1.0, top_p, kmax, "none")
+        got = emu_ops.route_fwd(z, 1.0, top_p, kmax, "none", True)
+        check(got, want, dtype, f"vanishing tail p={top_p} kmax={kmax}")
+        if dtype == torch.float32:  # the case is the interesting one: the exact prefix would cut early
+            assert want[2][0].item() == min(kmax, N)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_keep_many_top_p_sweep(emu_ops, dtype):
+    """Many top_p values on the same rows: counts are monotone in top_p and match the rules."""
+    if SMALL:
+        pytest.skip("TSan pass: selection logic, not memory behaviour")
+    z = make_logits(9, 130, dtype, seed=2, invalid=False)
+    prev = None
+    for top_p in torch.linspace(0.0, 0.999, 23).tolist():
+        got = emu_ops.route_fwd(z, 1.3, top_p, 130, "sum", False)
+        check(got, rules_reference(z, 1.3, top_p, 130, "sum"), dtype, f"sweep p={top_p}")
+        if prev is not None:
+            assert (got[2] >= prev).all()
+        prev = got[2]
+
+
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,r", [(3, 5), (8, 16), (40, 64), (64, 130), (300, 8)])
@@ -214,11 +308,11 @@ def test_emulated_large_n_limits(emu_ops):
 
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("N,kmax", [(8, 2), (26, 26), (64, 8), (300, 40)])
+@pytest.mark.parametrize("N,kmax", [(8, 2), (26, 26), (64, 8), (300, 40), (1500, 40), (1100, 1100)])
 @pytest.mark.parametrize("renorm", RENORMS)
 def test_emulated_backward_matches_autograd_of_rules(emu_ops, dtype, N, kmax, renorm):
-    """route_bwd (x = z·r, p from the owning lane) vs autograd through the rules' weights with the
-    selection held fixed."""
+    """route_bwd (x = z·r, p from the owning lane; N > 1024: route_bwd_large, block per row) vs
+    autograd through the rules' weights with the selection held fixed."""
     temp = 0.8
     z = make_logits(20, N, dtype, seed=N + kmax, invalid=False, masks=False)
     ids, w, c, d = emu_ops.route_fwd(z, temp, 0.9, kmax, renorm, True)
@@ -241,6 +335,48 @@ def test_emulated_backward_matches_autograd_of_rules(emu_ops, dtype, N, kmax, re
     dd = torch.zeros_like(p).scatter_add(1, ids.clamp(min=0).long(), ww)
     (want,) = torch.autograd.grad((ww * gw).sum() + (dd * gd).sum(), zz)
     torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype,N", [(torch.float32, 4096), (torch.bfloat16, 1025), (torch.float64, 2048)])
+def test_emulated_backward_large_n_any_ids(emu_ops, dtype, N):
+    """route_bwd_large (N > 1024, up to the forward's limit) with arbitrary ids (duplicates, out of
+    range, -1), invalid rows (NaN, +inf, all -inf) and τ != 1 vs route_bwd_reference; beyond the
+    forward's limit a ValueError."""
+    from mokernels.ops import router as R
+
+    g = torch.Generator().manual_seed(N)
+    T, kmax = 5, 13
+    z = (torch.randn(T, N, generator=g, dtype=torch.float64) * 2).to(dtype)
+    z[1, 7] = float("nan")
+    z[2, :] = float("-inf")
+    z[3, 100:] = float("-inf")
+    ids = torch.randint(-2, N + 2, (T, kmax), generator=g, dtype=torch.int32)
+    ids[0, 5:9] = ids[0, 2]  # duplicates: their gradients add
+    ids[3, :4] = torch.tensor([5, 99, 5, 120])  # kept experts whose logit is -inf: p = 0
+    gw = torch.randn(T, kmax, generator=g, dtype=torch.float64).to(dtype)
+    gd = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
+    for temp, renorm, dense in [(1.0, "sum", True), (0.6, "softmax", False), (2.5, "none", True)]:
+        got = emu_ops.route_bwd(gw, gd if dense else None, z, ids, temp, renorm)
+        want = R.route_bwd_reference(gw.double(), gd.double() if dense else None, z.double(), ids, temp, renorm)
+        assert torch.equal(got[1:3], torch.zeros_like(got[1:3])), "invalid rows: zero gradient"
+        torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=f"{renorm} tau={temp}")
+    limit = 2048 if dtype == torch.float64 else 4096
+    with pytest.raises(ValueError, match=f"N <= {limit}"):
+        emu_ops.route_bwd(gw[:1, :1], None, torch.zeros(1, limit + 1, dtype=dtype), ids[:1, :1], 1.0, "sum")
+
+
+@pytest.mark.emu
+def test_emulated_backward_large_n_tsan_tiny(emu_ops):
+    """route_bwd_large's one TSan case: 2 rows, N = 1025, a duplicate id, softmax renorm."""
+    from mokernels.ops import router as R
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 1025, generator=g)
+    ids = torch.tensor([[3, 1024, 3], [0, -1, 7]], dtype=torch.int32)
+    gw = torch.randn(2, 3, generator=g)
+    got = emu_ops.route_bwd(gw, None, z, ids, 0.9, "softmax")
+    torch.testing.assert_close(got, R.route_bwd_reference(gw, None, z, ids, 0.9, "softmax"), rtol=1e-5, atol=1e-6)
 
 
 def test_rules_reference_self_checks():

@@ -7,7 +7,7 @@
 // dense weights [T,N]. Experts with x = -inf are masked. Rows with a NaN or +inf in x, or only -inf,
 // are invalid: count 0, ids -1, weights 0, dense 0 (and a zero gradient).
 //
-// Forward kernels (launch_fwd picks one per call from N and kmax; all emulated-tested against the
+// Forward kernels (launch_fwd picks one per call from N and kmax, fwd_path; all emulated-tested against the
 // reference in tests/test_router_kernels.py):
 //
 //  route_fwd_topk<TI, TO, K, LPR> — the common case: N <= 256 and min(kmax, N) <= K in {2, 8, 16}.
@@ -38,31 +38,57 @@
 //    (LPR=1) 48 / 48, the largest K=16 LPR=2 64 / 64 (the winner slots); no local memory. fp64 (not
 //    hot) 72-115 registers with small spills on some instances.
 //
-//  route_fwd_sort<TI, TO> — everything else up to N = 4096 (fp64: 2048): keep-many rows (kmax > 16,
-//    or wide top-p with uncapped kmax) and large N. One block of 256 threads per row: the keys of the
+//  route_fwd_warp<TI, TO, KPL> — keep-many rows: min(kmax, N) > 16 at N <= 256 (wide top-p with
+//    an uncapped kmax, keep-all, kmax > 16). One warp per row (4 rows per block of 128), no shared
+//    memory, no barriers. KPL = next_pow2(ceil(N / 32)) in {1, 2, 4, 8} keys per lane, lane l owning
+//    the contiguous logits [l·KPL, (l+1)·KPL) (loaded first, 16-byte vectors where aligned), keyed as
+//    above (padding and -inf: "no expert", sorted last).
+//    * A descending bitonic sort of the 32·KPL keys written out at compile time: distances < KPL
+//      compare-exchange inside a lane's registers, distances >= KPL exchange with lane ^ (J / KPL)
+//      by one shuffle per key (the blocked layout keeps the short distances, the most frequent, in
+//      registers: for N = 256, 21 of the 36 steps; 15 shuffle). Sorted position j = lane·KPL + r.
+//    * m = position 0 (broadcast), e_j = exp(x_j - m), S and the live count by warp reductions.
+//    * The cut (top_p_cut), bit-exact to rule 4's *sequential* fp32 running sum: an fp64 warp scan of
+//      the sorted e gives every prefix to ~1e-14 relative; the sequential fp32 sum of c terms differs
+//      from the exact one by at most (c-1)·2^-24·prefix, so when the fp64 prefix at the candidate c
+//      is above fl(top_p·S) and the one at c-1 below, each by more than that band, c is the rule's
+//      cut (the sequential sum is monotone, e >= 0). Otherwise (a prefix within rounding of the
+//      threshold: exact ties such as uniform rows, a tail too small for the fp32 sum to see) the
+//      lanes redo the sequential sum in order, one lane at a time, stopping at the cut (~KPL + 6
+//      instructions per lane step, <= 32 steps). fp64 rows always take that sequential path.
+//    * ids/weights of position j by lane j / KPL (the warp's stores cover one contiguous range),
+//      pads past 32·KPL, count by lane 0; dense: the owners re-read their logits (L1/L2) and keep an
+//      expert iff its key is not below the last kept one (rebuilt from that expert's logit).
+//    Estimate, H100 (132 SMs x 4 schedulers x 1.75 GHz; no GPU run), T = 65536, N = 256, top-p 0.95
+//    (kmax = N), bf16: bytes per row 512 (logits) + 256·(4 + 2) (ids, weights) + 4 = 2.05 KB -> 134 MB
+//    -> 45 µs roofline at 3.0 TB/s. Instructions per lane (= warp-instructions per row): ~50 load /
+//    key, sort ~1430 (84 in-register compare-exchanges x ~7 on 64-bit keys, 15 shuffle steps x 8 keys
+//    x ~7: 2 SHFL, 64-bit compare, selects), ~100 e / S / live, ~70 cut (fast path), ~80 renorm sums
+//    and stores: ~1750 -> 115 M warp-instructions -> ~125 µs issue-bound (SHFL alone: ~270 per row ->
+//    ~77 µs at one warp-shuffle per SM-cycle), i.e. ~2.8x the roofline. route_fwd_sort counted the
+//    same way: 36 barrier steps x 8 warps x ~12 instructions + one thread's ~240-step scan (~1 K,
+//    also ~7 K cycles of latency per row) + ~800 other -> ~5 K warp-instructions per row, ~350 µs
+//    (the ~160 µs above counted latency only): the warp kernel issues ~3x fewer instructions and
+//    has no barriers. Next step if a GPU run shows the sort dominating: 32-bit keys (x's top 24 bits
+//    | 8-bit index; rows with equal prefixes fixed up by an odd-even pass on the full key), halving
+//    the sort (~75 µs). Registers (nvcc 13.0, sm_80 / sm_90a, __launch_bounds__(128, 8): 8 blocks
+//    per SM; with the block size alone sm_80 took 72 for KPL = 8): KPL = 8 64 / 64, KPL = 4 48 / 48,
+//    KPL = 1 40 / 40 (fp16, bf16, fp32), no local memory; fp64 (not hot, 4 blocks) 69 / 76.
+//    N > 256 stays on route_fwd_sort: KPL = 16 needs 32 registers of keys alone (spills at 64).
+//
+//  route_fwd_sort<TI, TO> — everything else up to N = 4096 (fp64: 2048): keep-many rows at N > 256
+//    and large N. One block of 256 threads per row: the keys of the
 //    row in shared memory (next_pow2(N) x 8 B, fp64 x 16 B), a bitonic sort (log2²(N)/2 barrier steps),
 //    e_j in shared memory, S and the renorm sums by fixed-order block reductions, the top-p prefix by
 //    one thread's sequential scan of the sorted e (the rule's summation order), stopping at the cut.
 //    Bytes per row: N·elt in, outputs; N = 256 top-p 0.95: 36 bitonic barrier steps (~1.5 K cycles)
 //    + ~240 dependent adds of the scan (~2.5 K cycles) -> ~4-5 K cycles per row, 8 blocks (rows) per
 //    SM in flight -> ~160 µs at T = 65536 on an H100 (estimate; latency bound, 3 KB smem per row; the
-//    roofline is 45 µs). The peer is torch's softmax + segmented sort + cumsum. A warp-per-row variant
-//    (or a radix select of the cut) is the next step if a GPU run shows it matters.
+//    roofline is 45 µs; see route_fwd_warp for an instruction count). The peer is torch's softmax +
+//    segmented sort + cumsum.
 //    Registers: 32 (fp64 48), dynamic smem next_pow2(N)·12 B (fp64 24 B); above 32 KiB (N = 4096 fp32,
 //    2048 fp64: 48 KiB + 64 B static) the launcher opts in (MK_SET_MAX_DYNAMIC_SMEM; the emulator
 //    checks static + dynamic against 48 KiB and the opt-in like the GPU).
-//    Not done yet (issue 8, estimate only, no GPU): warp-per-row keep-many kernel. The obstacle is rule
-//    4: the prefix mass must be the *sequential* fp32 sum in sorted order (a warp scan rounds
-//    differently and may move the cut by one expert at exact boundaries). Plan that keeps the bits:
-//    a warp scan of the sorted e in fp64 (exact to ~1e-16 relative for <= 4096 fp32 terms) gives the
-//    candidate cut j*; the sequential fp32 sum differs from the exact prefix by at most
-//    (j-1)·2^-24·prefix_j, so when no prefix j near j* lies within that band of fl(top_p·S) the cut is
-//    j* (the common case: one scan, ~log2(32) shuffles per 32 keys); otherwise one lane redoes the
-//    sequential sum up to the band (rare). Sort: each lane holds N/32 keys in registers, a bitonic
-//    network in registers + shuffles for the last 5 stages (N = 256: 8 keys/lane, ~36 compare-exchange
-//    steps x 8 = ~290 instructions per lane), stores of ids/weights coalesced by lane. Estimate at
-//    T = 65536, N = 256: ~450 warp-instructions per row -> 29 M -> ~32 µs issue time on an H100 (132
-//    SMs x 4 schedulers x 1.75 GHz), under the 45 µs memory roofline, i.e. memory bound (vs ~160 µs now).
 //
 //  cosine_logits_kernel — SAMoRA: cos(h_t, k_i) in A into a [T, N] workspace that the kernels above
 //    then route (the keys of a 32-expert chunk transposed in shared memory with their norms, computed
@@ -72,7 +98,7 @@
 //    route_fwd_topk is the next step). ~2·r FMA per (row, expert) from shared memory, conflict-free;
 //    registers 40 (fp64 64 / 48), static smem 17 KB (fp64 34 KB), sm_80 / sm_90a.
 //
-// Backward (route_bwd_kernel, N <= 1024): selection held fixed (read back from ids), p recomputed from
+// Backward (route_bwd_kernel, N <= 1024; route_bwd_large above, block per row, see there): selection held fixed (read back from ids), p recomputed from
 // the logits (x = z·r), the kept experts' p fetched from the owning lane by shuffle (no re-read, no
 // exp per kept expert), gradient through the renormalisation, dz_i = r·p_i (g_i - Σ_l g_l p_l).
 // Per row: N·elt read (the logits, once), kmax·(4 + elt) (ids, grads), N·elt written; ~N/GROUP
@@ -99,8 +125,9 @@ constexpr int kSortThreads = 256;   // route_fwd_sort: one block per row
 constexpr int kLaneElems = 8;       // route_fwd_topk: contiguous logits per lane
 constexpr int kTopkMaxN = 32 * kLaneElems;  // 256
 constexpr int kTopkMaxK = 16;
+constexpr int kWarpMaxN = 256;      // route_fwd_warp: 32·KPL keys in registers, KPL <= 8
 constexpr int kMaxN = 4096;         // forward, fp16/bf16/fp32 (fp64: kMaxN / 2)
-constexpr int kBwdMaxN = 1024;      // backward kernel
+constexpr int kBwdMaxN = 1024;      // route_bwd_kernel (larger N, up to max_n: route_bwd_large)
 constexpr int kSortSmemBytes = 48 * 1024;
 
 template <class A> constexpr int max_n() { return sizeof(A) == 8 ? kMaxN / 2 : kMaxN; }
@@ -148,6 +175,7 @@ template <> struct Order<float> {
   }
   MK_DEVICE static int idx(Key k) { return static_cast<int>(0xffffffffu - static_cast<uint32_t>(k)); }
   MK_DEVICE static Key shfl(Key k, int m) { return shfl_xor(k, m); }
+  MK_DEVICE static Key bcast(Key k, int src) { return shfl_idx(k, src); }
 };
 
 // fp64: no room for the index next to 64 float bits: (x, index) pairs.
@@ -164,6 +192,7 @@ template <> struct Order<double> {
   MK_DEVICE static double x(Key k) { return k.x; }
   MK_DEVICE static int idx(Key k) { return k.i; }
   MK_DEVICE static Key shfl(Key k, int m) { return {shfl_xor(k.x, m), shfl_xor(k.i, m)}; }
+  MK_DEVICE static Key bcast(Key k, int src) { return {shfl_idx(k.x, src), shfl_idx(k.i, src)}; }
 };
 
 template <class O> MK_DEVICE void cas_desc(typename O::Key& a, typename O::Key& b) {
@@ -385,19 +414,20 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   }
 }
 
-// Sum over the block (kSortThreads threads), in a fixed order; every thread gets the result.
+// op over the block (kSortThreads threads), in a fixed order; every thread gets the result.
 // `red` holds one value per warp; the trailing barrier lets the caller reuse it at once.
-template <class V> MK_DEVICE V block_sum(V v, V* red) {
+template <class V, class Op> MK_DEVICE V block_reduce(V v, V* red, Op op) {
   constexpr int kWarps = kSortThreads / kWarpSize;
-  v = warp_reduce(v, SumOp{});
+  v = warp_reduce(v, op);
   if (lane_id() == 0) red[threadIdx.x / kWarpSize] = v;
   block_sync();
-  V t = V(0);
+  V t = red[0];
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) t += red[w];
+  for (int w = 1; w < kWarps; ++w) t = op(t, red[w]);
   block_sync();
   return t;
 }
+template <class V> MK_DEVICE V block_sum(V v, V* red) { return block_reduce(v, red, SumOp{}); }
 
 // Dynamic shared memory of route_fwd_sort for row length n: keys and e of next_pow2(n) slots.
 template <class A> inline size_t sort_smem_bytes(int np) {
@@ -509,6 +539,237 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
       // kept iff its key is not below the last kept key (keys are unique)
       const bool k = count > 0 && x > -infinity<A>() && !O::gt(last, O::make(x, i));
       out.dense[row * n + i] = from_acc<TO>(k ? wt(exp_acc(x - m)) : A(0));
+    }
+  }
+}
+
+// ---- keep-many rows, one warp per row (route_fwd_warp) ----
+
+// 8 blocks of 128 threads per SM (<= 64 registers): with the block size alone ptxas (CUDA 13.0) took
+// 72 registers on sm_80 for KPL = 8 (61 on sm_90a). fp64 (not hot): 4 blocks, no cap at 64.
+#if defined(MOKERNELS_EMULATION)
+#define MK_ROUTER_WARP_BOUNDS
+#else
+#define MK_ROUTER_WARP_BOUNDS __launch_bounds__(kThreads, sizeof(acc_t<TO>) == 8 ? 4 : 8)
+#endif
+
+// One compare-exchange step (stage KK, distance J) of a descending bitonic sort of the warp's
+// 32·KPL keys, element e = lane·KPL + r in k[r] of `lane` (blocked: each lane's keys are contiguous).
+// J < KPL: inside a lane's registers; J >= KPL: with lane (lane ^ J/KPL) by one shuffle per key.
+// Sub-sequences whose e has bit KK clear are ordered descending, the others ascending.
+template <class O, int KPL, int KK, int J>
+MK_DEVICE void bitonic_step(typename O::Key (&k)[KPL], int lane) {
+  using Key = typename O::Key;
+  if constexpr (J >= KPL) {
+    constexpr int LM = J / KPL;
+    const bool lower = (lane & LM) == 0;
+    const bool desc = ((lane * KPL) & KK) == 0;  // KK > J >= KPL: the lane decides
+    const bool keep_max = lower == desc;
+#pragma unroll
+    for (int r = 0; r < KPL; ++r) {
+      const Key o = O::shfl(k[r], LM);
+      k[r] = O::gt(o, k[r]) == keep_max ? o : k[r];
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < KPL; ++r) {
+      if ((r & J) != 0) continue;
+      const bool desc = ((lane * KPL + r) & KK) == 0;
+      const Key a = k[r], b = k[r | J];
+      const bool sw = O::gt(b, a) == desc;  // values, not references: the keys stay in registers
+      k[r] = sw ? b : a;
+      k[r | J] = sw ? a : b;
+    }
+  }
+}
+
+// Stages KK..32·KPL (distance J first), all written out at compile time (the keys stay in registers).
+template <class O, int KPL, int KK, int J>
+MK_DEVICE void bitonic_from(typename O::Key (&k)[KPL], int lane) {
+  if constexpr (KK <= 32 * KPL) {
+    bitonic_step<O, KPL, KK, J>(k, lane);
+    if constexpr (J > 1) bitonic_from<O, KPL, KK, J / 2>(k, lane);
+    else bitonic_from<O, KPL, KK * 2, KK>(k, lane);
+  }
+}
+
+// The top-p cut (rule 4) over the sorted e of the warp (blocked, e[r] = e of position lane·KPL + r):
+// the shortest prefix whose *sequential* running sum in A reaches thr, capped at cap (>= 1).
+// fp32: a warp scan in fp64 gives every prefix to ~1e-14 relative; the sequential fp32 sum of c terms
+// differs from the exact one by at most (c-1)·2^-24·prefix (+ c·2^-149 for subnormal terms), so when
+// the fp64 prefix at the candidate c is above thr and the one at c-1 below by more than that band,
+// c is the cut of the sequential sum (which is monotone: e >= 0). Otherwise (a prefix within rounding
+// of thr: exact ties such as uniform rows, or top_p·S landing on a partial sum) the lanes redo the
+// sequential sum in order, one lane at a time (`chain`). fp64 (not hot) always takes the chain.
+template <class A, int KPL> MK_DEVICE int top_p_cut(const A (&e)[KPL], A thr, int cap, int lane) {
+  const int base = lane * KPL;
+  if constexpr (std::is_same_v<A, float>) {
+    double tot = 0.0;
+#pragma unroll
+    for (int r = 0; r < KPL; ++r) tot += static_cast<double>(e[r]);
+    double inc = tot;  // inclusive scan of the lane totals
+#pragma unroll
+    for (int d = 1; d < kWarpSize; d <<= 1) {
+      const double t = shfl_idx(inc, lane - d);
+      if (lane >= d) inc += t;
+    }
+    double run = shfl_idx(inc, lane - 1);
+    if (lane == 0) run = 0.0;
+    // per lane: the first position whose fp64 prefix reaches thr (hit), else its last one below cap;
+    // dh = the fp64 prefix there, eh = its term (the prefix before it is dh - eh)
+    int hit = -1;
+    double dh = 0.0;
+    A eh = A(0);
+    const double th = thr;
+#pragma unroll
+    for (int r = 0; r < KPL; ++r) {
+      run += static_cast<double>(e[r]);
+      if (base + r < cap && hit < 0) {
+        dh = run;
+        eh = e[r];
+        if (run >= th) hit = r;
+      }
+    }
+    // band(c, D): bound on |sequential fp32 sum of c terms - D| (D ~ the exact prefix sum)
+    auto band = [](int c, double d) { return d * ((c - 1) * 5.9619e-8 + 1.5e-14) + c * 1.5e-45; };
+    const bool banded = MK_MUTABLE("router.warp_band");  // the mutant trusts the fp64 candidate as is
+    const uint32_t hb = ballot(hit >= 0);
+    if (hb == 0u) {
+      const double dc = shfl_idx(dh, (cap - 1) / KPL);
+      if (!banded || dc + band(cap, dc) < th) return cap;  // even the whole capped prefix stays below thr
+    } else {
+      const int L = lowest_lane(hb);
+      const int c = L * KPL + shfl_idx(hit, L) + 1;
+      const double dhc = shfl_idx(dh, L), dpc = dhc - static_cast<double>(shfl_idx(eh, L));
+      if (!banded || (dhc - band(c, dhc) >= th && (c == 1 || dpc + band(c - 1, dpc) < th))) return c;
+    }
+  }
+  // chain: lane L continues the running sum of lanes < L over its KPL terms, in order
+  A carry = A(0);
+  for (int L = 0; L * KPL < cap; ++L) {  // uniform
+    A run = carry;
+    int h = -1;
+#pragma unroll
+    for (int r = 0; r < KPL; ++r) {
+      run += e[r];
+      if (h < 0 && base + r < cap && run >= thr) h = r;
+    }
+    const int hl = shfl_idx(h, L);
+    carry = shfl_idx(run, L);
+    if (hl >= 0) return L * KPL + hl + 1;
+  }
+  return cap;
+}
+
+// Keep-many rows (kmax > 16 after capping at N, N <= kWarpMaxN): one warp per row, 4 rows per block.
+// Lane l owns the KPL contiguous logits [l·KPL, (l+1)·KPL) (loaded first, 16-byte vectors where
+// aligned), keys as in route_fwd_topk, a bitonic sort of the 32·KPL keys in registers + shuffles,
+// S and the renorm sums by warp reductions, the cut by top_p_cut, ids/weights of sorted position j
+// written by lane j / KPL (the warp's stores cover one contiguous range), dense by the experts' owners.
+// sass-budget: mk::router::route_fwd_warp<__nv_bfloat16,*> block=128 regs<=64 spill=0 hot
+// sass-budget: mk::router::route_fwd_warp<__half,*> block=128 regs<=64 spill=0 hot
+// sass-budget: mk::router::route_fwd_warp<float,*> block=128 regs<=64 spill=0 hot
+// sass-budget: mk::router::route_fwd_warp<double,*> block=128 regs<=128
+template <class TI, class TO, int KPL>
+MK_GLOBAL void MK_ROUTER_WARP_BOUNDS
+    route_fwd_warp(const TI* __restrict__ z, FwdOut<TO> out, FwdOpts<acc_t<TO>> o, bool vec_ok) {
+  using A = acc_t<TO>;
+  using O = Order<A>;
+  using Key = typename O::Key;
+  const int lane = lane_id();
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (row >= o.rows) return;  // the whole warp: no collective is split
+  const int n = o.n;
+  const int base = lane * KPL;
+  const TI* zr = z + row * n;
+
+  Key k[KPL];
+  bool bad = false;
+  {
+    TI raw[KPL];
+    load_lane<TI, KPL>(raw, zr + base, n - base, vec_ok);
+#pragma unroll
+    for (int r = 0; r < KPL; ++r) {
+      const A x = scaled(raw[r], o.r, o.unit);
+      bad = bad || x != x || x == infinity<A>();
+      k[r] = x > -infinity<A>() ? O::make(x, base + r) : O::none();
+    }
+  }
+  bitonic_from<O, KPL, 2, 1>(k, lane);
+  bad = ballot(bad) != 0u;
+
+  const Key top = O::bcast(k[0], 0);
+  const bool valid = !bad && !O::is_none(top);
+  const A m = valid ? O::x(top) : A(0);
+  A e[KPL];
+  A s = A(0);
+  int live = 0;
+#pragma unroll
+  for (int r = 0; r < KPL; ++r) {
+    const bool none = O::is_none(k[r]);
+    e[r] = none ? A(0) : exp_acc(O::x(k[r]) - m);
+    s += e[r];
+    live += none ? 0 : 1;
+  }
+  s = warp_reduce(s, SumOp{});
+  live = warp_reduce(live, SumOp{});
+  const A inv_s = valid ? A(1) / s : A(0);
+  const int cap = o.kmax < live ? o.kmax : live;
+  int count = valid ? cap : 0;
+  if (valid && o.top_p < A(1)) count = top_p_cut<A, KPL>(e, o.top_p * s, cap, lane);
+
+  A ss = A(0), zs = A(0);
+#pragma unroll
+  for (int r = 0; r < KPL; ++r) {
+    if (base + r < count) {
+      ss += e[r];
+      if (o.renorm == kSoftmax) zs += exp_acc(e[r] * inv_s - inv_s);
+    }
+  }
+  ss = warp_reduce(ss, SumOp{});
+  if (o.renorm == kSoftmax) zs = warp_reduce(zs, SumOp{});  // uniform
+  const Renormer<A> wt{o.renorm, inv_s, ss > A(0) ? A(1) / ss : A(0), zs > A(0) ? A(1) / zs : A(0)};
+
+  const int64_t cb = row * o.kmax;
+  int id[KPL];  // from here on only the expert ids of the sorted keys are needed
+#pragma unroll
+  for (int r = 0; r < KPL; ++r) id[r] = O::idx(k[r]);
+#pragma unroll
+  for (int r = 0; r < KPL; ++r) {
+    const int j = base + r;
+    if (j < o.kmax) {
+      const bool kept = j < count;
+      out.ids[cb + j] = kept ? id[r] : -1;
+      out.weights[cb + j] = from_acc<TO>(kept ? wt(e[r]) : A(0));
+    }
+  }
+  for (int j = 32 * KPL + lane; j < o.kmax; j += kWarpSize) {
+    out.ids[cb + j] = -1;
+    out.weights[cb + j] = from_acc<TO>(A(0));
+  }
+  if (lane == 0) out.counts[row] = count;
+  if (out.dense != nullptr) {
+    // kept iff its key is not below the last kept key (keys are unique); the logits again (L1/L2),
+    // the last kept key rebuilt from its expert's logit
+    Key last = O::none();
+    if (count > 0) {  // uniform
+      int t = id[0];  // the lane's last kept id (not id[(count-1) % KPL]: a dynamic index would put
+#pragma unroll      // the array in local memory)
+      for (int r = 1; r < KPL; ++r)
+        if (base + r < count) t = id[r];
+      const int il = shfl_idx(t, (count - 1) / KPL);
+      last = O::make(scaled(zr[il], o.r, o.unit), il);
+    }
+    TI raw[KPL];
+    load_lane<TI, KPL>(raw, zr + base, n - base, vec_ok);
+    TO* d = out.dense + row * n + base;
+#pragma unroll
+    for (int r = 0; r < KPL; ++r) {
+      if (base + r < n) {
+        const A x = scaled(raw[r], o.r, o.unit);
+        const bool kept = count > 0 && x > -infinity<A>() && !O::gt(last, O::make(x, base + r));
+        d[r] = from_acc<TO>(kept ? wt(exp_acc(x - m)) : A(0));
+      }
     }
   }
 }
@@ -762,6 +1023,139 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   }
 }
 
+// Backward for kBwdMaxN < N <= max_n<A>() (the forward's limit): one block of kSortThreads per row,
+// the same math as route_bwd_kernel. The row is streamed (coalesced) for the max and S, the kept
+// slots' p recomputed from their logit (p = exp(x_id - m)·(1/S), the same expression as the row's),
+// block reductions (fixed order) for the renorm sums, the per-expert gradient accumulated in shared
+// memory (N·sizeof(A) <= 16 KiB) by warp 0 in slot order (expert i only ever touched by lane i % 32:
+// no atomics, duplicates add in slot order like route_bwd_kernel), then dz streamed out.
+// Bytes per row: 2·N·elt read (the second pass mostly L2) + kmax·(4 + elt) (x2 for the scatter pass,
+// L2) + N·elt written. Not hot (N > 1024 routers are rare): a warp-per-row layout is open.
+// sass-budget: mk::router::route_bwd_large<*> block=256 regs<=64 spill=0
+template <class T>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
+    route_bwd_large(const T* __restrict__ grad_w, const T* __restrict__ grad_dense, const T* __restrict__ logits,
+                    const int32_t* __restrict__ ids, T* __restrict__ dlogits, int n, int kmax, acc_t<T> r,
+                    bool unit, int renorm) {
+  using A = acc_t<T>;
+  constexpr int kWarps = kSortThreads / kWarpSize;
+  MK_DYNAMIC_SHARED(unsigned char, smem);
+  A* gacc = reinterpret_cast<A*>(smem);  // [n]
+  MK_SHARED_ARRAY(A, red, kWarps);
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  const T* zr = logits + row * n;
+  const int64_t cbase = row * kmax;
+
+  // row max (a NaN or +inf makes it +inf: invalid), S
+  A m = -infinity<A>();
+  for (int i = tid; i < n; i += kSortThreads) {
+    const A x = scaled(zr[i], r, unit);
+    if (x != x) m = infinity<A>();
+    else if (x > m) m = x;
+    gacc[i] = A(0);
+  }
+  m = block_reduce(m, red, MaxOp{});  // also the barrier after the gacc zeroing
+  const bool valid = m > -infinity<A>() && m < infinity<A>();
+  auto e_of = [&](A x) { return valid && x > -infinity<A>() ? exp_acc(x - m) : A(0); };
+  A sum = A(0);
+  for (int i = tid; i < n; i += kSortThreads) sum += e_of(scaled(zr[i], r, unit));
+  sum = block_sum(sum, red);
+  const A inv_sum = valid ? A(1) / sum : A(0);
+
+  struct Slot {
+    int id;
+    A g, p;
+  };
+  auto slot = [&](int j) {  // j < kmax
+    Slot s{-1, A(0), A(0)};
+    const int id = ids[cbase + j];
+    if (id >= 0 && id < n) {
+      s.id = id;
+      s.g = to_acc(grad_w[cbase + j]);
+      if (grad_dense != nullptr) s.g += to_acc(grad_dense[row * n + id]);
+      s.p = e_of(scaled(zr[id], r, unit)) * inv_sum;
+    }
+    return s;
+  };
+
+  // S = Σ p_sel, pmax; then the renorm sums
+  A S = A(0), pmax = A(0);
+  for (int j = tid; j < kmax; j += kSortThreads) {
+    const Slot s = slot(j);
+    S += s.p;
+    pmax = s.p > pmax ? s.p : pmax;
+  }
+  S = block_sum(S, red);
+  pmax = block_reduce(pmax, red, MaxOp{});
+  const bool rowok = valid && S > A(0);
+  A sgp = A(0), zs = A(0), a1 = A(0), a2 = A(0), a3 = A(0);
+  if (rowok) {  // uniform
+    for (int j = tid; j < kmax; j += kSortThreads) {
+      const Slot s = slot(j);
+      if (s.id < 0) continue;
+      sgp += s.g * s.p;
+      if (renorm == kSoftmax) {
+        const A ep = exp_acc(s.p - pmax);
+        zs += ep;
+        a1 += ep * s.g;
+        a2 += ep * s.g * s.p;
+        a3 += ep * s.p;
+      }
+    }
+    sgp = block_sum(sgp, red);
+    if (renorm == kSoftmax) {
+      zs = block_sum(zs, red);
+      a1 = block_sum(a1, red);
+      a2 = block_sum(a2, red);
+      a3 = block_sum(a3, red);
+    }
+  }
+  // the same D, c as route_bwd_kernel
+  A D = A(0), c = A(0), inv_z = A(0);
+  const A inv_s = rowok ? A(1) / S : A(0);
+  if (rowok) {
+    if (renorm == kNone) c = sgp;
+    else if (renorm == kSum) D = sgp * inv_s;
+    else {
+      inv_z = A(1) / zs;
+      D = a1 * inv_z;
+      c = (a2 - D * a3) * inv_z;
+    }
+  }
+
+  // scatter g_j to gacc[id_j], warp 0, in slot order
+  if (rowok && tid < kWarpSize) {  // uniform per warp
+    const int lane = tid;
+    for (int j0 = 0; j0 < kmax; j0 += kWarpSize) {
+      A g = A(0);
+      int id = -1;
+      if (j0 + lane < kmax) {
+        const Slot s = slot(j0 + lane);
+        id = s.id;
+        if (id >= 0) {
+          if (renorm == kNone) g = s.g;
+          else if (renorm == kSum) g = (s.g - D) * inv_s;
+          else g = exp_acc(s.p - pmax) * inv_z * (s.g - D);
+        }
+      }
+      const int lim = kmax - j0 < kWarpSize ? kmax - j0 : kWarpSize;
+      for (int q = 0; q < lim; ++q) {
+        const int bid = shfl_idx(id, q);
+        const A bg = shfl_idx(g, q);
+        if (bid >= 0 && (bid & (kWarpSize - 1)) == lane) gacc[bid] += bg;
+      }
+    }
+  }
+  block_sync();
+  T* dz = dlogits + row * n;
+  for (int i = tid; i < n; i += kSortThreads) {
+    const A p = e_of(scaled(zr[i], r, unit)) * inv_sum;
+    const A d = p * (gacc[i] - c);
+    dz[i] = from_acc<T>(rowok ? (unit ? d : d * r) : A(0));
+  }
+}
+
 // ---- launchers (raw pointers; contiguous row-major; rows >= 1, kmax >= 1) ----
 
 // Calls f(GROUP, VPL) as integral constants for row length n <= kBwdMaxN.
@@ -789,10 +1183,11 @@ inline int topk_lanes(int n) {
 
 // The forward kernel for (n, kmax): route_fwd_topk when n <= 256 and min(kmax, n) <= 16, else
 // route_fwd_sort. Exposed so tests/benchmarks can name the path.
-enum class FwdPath { kTopk, kSort };
+enum class FwdPath { kTopk, kWarp, kSort };
 inline FwdPath fwd_path(int n, int kmax) {
   const int ke = kmax < n ? kmax : n;
-  return n <= kTopkMaxN && ke <= kTopkMaxK ? FwdPath::kTopk : FwdPath::kSort;
+  if (n <= kTopkMaxN && ke <= kTopkMaxK) return FwdPath::kTopk;
+  return n <= kWarpMaxN ? FwdPath::kWarp : FwdPath::kSort;
 }
 
 // r = 1/τ in fp64, rounded once to A (the caller checked that it is finite and > 0).
@@ -831,6 +1226,18 @@ cudaError_t launch_fwd(const TI* z, FwdOut<TO> out, int64_t rows, int n, int kma
     if (ke <= 2) with_k(std::integral_constant<int, 2>{});
     else if (ke <= 8) with_k(std::integral_constant<int, 8>{});
     else with_k(std::integral_constant<int, 16>{});
+  } else if (fwd_path(n, kmax) == FwdPath::kWarp) {
+    const bool vec_ok = pick_vec<TI>(n, {z}) == kVec16<TI>;
+    const dim3 grid(static_cast<unsigned>(ceil_div(rows, kThreads / kWarpSize)));
+    auto with_kpl = [&](auto KPL) {
+      auto kernel = route_fwd_warp<TI, TO, decltype(KPL)::value>;
+      MK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, z, out, o, vec_ok);
+    };
+    using std::integral_constant;
+    if (n <= 32) with_kpl(integral_constant<int, 1>{});
+    else if (n <= 64) with_kpl(integral_constant<int, 2>{});
+    else if (n <= 128) with_kpl(integral_constant<int, 4>{});
+    else with_kpl(integral_constant<int, 8>{});
   } else {
     int np = 1;
     while (np < n) np *= 2;
@@ -866,6 +1273,12 @@ template <class T>
 cudaError_t launch_bwd(const T* grad_w, const T* grad_dense, const T* logits, const int32_t* ids, T* dlogits,
                        int64_t rows, int n, int kmax, double temperature, int renorm, cudaStream_t stream) {
   using A = acc_t<T>;
+  if (n > kBwdMaxN) {  // up to the forward's limit: block per row
+    MK_LAUNCH(route_bwd_large<T>, dim3(static_cast<unsigned>(rows)), dim3(kSortThreads),
+              static_cast<size_t>(n) * sizeof(A), stream, grad_w, grad_dense, logits, ids, dlogits, n, kmax,
+              inv_temperature<A>(temperature), temperature == 1.0, renorm);
+    return last_launch_error();
+  }
   dispatch_shape(n, [&](auto G, auto V) {
     constexpr int GROUP = decltype(G)::value;
     auto kernel = route_bwd_kernel<T, GROUP, decltype(V)::value>;

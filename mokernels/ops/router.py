@@ -34,9 +34,8 @@ Semantics (the reference :func:`route_reference` is the executable spec):
 
 Public functions: :func:`route` (logits), :func:`route_cosine` (SAMoRA: codes ``h`` and keys, the
 cosine logits formed inside the kernel), :func:`route_segments` (one row per sentence, broadcast to
-its tokens by offsets, no host sync). CUDA kernels: ``csrc/kernels/router.cuh`` (N <= 4096 experts, fp64 2048;
-backward N <= 1024;
-larger N runs the reference composition on the GPU). CPU tensors: without autograd and without a top-p
+its tokens by offsets, no host sync). CUDA kernels: ``csrc/kernels/router.cuh`` (N <= 4096 experts, fp64 2048,
+forward and backward; larger N runs the reference composition on the GPU). CPU tensors: without autograd and without a top-p
 cut a native one-pass kernel (``csrc/cpu/cpu_ops.cpp``), else the reference.
 """
 from __future__ import annotations
@@ -55,8 +54,7 @@ from ._checks import (FLOAT_DTYPES, acc_dtype, autocast_like, can_sync, expect, 
 
 _OP = "route"
 RENORMS = ("sum", "softmax", "none")
-MAX_EXPERTS_KERNEL = 4096  # the CUDA forward kernels' limit on N (fp64: 2048; shared-memory sort kernel)
-MAX_EXPERTS_KERNEL_BWD = 1024  # the CUDA backward kernel's limit on N (larger N: route_bwd_reference)
+MAX_EXPERTS_KERNEL = 4096  # the CUDA kernels' limit on N, forward and backward (fp64: 2048; shared memory)
 
 
 # The native CPU kernel of route without a top-p cut (csrc/cpu/cpu_ops.cpp); None with an extension built
@@ -750,7 +748,7 @@ def _route_grad(g_w, g_dense, logits, ids, temperature, renorm, dense):
     if g_w is None:
         g_w = torch.zeros(ids.shape, dtype=logits.dtype, device=logits.device)
     gd = g_dense if (dense and g_dense is not None) else None
-    if torch.is_grad_enabled() or logits.shape[-1] > MAX_EXPERTS_KERNEL_BWD:  # double backward / beyond the kernel
+    if torch.is_grad_enabled() or logits.shape[-1] > _kernel_max_n(logits.dtype):  # double backward / beyond the kernel
         return route_bwd_reference(g_w, gd, logits, ids, temperature, renorm)
     return torch.ops.mokernels.route_bwd(g_w.contiguous(), None if gd is None else gd.contiguous(), logits, ids,
                                          temperature, renorm)
@@ -764,7 +762,7 @@ def _cosine_grad(ctx_need, g_w, g_dense, h, keys, ids, temperature, eps, renorm,
         z = cosine_logits_reference(hh, kk, eps)  # [T, N] fp32: one GEMM, recomputed
         gw = torch.zeros(ids.shape, dtype=z.dtype, device=z.device) if g_w is None else g_w.to(z.dtype)
         gd = g_dense.to(z.dtype) if (dense and g_dense is not None) else None
-        if create_graph or z.shape[-1] > MAX_EXPERTS_KERNEL_BWD:  # double backward / beyond the kernel
+        if create_graph or z.shape[-1] > _kernel_max_n(z.dtype):  # double backward / beyond the kernel
             dz = route_bwd_reference(gw, gd, z if create_graph else z.detach(), ids, temperature, renorm)
         else:
             dz = torch.ops.mokernels.route_bwd(gw.contiguous(), None if gd is None else gd.contiguous(), z.detach(),

@@ -69,6 +69,15 @@ MK_DEVICE uint32_t ballot(bool pred) {
 #endif
 }
 
+// Index of the lowest set bit of a non-zero mask (a ballot's first lane).
+MK_DEVICE int lowest_lane(uint32_t mask) {
+#if defined(MOKERNELS_EMULATION)
+  return __builtin_ctz(mask);
+#else
+  return __ffs(mask) - 1;
+#endif
+}
+
 struct SumOp { template <class T> MK_DEVICE T operator()(T a, T b) const { return a + b; } };
 struct MaxOp { template <class T> MK_DEVICE T operator()(T a, T b) const { return a > b ? a : b; } };
 
