@@ -52,6 +52,9 @@ inline void define_schemas(torch::Library& m) {
   // (norms clamped at eps), x [..., D], U [L, D] (x's dtype, 0 <= L <= 64). out = x H^T (transpose: x H), x's dtype;
   // s = the normalised projections x Y^T [N, L] fp32 (fp64 for fp64) when return_s, else an empty [0, 0] tensor.
   m.def("householder_apply(Tensor x, Tensor U, bool transpose, float eps, bool return_s) -> (Tensor, Tensor)");
+  // The fused dU reduction of its backward: Z = alpha^T g + beta^T x [L, D] (fp32; fp64 for fp64 x) for alpha, beta
+  // [N, L] (fp32 / fp64), g, x [N, D] (x's dtype), L <= 64; partials per block + a fixed-order reduce (deterministic).
+  m.def("householder_grad_y(Tensor alpha, Tensor beta, Tensor g, Tensor x) -> Tensor");
 }
 
 }  // namespace mk

@@ -64,6 +64,11 @@ MUTANTS = [
     Mutant("router.max_init", "real router backward: row max starts at 0 instead of -inf (wrong neutral value)"),
     Mutant("tile_gemm.raw_barrier", "real tile GEMM without its read-after-write block_sync"),
     Mutant("tile_gemm.war_barrier", "real tile GEMM without its overwrite block_sync"),
+    Mutant("householder.red_barrier", "real Householder apply: per-warp partial dots summed without a block_sync"),
+    Mutant("householder.t_barrier", "real Householder apply: rank-L update reads t = K s without a block_sync"),
+    Mutant("householder.stage", "real Householder apply: x tile not staged (later reflection groups read stale smem)"),
+    Mutant("householder.dy_stage_barrier", "real Householder dU reduction: staged α/β rows read without a block_sync"),
+    Mutant("householder.dy_reuse_barrier", "real Householder dU reduction: α/β rows overwritten without a block_sync"),
 ]
 BY_NAME = {m.name: m for m in MUTANTS}
 
@@ -154,6 +159,20 @@ def _cases() -> dict[str, Callable]:
     a, b = torch.randn(32, 48, generator=g).bfloat16(), torch.randn(16, 48, generator=g).bfloat16()
     for name in ("tile_gemm.raw_barrier", "tile_gemm.war_barrier"):
         cases[name] = real(name, lambda ops: (ops._tile_gemm(a, b, False), a.double() @ b.double().T, 1e-4 * 48))
+    # Householder apply, fp32 D = 64 (16-byte vectors: 8 reflections per dot-product group), L = 9 (two groups:
+    # the second reads the staged x tile), N = 9 (a full and a one-row tile)
+    from mokernels.ops.householder import householder_apply_reference
+
+    xh, Uh = torch.randn(9, 64, generator=g), torch.randn(9, 64, generator=g)
+    want_h = householder_apply_reference(xh.double(), Uh.double())
+    for name in ("householder.red_barrier", "householder.t_barrier", "householder.stage"):
+        cases[name] = real(name, lambda ops: (ops.householder_apply(xh, Uh, False, 1e-12, False)[0], want_h, 1e-4))
+    # the dU reduction, fp32, L = 9, N = 70, D = 5: one row split, three 32-row staging steps
+    al, be = torch.randn(70, 9, generator=g), torch.randn(70, 9, generator=g)
+    gz, xz = torch.randn(70, 5, generator=g), torch.randn(70, 5, generator=g)
+    want_z = al.double().T @ gz.double() + be.double().T @ xz.double()
+    for name in ("householder.dy_stage_barrier", "householder.dy_reuse_barrier"):
+        cases[name] = real(name, lambda ops: (ops.householder_grad_y(al, be, gz, xz), want_z, 1e-4))
     return cases
 
 
