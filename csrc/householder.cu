@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> apply(const at::Tensor& x_in, const at::Tenso
   check_dtype(kOp, "U", U_in, x_in.scalar_type());
   const int64_t L = U_in.size(0);
   TORCH_CHECK_VALUE(L <= kMaxL, kOp, ": the fused kernel takes L <= ", kMaxL, " reflections, got ", L,
-                    " (mokernels.ops.householder_apply runs longer chains through the reference)");
+                    " (mokernels.ops.householder_apply runs longer chains in blocks of <= 64)");
   TORCH_CHECK_VALUE(D <= std::numeric_limits<int>::max() / 2, kOp, ": D = ", D, " is too large");
   TORCH_CHECK_VALUE(eps > 0, kOp, ": eps must be positive, got ", eps);
   DeviceGuard guard(x_in);

@@ -274,7 +274,7 @@ def test_emulated_zero_vector_tiny_eps(hh_ops, N, D):
 
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 5, 9, 64, False), (torch.float32, 8, 9, 64, True),
-                                                  (torch.bfloat16, 3, 9, 64, False), (torch.float32, 2, 70, 5, True)])
+                                                  (torch.bfloat16, 3, 9, 64, False), (torch.float32, 2, 70, 9, True)])
 def test_emulated_backward(hh_ops, dtype, L, N, D, transpose):
     from mokernels.ops.householder import kernel_backward
 
@@ -346,7 +346,7 @@ def test_emulated_grad_y_bad_inputs(hh_ops):
 # the sequential reference. L·N·D > SMALL_WORK: kept out of the TSan pass (composition order, not memory behaviour).
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 65, 5, 12, False), (torch.float32, 130, 5, 12, True),
-                                                  (torch.float64, 130, 3, 10, True), (torch.bfloat16, 65, 4, 16, True)])
+                                                  (torch.bfloat16, 65, 4, 16, True)])
 def test_emulated_long_chain_blocked(hh_ops, dtype, L, N, D, transpose):
     from mokernels.ops.householder import fused_apply, householder_apply_blocked
 

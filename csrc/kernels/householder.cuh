@@ -286,13 +286,17 @@ MK_GLOBAL void MK_HOUSEHOLDER_APPLY_BOUNDS
 //           launches: gram + wy + apply + dy_partial (+ dy_reduce when S > 1) + ~12 tiny [L, L]/[L, D] torch ops.
 constexpr int kZRows = 32;  // rows of α, β staged in shared memory per step
 
+// __launch_bounds__(256, 1) as apply_kernel: with the block size alone ptxas (nvcc 13.0, sm_80) gave the LB = 32
+// instances 48 registers and 28 bytes of spills. Registers (nvcc 13.0, sm_80 / sm_90a): fp16/bf16/fp32 60-110 (LB = 8..64),
+// fp64 64-182; no spills (2 blocks of 256 per SM at LB = 64, 16-/32-bit).
 // x, g: [N, D] (x's dtype); alpha, beta: [N, L] (accumulator type); part: [S, L, D] with
 // S = gridDim.y, split s owning rows [s·rows_per_split, (s+1)·rows_per_split). LB >= L (8, 16, 32, 64).
-// sass-budget: mk::householder::dy_partial_kernel<__nv_bfloat16,*> block=256 regs<=128 spill=0
-// sass-budget: mk::householder::dy_partial_kernel<float,*> block=256 regs<=128 spill=0
-// sass-budget: mk::householder::dy_partial_kernel<double,*> block=256 regs<=255 spill=0
+// sass-budget: mk::householder::dy_partial_kernel<__nv_bfloat16,*> block=256 regs<=112 spill=0 hot
+// sass-budget: mk::householder::dy_partial_kernel<__half,*> block=256 regs<=112 spill=0 hot
+// sass-budget: mk::householder::dy_partial_kernel<float,*> block=256 regs<=112 spill=0 hot
+// sass-budget: mk::householder::dy_partial_kernel<double,*> block=256 regs<=192 spill=0
 template <class T, int LB>
-MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
+MK_GLOBAL void MK_HOUSEHOLDER_APPLY_BOUNDS
     dy_partial_kernel(const acc_t<T>* __restrict__ alpha, const acc_t<T>* __restrict__ beta, const T* __restrict__ g,
                       const T* __restrict__ x, acc_t<T>* __restrict__ part, int64_t N, int D, int L,
                       int64_t rows_per_split) {
@@ -333,7 +337,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
 }
 
 // Z[i] = Σ_{s = 0..S-1} part[s][i] in this order (i < n = L·D); grid-stride.
-// sass-budget: mk::householder::dy_reduce_kernel<float> block=256 regs<=32 spill=0
+// sass-budget: mk::householder::dy_reduce_kernel block=256 regs<=32 spill=0
 template <class A>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     dy_reduce_kernel(const A* __restrict__ part, A* __restrict__ Z, int64_t n, int S) {
