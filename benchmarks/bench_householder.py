@@ -1,11 +1,13 @@
 """Householder chain (``householder_apply``) and MoORE's rank-one expert layer (``rank_one_experts``).
 
 Householder workloads (issue 11): x [T, D=4096] bf16, L ∈ {2, 8, 32}, T ∈ {32, 4096}; forward, and
-forward+backward at L = 8. Impls: ``mokernels`` (CUDA: gram + WY prologue kernels, then the fused SIMT
+forward+backward at L ∈ {8, 32}; a long chain L = 128 (two blocks of 64, householder_apply_blocked), T = 4096,
+forward and forward+backward. Impls: ``mokernels`` (CUDA: gram + WY prologue kernels, then the fused SIMT
 kernel; CPU: the reference), ``HRA loop`` (one reflection at a time in x's dtype, what PEFT's HRA does per
 vector: L passes over x), ``explicit H + GEMM`` (``H = I − Yᵀ T Y`` built each call, then ``x Hᵀ``).
-bytes_moved = x read + out written + U read: ``(2·T·D + L·D)·elt`` (backward adds grad in, dx out, x in
-again: ``+ 3·T·D·elt``). Target (H100): L = 8, T = 4096 ≤ 40 µs (≤ 2× the 22 µs roof).
+bytes_moved = x read + out written + U read: ``(2·T·D + L·D)·elt`` (backward adds the dx pass — grad in, dx
+out — and the fused dU reduction — grad and x in again: ``+ 4·T·D·elt``); a chain of L > 64 is ``nb = ceil(L/64)``
+such passes. Target (H100): L = 8, T = 4096 ≤ 40 µs (≤ 2× the 22 µs roof).
 
 MoORE workloads, H merged into V (inference): d_in = 4096, d_out ∈ {4096, 11008}, T ∈ {32, 4096}, R =
 min(d_in, d_out), d_s = 64; plus fwd+bwd rows at T = 4096 (gradients to x, the router Γ, Q and the task gate
@@ -23,9 +25,10 @@ Paper estimate (no GPU lent to this work yet; nothing here is measured on a GPU)
 HBM 67 MB -> 22 µs at 3.0 TB/s; 2·L FMAs per element (0.27 G FMA, ~9 µs of the FP32 pipe, overlapped with
 memory by 24 resident warps per SM: 80 registers and 70 KB of shared memory -> 3 blocks of 256 per SM); 512
 blocks = 1.3 waves of 396; the prologue adds two tiny launches (~4-6 µs) -> ~30-40 µs, at the target's
-edge (risks: the wave tail, two barriers per tile). Backward: one more kernel pass (dx, b) ~ forward, plus fp32
-copies of x and g and two [L, T] x [T, D] GEMMs for dU (~100 µs) -> ~4x forward, above the issue's 3x: a fused
-token-reduction kernel for aᵀg and bᵀx (no fp32 copies) is the next step.
+edge (risks: the wave tail, two barriers per tile). Backward: one more kernel pass (dx, b) ~ forward, plus the
+fused dU reduction householder_grad_y (g and x read once more in bf16: 67 MB, ~22 µs; partials ≤ 8 MB) ->
+~2.2x forward by bytes (before: fp32 copies of x and g and two [L, T] x [T, D] GEMMs, 24·T·D bytes = 6x the
+forward's by bytes; csrc/kernels/householder.cuh has the derivation).
 
 On CPU everything is the reference path (labelled); in quick mode a tiny workload adds the real kernel
 source run by the emulator (logic only, its time says nothing about the GPU).
@@ -50,6 +53,7 @@ EMU = "emulated kernel (logic only)"
 
 HH_FULL = [(T, 4096, L) for L in (2, 8, 32) for T in (32, 4096)]
 HH_QUICK = [(64, 256, 8)]
+HH_LONG = [(4096, 4096, 128)]
 MOORE_FULL = [(T, 4096, d_out) for d_out in (4096, 11008) for T in (32, 4096)]
 MOORE_QUICK = [(64, 256, 256)]
 EMU_SHAPE = (16, 64, 8)
@@ -110,9 +114,10 @@ def _hh_workload(T, D, L, dtype, device, backward, extra=None, tag=""):
         impls[label] = make(inp)
     elt = torch.empty((), dtype=dtype).element_size()
     kind = "fwd+bwd" if backward else "fwd"
+    nb = -(-L // 64)
     return Workload(
         family=FAMILY, name=f"householder {kind} T={T} D={D} L={L}{tag}", impls=impls, ours=OURS,
-        bytes_moved=(2 * T * D + L * D + (3 * T * D if backward else 0)) * elt,
+        bytes_moved=(nb * (2 * T * D + (4 * T * D if backward else 0)) + L * D) * elt,
         flops=4 * T * D * L * (3 if backward else 1),
         params={"op": "householder", "pass": kind, "T": T, "D": D, "L": L, "dtype": str(dtype).split(".")[-1],
                 "target": "≤ 40 µs" if (L, T, D, backward) == (8, 4096, 4096, False) else ""},
@@ -188,8 +193,11 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
     ws = []
     for T, D, L in (HH_QUICK if quick else HH_FULL):
         ws.append(_hh_workload(T, D, L, bf16, device, False, tag=tag))
-        if L == 8:
+        if L in (8, 32):
             ws.append(_hh_workload(T, D, L, bf16, device, True, tag=tag))
+    for T, D, L in ([] if quick else HH_LONG):
+        ws.append(_hh_workload(T, D, L, bf16, device, False, tag=tag))
+        ws.append(_hh_workload(T, D, L, bf16, device, True, tag=tag))
     for T, d_in, d_out in (MOORE_QUICK if quick else MOORE_FULL):
         ws.append(_moore_workload(T, d_in, d_out, bf16, device, tag=tag))
         if T == MOORE_BWD_T:

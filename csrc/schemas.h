@@ -64,6 +64,9 @@ inline void define_schemas(torch::Library& m) {
   // Its backward from dS [T,R]: (dz = dS * c, dg = dS * (x V), both masked by c > 0 under clip, dsigma = sum over
   // tokens of dg [R], x's dtype); z and gx Q are recomputed, one not asked for is an empty [0] tensor.
   m.def("experts_gate_bwd(Tensor dS, Tensor x, Tensor V, Tensor sigma, Tensor? gx, Tensor? Q, Tensor? p_task, bool clip, bool need_dz, bool need_dg, bool need_dsigma) -> (Tensor, Tensor, Tensor)");
+  // The fused dU reduction of its backward: Z = alpha^T g + beta^T x [L, D] (fp32; fp64 for fp64 x) for alpha, beta
+  // [N, L] (fp32 / fp64), g, x [N, D] (x's dtype), L <= 64; partials per block + a fixed-order reduce (deterministic).
+  m.def("householder_grad_y(Tensor alpha, Tensor beta, Tensor g, Tensor x) -> Tensor");
 }
 
 }  // namespace mk

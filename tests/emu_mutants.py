@@ -65,6 +65,11 @@ MUTANTS = [
     Mutant("router.warp_band", "real keep-many router: top-p cut from the fp64 prefix scan without the fp32 rounding band"),
     Mutant("tile_gemm.raw_barrier", "real tile GEMM without its read-after-write block_sync"),
     Mutant("tile_gemm.war_barrier", "real tile GEMM without its overwrite block_sync"),
+    Mutant("householder.red_barrier", "real Householder apply: per-warp partial dots summed without a block_sync"),
+    Mutant("householder.t_barrier", "real Householder apply: rank-L update reads t = K s without a block_sync"),
+    Mutant("householder.stage", "real Householder apply: x tile not staged (later reflection groups read stale smem)"),
+    Mutant("householder.dy_stage_barrier", "real Householder dU reduction: staged α/β rows read without a block_sync"),
+    Mutant("householder.dy_reuse_barrier", "real Householder dU reduction: α/β rows overwritten without a block_sync"),
 ]
 BY_NAME = {m.name: m for m in MUTANTS}
 
@@ -162,6 +167,20 @@ def _cases() -> dict[str, Callable]:
     a, b = torch.randn(32, 48, generator=g).bfloat16(), torch.randn(16, 48, generator=g).bfloat16()
     for name in ("tile_gemm.raw_barrier", "tile_gemm.war_barrier"):
         cases[name] = real(name, lambda ops: (ops._tile_gemm(a, b, False), a.double() @ b.double().T, 1e-4 * 48))
+    # Householder apply, bf16 D = 64 (16-byte vectors of 8: 4 reflections per dot-product group), L = 5 (two groups:
+    # the second reads the staged x tile), N = 8 (one tile; small: the prologue's Gram kernel runs L blocks)
+    from mokernels.ops.householder import householder_apply_reference
+
+    xh, Uh = torch.randn(8, 64, generator=g).bfloat16(), torch.randn(5, 64, generator=g).bfloat16()
+    want_h = householder_apply_reference(xh, Uh)  # fp32 math, one bf16 rounding, as the kernel
+    for name in ("householder.red_barrier", "householder.t_barrier", "householder.stage"):
+        cases[name] = real(name, lambda ops: (ops.householder_apply(xh, Uh, False, 1e-12, False)[0], want_h, 2e-2))
+    # the dU reduction, fp32, L = 9, N = 70, D = 5: one row split, three 32-row staging steps
+    al, be = torch.randn(70, 9, generator=g), torch.randn(70, 9, generator=g)
+    gz, xz = torch.randn(70, 5, generator=g), torch.randn(70, 5, generator=g)
+    want_z = al.double().T @ gz.double() + be.double().T @ xz.double()
+    for name in ("householder.dy_stage_barrier", "householder.dy_reuse_barrier"):
+        cases[name] = real(name, lambda ops: (ops.householder_grad_y(al, be, gz, xz), want_z, 1e-4))
     return cases
 
 

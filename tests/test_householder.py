@@ -195,8 +195,9 @@ def _need_op(ns_ops, what):
     locally, fail where the build is required (CI sets MOKERNELS_REQUIRE_EMU=1)."""
     try:
         getattr(ns_ops, "householder_apply")
+        getattr(ns_ops, "householder_grad_y")
     except (AttributeError, RuntimeError):
-        msg = f"{what} lacks householder_apply: rebuild the extension (python setup.py build_ext --inplace)"
+        msg = f"{what} lacks householder_apply / householder_grad_y: rebuild the extension (python setup.py build_ext --inplace)"
         if os.environ.get("MOKERNELS_REQUIRE_EMU") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
@@ -273,7 +274,7 @@ def test_emulated_zero_vector_tiny_eps(hh_ops, N, D):
 
 @pytest.mark.emu
 @pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 5, 9, 64, False), (torch.float32, 8, 9, 64, True),
-                                                  (torch.bfloat16, 3, 9, 64, False)])
+                                                  (torch.bfloat16, 3, 9, 64, False), (torch.float32, 2, 70, 9, True)])
 def test_emulated_backward(hh_ops, dtype, L, N, D, transpose):
     from mokernels.ops.householder import kernel_backward
 
@@ -307,6 +308,93 @@ def test_emulated_backward_with_projection_grad(hh_ops, N, D):
     got = kernel_backward(hh_ops, g, x.detach(), U.detach(), False, 1e-12, grad_s=gs)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# The fused dU reduction Z = αᵀ g + βᵀ x. (fp32, L=1, N=70, D=5): 3 row splits + the fixed-order reduce (small:
+# also in the TSan pass); (fp32, L=9, N=70): one split, three staged 32-row steps (α/β buffer reuse); (fp64, L=40,
+# D=300): LB = 64, two column slices (the second partial); (bf16, L=9, D=33): LB = 16, 16-bit loads.
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype,L,N,D", [(torch.float32, 1, 70, 5), (torch.float32, 9, 70, 5),
+                                         (torch.float64, 40, 40, 300), (torch.bfloat16, 9, 64, 33)])
+def test_emulated_grad_y(hh_ops, dtype, L, N, D):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    alpha, beta = rand(N, L, dtype=acc), rand(N, L, dtype=acc)
+    g, x = rand(N, D, dtype=dtype), rand(N, D, dtype=dtype)
+    Z = hh_ops.householder_grad_y(alpha, beta, g, x)
+    assert Z.shape == (L, D) and Z.dtype == acc
+    want = alpha.double().T @ g.double() + beta.double().T @ x.double()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5 * N ** 0.5
+    torch.testing.assert_close(Z.double(), want, rtol=tol, atol=tol)
+    assert torch.equal(hh_ops.householder_grad_y(alpha, beta, g, x), Z)  # deterministic
+
+
+@pytest.mark.emu
+def test_emulated_grad_y_bad_inputs(hh_ops):
+    a, x = rand(6, 3, dtype=torch.float32), rand(6, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"beta must be \[N, L\]"):
+        hh_ops.householder_grad_y(a, a[:, :2], x, x)
+    with pytest.raises(ValueError, match=r"g must be \[N, D\]"):
+        hh_ops.householder_grad_y(a, a, x[:5], x)
+    with pytest.raises(ValueError, match="dtype"):
+        hh_ops.householder_grad_y(a.double(), a.double(), x, x)
+    with pytest.raises(ValueError, match="L <= 64"):
+        hh_ops.householder_grad_y(rand(6, 65, dtype=torch.float32), rand(6, 65, dtype=torch.float32), x, x)
+    assert hh_ops.householder_grad_y(a[:0], a[:0], x[:0], x[:0]).abs().sum() == 0  # no tokens: Z = 0
+
+
+# Long chains (L > 64): blocks of <= 64 through the fused kernel, forward and (autograd's) backward, vs autograd of
+# the sequential reference. L·N·D > SMALL_WORK: kept out of the TSan pass (composition order, not memory behaviour).
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype,L,N,D,transpose", [(torch.float64, 65, 5, 12, False), (torch.float32, 130, 5, 12, True),
+                                                  (torch.bfloat16, 65, 4, 16, True)])
+def test_emulated_long_chain_blocked(hh_ops, dtype, L, N, D, transpose):
+    from mokernels.ops.householder import fused_apply, householder_apply_blocked
+
+    x = rand(N, D, dtype=dtype).requires_grad_()
+    U = rand(L, D, dtype=dtype).requires_grad_()
+    calls = []
+
+    def block(xb, Ub, t, e):
+        calls.append(Ub.shape[0])
+        return fused_apply(hh_ops, xb, Ub, t, e)
+
+    out = householder_apply_blocked(x, U, transpose, 1e-12, block)
+    nb = -(-L // 64)
+    size = -(-L // nb)
+    blocks = [size] * (nb - 1) + [L - size * (nb - 1)]
+    assert calls == (blocks if transpose else blocks[::-1])  # x H: u_1's block first; x Hᵀ: the last block first
+    g = rand(N, D, dtype=dtype)
+    dx, dU = torch.autograd.grad(out, (x, U), g)
+    xd, Ud = x.detach().double().requires_grad_(), U.detach().double().requires_grad_()
+    want = householder_sequential_reference(xd, Ud, transpose=transpose)
+    wdx, wdU = torch.autograd.grad(want, (xd, Ud), g.double())
+    if dtype == torch.float64:
+        tol = dict(rtol=1e-9, atol=1e-9)
+    elif dtype == torch.float32:
+        tol = dict(rtol=1e-4, atol=1e-4)
+    else:  # one bf16 rounding per block (2 blocks) on the way out, bf16 inputs to the backward
+        tol = dict(rtol=4e-2, atol=4e-2)
+    assert out.dtype == dtype and dx.dtype == dtype and dU.dtype == dtype
+    torch.testing.assert_close(out.double(), want.detach(), **tol)
+    torch.testing.assert_close(dx.double(), wdx, **tol)
+    torch.testing.assert_close(dU.double(), wdU, **tol)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_blocked_composition_order(transpose):
+    """householder_apply_blocked with the reference per block equals the whole chain (CPU, fp64, any L)."""
+    from mokernels.ops.householder import householder_apply_blocked
+
+    x, U = rand(3, 9), rand(150, 9)
+    sizes = []
+
+    def block(xb, Ub, t, e):
+        sizes.append(Ub.shape[0])
+        return householder_apply_reference(xb, Ub, transpose=t, eps=e)
+
+    got = householder_apply_blocked(x, U, transpose, 1e-12, block)
+    assert sizes == [50, 50, 50]
+    torch.testing.assert_close(got, explicit(x, U, transpose), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.emu

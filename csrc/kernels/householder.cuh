@@ -261,6 +261,105 @@ MK_GLOBAL void MK_HOUSEHOLDER_APPLY_BOUNDS
   }
 }
 
+// ---- backward: the dU reduction (issue 11 item 1) ----
+// With a = x Yᵀ (saved by the forward), b = g Yᵀ (the dx pass, apply_kernel on g with the other orientation),
+// M = Tᵀ (T if transpose): dY = −(Mᵀ aᵀ g + M bᵀ x) + gsᵀ x + (dG + dGᵀ) Y. The two [L, D] products over all
+// N tokens fold into one: Mᵀ aᵀ g + M bᵀ x − gsᵀ x = αᵀ g + βᵀ x with α = a M, β = b Mᵀ − gs ([N, L], fp32;
+// two [N, L]×[L, L] products on the host side). dy_partial_kernel computes Z = αᵀ g + βᵀ x straight from x and
+// g in their own dtype: block (column slice of kThreads columns, row split) accumulates its slice of Z over
+// its rows in registers (thread = one column, LB accumulators) and writes it to part[split]; dy_reduce_kernel
+// sums the splits in a fixed order (deterministic, no atomics; S depends on the shape only, not the device).
+//
+// Why column slices and not a partial per apply tile: a block of the row-tiled dx pass owns kRows = 8 rows ×
+// all D, and its share of Z is L·D·4 bytes — L/(3·elt) times the 3·8·D·elt bytes the tile itself moves (bf16,
+// L = 8: 1.3×; L = 64: 11×), and holding a whole row's Z in registers (L·D/kThreads floats) does not fit.
+// Sliced by columns, a block keeps L floats per thread for as many rows as it likes: partials shrink to
+// S·L·D·4 bytes with S = the row splits (dy_splits: ≤ N·elt / (8·L), so writing + reading them costs at most
+// one half of a pass over x).
+//
+// Bytes of the backward (N tokens, elt = x's bytes; forward = 2·N·D·elt: x in, out out):
+//   before: dx pass (g in, dx out: 2·N·D·elt) + fp32 copies of x and g (16-bit: 2·N·D·(elt + 4), fp32: none)
+//           + the two GEMMs aᵀ g, bᵀ x on the copies (2·N·D·4)
+//           = bf16 24·N·D (6× the forward's 4·N·D), fp32 16·N·D (2×); plus ~25 launches (torch glue).
+//   after:  dx pass (2·N·D·elt) + dy_partial (g and x in: 2·N·D·elt; α, β: 8·N·L) + partials (≤ N·D·elt/2)
+//           = bf16 ≤ 9·N·D (≤ 2.25×; 2× + 8·N·L at S = 1), fp32 ≤ 18·N·D (≤ 2.25×), fp64 ≤ 2.25×;
+//           launches: gram + wy + apply + dy_partial (+ dy_reduce when S > 1) + ~12 tiny [L, L]/[L, D] torch ops.
+constexpr int kZRows = 32;  // rows of α, β staged in shared memory per step
+
+// __launch_bounds__(256, 1) as apply_kernel: with the block size alone ptxas (nvcc 13.0, sm_80) gave the LB = 32
+// instances 48 registers and 28 bytes of spills. Registers (nvcc 13.0, sm_80 / sm_90a): fp16/bf16/fp32 60-110 (LB = 8..64),
+// fp64 64-182; no spills (2 blocks of 256 per SM at LB = 64, 16-/32-bit).
+// x, g: [N, D] (x's dtype); alpha, beta: [N, L] (accumulator type); part: [S, L, D] with
+// S = gridDim.y, split s owning rows [s·rows_per_split, (s+1)·rows_per_split). LB >= L (8, 16, 32, 64).
+// sass-budget: mk::householder::dy_partial_kernel<__nv_bfloat16,*> block=256 regs<=112 spill=0 hot
+// sass-budget: mk::householder::dy_partial_kernel<__half,*> block=256 regs<=112 spill=0 hot
+// sass-budget: mk::householder::dy_partial_kernel<float,*> block=256 regs<=112 spill=0 hot
+// sass-budget: mk::householder::dy_partial_kernel<double,*> block=256 regs<=192 spill=0
+template <class T, int LB>
+MK_GLOBAL void MK_HOUSEHOLDER_APPLY_BOUNDS
+    dy_partial_kernel(const acc_t<T>* __restrict__ alpha, const acc_t<T>* __restrict__ beta, const T* __restrict__ g,
+                      const T* __restrict__ x, acc_t<T>* __restrict__ part, int64_t N, int D, int L,
+                      int64_t rows_per_split) {
+  using A = acc_t<T>;
+  MK_SHARED_ARRAY(A[LB], as, kZRows);
+  MK_SHARED_ARRAY(A[LB], bs, kZRows);
+  const int c = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t r_end = N < r_begin + rows_per_split ? N : r_begin + rows_per_split;
+  A acc[LB];
+#pragma unroll
+  for (int l = 0; l < LB; ++l) acc[l] = A(0);
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kZRows) {  // block-uniform
+    const int nr = static_cast<int>(r_end - r0 < kZRows ? r_end - r0 : kZRows);
+    for (int idx = static_cast<int>(threadIdx.x); idx < nr * L; idx += kThreads) {
+      const int r = idx / L, l = idx % L;
+      as[r][l] = alpha[(r0 + r) * L + l];
+      bs[r][l] = beta[(r0 + r) * L + l];
+    }
+    if (MK_MUTABLE("householder.dy_stage_barrier")) block_sync();  // α, β rows staged
+    if (c < D) {
+      for (int r = 0; r < nr; ++r) {
+        const A gv = to_acc(g[(r0 + r) * D + c]);
+        const A xv = to_acc(x[(r0 + r) * D + c]);
+#pragma unroll
+        for (int l = 0; l < LB; ++l)
+          if (l < L) acc[l] += as[r][l] * gv + bs[r][l] * xv;
+      }
+    }
+    if (MK_MUTABLE("householder.dy_reuse_barrier")) block_sync();  // all reads done before the next rows land
+  }
+  if (c < D) {
+    A* p = part + static_cast<int64_t>(blockIdx.y) * L * D + c;
+#pragma unroll
+    for (int l = 0; l < LB; ++l)
+      if (l < L) p[static_cast<int64_t>(l) * D] = acc[l];
+  }
+}
+
+// Z[i] = Σ_{s = 0..S-1} part[s][i] in this order (i < n = L·D); grid-stride.
+// sass-budget: mk::householder::dy_reduce_kernel block=256 regs<=32 spill=0
+template <class A>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
+    dy_reduce_kernel(const A* __restrict__ part, A* __restrict__ Z, int64_t n, int S) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    A s = A(0);
+    for (int k = 0; k < S; ++k) s += part[k * n + i];
+    Z[i] = s;
+  }
+}
+
+// Row splits S of the dU reduction: enough blocks to fill a GPU (~256 with the column slices) but partials
+// of at most N·elt/(16·L) splits (their write + read ≤ half a pass over x) and ≥ kZRows rows per split.
+// A function of the shape only: the summation order (and so every bit of dU) is the same on every device.
+inline int dy_splits(int64_t N, int D, int L, int elt) {
+  const int64_t slices = ceil_div(D, kThreads);
+  int64_t S = ceil_div(256, slices);
+  S = std::min<int64_t>(S, std::max<int64_t>(1, N * elt / (16 * static_cast<int64_t>(L))));
+  S = std::min<int64_t>(S, ceil_div(N, kZRows));
+  return static_cast<int>(std::max<int64_t>(S, 1));
+}
+
 // ---- launchers (raw pointers) ----
 
 // Workspace of the prologue (accumulator type): G [L*L], K [2*L*L], Tm [L*L], rn [L].
@@ -317,6 +416,31 @@ cudaError_t launch_apply(const T* x, const T* U, const acc_t<T>* ws, T* out, acc
     err = last_launch_error();
   });
   return err;
+}
+
+// Z = αᵀ g + βᵀ x ([L, D], accumulator type) for alpha, beta [N, L], g, x [N, D] (N >= 1, 1 <= L <= kMaxL).
+// part: S·L·D accumulators of scratch (unused when S == 1: the single split writes Z).
+template <class T>
+cudaError_t launch_dy(const acc_t<T>* alpha, const acc_t<T>* beta, const T* g, const T* x, acc_t<T>* part,
+                      acc_t<T>* Z, int64_t N, int D, int L, int S, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t rows = ceil_div(N, S);
+  const dim3 grid(static_cast<unsigned>(ceil_div(D, kThreads)), static_cast<unsigned>(S));
+  A* out = S == 1 ? Z : part;
+  auto go = [&](auto LBc) {
+    auto kernel = dy_partial_kernel<T, decltype(LBc)::value>;
+    MK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, alpha, beta, g, x, out, N, D, L, rows);
+  };
+  if (L <= 8) go(std::integral_constant<int, 8>{});
+  else if (L <= 16) go(std::integral_constant<int, 16>{});
+  else if (L <= 32) go(std::integral_constant<int, 32>{});
+  else go(std::integral_constant<int, kMaxL>{});
+  if (cudaError_t e = last_launch_error(); e != cudaSuccess || S == 1) return e;
+  const int64_t n = static_cast<int64_t>(L) * D;
+  const int64_t blocks = std::min<int64_t>(ceil_div(n, kThreads), 1024);
+  auto red = dy_reduce_kernel<A>;
+  MK_LAUNCH(red, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, part, Z, n, S);
+  return last_launch_error();
 }
 
 }  // namespace mk::householder

@@ -37,7 +37,7 @@ from torch import Tensor
 from ._checks import acc_dtype, autocast_like, expect, expect_dtype, expect_same_device, grad_or_tangent, is_eager
 
 _OP = "householder_apply"
-MAX_L = 64  # the fused SIMT kernel's limit (L <= 64); longer chains run the reference composition
+MAX_L = 64  # the fused SIMT kernel's limit (L <= 64); longer chains run in blocks of <= 64 (householder_apply_blocked)
 DEFAULT_EPS = 1e-12
 
 
@@ -120,10 +120,12 @@ def householder_sequential_reference(x: Tensor, U: Tensor, *, transpose: bool = 
     return out.to(x.dtype).contiguous()
 
 
-def _grads_from_projections(a: Tensor, b: Tensor, x2: Tensor, g2: Tensor, U: Tensor, transpose: bool, eps: float,
+def _grads_from_projections(a: Tensor, b: Tensor, dy_main, U: Tensor, transpose: bool, eps: float,
                             grad_s: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(dx_extra, dU)`` from the projections ``a = x Yᵀ``, ``b = g Yᵀ`` ([N, L], acc dtype) and the flattened
-    ``x2``, ``g2`` ([N, D], acc dtype): the derived formulas of the module docstring. ``dx_extra`` is the
+    """``(dx_extra, dU)`` from the projections ``a = x Yᵀ``, ``b = g Yᵀ`` ([N, L], acc dtype): the derived
+    formulas of the module docstring. The two [L, D] products over the tokens, ``Mᵀ aᵀ g + M bᵀ x − gsᵀ x``,
+    are one reduction ``αᵀ g + βᵀ x`` with ``α = a M``, ``β = b Mᵀ − gs``; ``dy_main(α, β)`` computes it (torch
+    GEMMs in the reference, the fused ``householder_grad_y`` kernel in the device backward). ``dx_extra`` is the
     contribution of ``grad_s`` (the gradient of the op's projection output ``s = a``) to dx, or None."""
     acc = a.dtype
     L = U.shape[0]
@@ -135,12 +137,13 @@ def _grads_from_projections(a: Tensor, b: Tensor, x2: Tensor, g2: Tensor, U: Ten
     T = torch.linalg.solve_triangular(S, torch.eye(L, dtype=acc, device=U.device), upper=True)
     M = T if transpose else T.T
     dM = -(a.T @ b)
-    dY = -(M.T @ (a.T @ g2) + M @ (b.T @ x2))
+    alpha, beta = a @ M, b @ M.T
     dx_extra = None
     if grad_s is not None:
         gs = grad_s.to(acc)
-        dY = dY + gs.T @ x2
+        beta = beta - gs
         dx_extra = gs @ Y
+    dY = -dy_main(alpha, beta)
     dT = dM if transpose else dM.T
     dS = -(T.T @ dT @ T.T)
     dG = torch.triu(dS, diagonal=1)
@@ -171,7 +174,7 @@ def _reference_backward(grad: Tensor, x: Tensor, U: Tensor, transpose: bool, eps
     g2, x2 = grad.reshape(-1, D).to(acc), x.reshape(-1, D).to(acc)
     a, b = x2 @ Y.T, g2 @ Y.T
     dx = g2 - (b @ M.T) @ Y
-    dx_extra, dU = _grads_from_projections(a, b, x2, g2, U, transpose, eps, grad_s)
+    dx_extra, dU = _grads_from_projections(a, b, lambda al, be: al.T @ g2 + be.T @ x2, U, transpose, eps, grad_s)
     if dx_extra is not None:
         dx = dx + dx_extra
     return dx.to(x.dtype).reshape(x.shape).contiguous(), dU
@@ -195,19 +198,57 @@ def householder_apply(x: Tensor, U: Tensor, *, transpose: bool = False, eps: flo
     Order: ``H x_t = H_1(H_2(…H_L x_t))`` (module docstring).
     Paths: CUDA with ``1 <= L <= 64``: the fused kernels (csrc/kernels/householder.cuh: Gram + WY prologue,
     then one pass over x); the backward runs the kernel once more for ``dx`` and ``b = g Yᵀ`` and gets ``dU``
-    from thin GEMMs on fp32 copies of ``x`` and ``g`` (transient ``2·N·D·4`` bytes). CPU, ``L > 64``: the
-    reference composition (torch autograd).
+    from the fused ``householder_grad_y`` reduction (x and g read once more in their own dtype, no copies).
+    CUDA with ``L > 64``: blocked — the chain split into ``ceil(L / 64)`` consecutive blocks of ≤ 64
+    reflections, each applied by the fused kernel (forward and backward; autograd saves each block's input,
+    ``ceil(L/64)·N·D`` elements); x's dtype is rounded once per block (:func:`householder_apply_blocked`).
+    CPU: the reference composition (torch autograd).
     """
     if isinstance(x, Tensor):
         (U,) = autocast_like(x.device.type, x, U)
     check_args(_OP, x, U, eps)
-    if x.device.type != "cuda" or not _HAS_OP or not 1 <= U.shape[0] <= MAX_L:
+    if x.device.type != "cuda" or not _HAS_OP or U.shape[0] == 0:
         return householder_apply_reference(x, U, transpose=transpose, eps=eps)
+    if U.shape[0] > MAX_L:
+        return householder_apply_blocked(x, U, bool(transpose), float(eps),
+                                         lambda xb, Ub, t, e: householder_apply(xb, Ub, transpose=t, eps=e))
     if not is_eager("cuda"):
         return torch.ops.mokernels.householder_apply(x, U, bool(transpose), float(eps), False)[0]
+    return fused_apply(torch.ops.mokernels, x, U, bool(transpose), float(eps))
+
+
+def fused_apply(ops, x: Tensor, U: Tensor, transpose: bool, eps: float) -> Tensor:
+    """The eager fused path of the op namespace ``ops`` (``torch.ops.mokernels`` on CUDA,
+    ``torch.ops.mokernels_emu`` in the tests), differentiable through :class:`_HouseholderFn` (1 <= L <= 64)."""
     if grad_or_tangent(x, U):
-        return _HouseholderFn.apply(x, U, bool(transpose), float(eps))[0]
-    return torch.ops.mokernels.householder_apply(x, U, bool(transpose), float(eps), False)[0]
+        return _HouseholderFn.apply(x, U, transpose, eps, ops)[0]
+    return ops.householder_apply(x, U, transpose, eps, False)[0]
+
+
+def householder_apply_blocked(x: Tensor, U: Tensor, transpose: bool, eps: float, apply_block) -> Tensor:
+    """A chain of any length as ``nb = ceil(L / 64)`` chains of ≤ 64 reflections (balanced sizes) applied in
+    sequence by ``apply_block(x, U_block, transpose, eps)`` (the fused kernel): ``H = H_A H_B …`` with ``A`` the
+    first rows of ``U``, so ``x Hᵀ`` applies the last block first and ``x H`` the first block first; the
+    backward is autograd's reverse of that sequence (each block's fused backward).
+
+    Why blocks and not the two thin GEMMs ``x − ((x Yᵀ) K) Y`` for ``L > 64``: per block the fused kernel moves
+    ``2·N·D·elt`` bytes (x in, out out), so blocked costs ``2·nb·N·D·elt``; the GEMM pair reads x twice and
+    writes once (``3·N·D·elt``) *if* both GEMMs could take x's dtype with fp32 math — but the second one
+    multiplies fp32 ``t = (x Yᵀ) K`` with the 16-bit ``U`` (cuBLAS has no mixed bf16 × fp32 GEMM): either ``t`` is
+    rounded to 16 bits (an error of the size of the output rounding in the correction term) or x is copied to
+    fp32 (``+N·D·(elt + 4)`` in and ``+2·N·D·4`` for the GEMMs: ≥ 7·N·D·elt at bf16). For 65 ≤ L ≤ 128
+    (``nb = 2``, ``4·N·D·elt``) blocked is within 1.33× of the ideal GEMM pair and cheaper than the fp32-exact
+    one; it also reuses the tested, emulated kernel (forward and backward) and keeps fp32 math per block. The
+    price: x's dtype is rounded once per block (``nb`` roundings instead of one; exact for fp32/fp64 up to the
+    usual fp32 error)."""
+    L = U.shape[0]
+    nb = -(-L // MAX_L)
+    size = -(-L // nb)
+    blocks = [U[i:i + size] for i in range(0, L, size)]
+    out = x
+    for Ub in (blocks if transpose else reversed(blocks)):
+        out = apply_block(out, Ub, transpose, eps)
+    return out
 
 
 def merge_householder(W: Tensor, U: Tensor, *, eps: float = DEFAULT_EPS) -> Tensor:
@@ -349,14 +390,16 @@ def hra_vectors(hra_u: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- the torch.ops.mokernels op
-# `householder_apply(x, U, transpose, eps, return_s) -> (out, s)`: CUDA = the fused kernels (csrc/householder.cu),
-# CPU = the reference. Registered only when the loaded extension defines the schema (a checkout running an
+# `householder_apply(x, U, transpose, eps, return_s) -> (out, s)` and its backward's `householder_grad_y(alpha, beta,
+# g, x) -> Z`: CUDA = the fused kernels (csrc/householder.cu), CPU = the reference. Registered only when the loaded
+# extension defines both schemas (a checkout running an
 # older prebuilt _C keeps working on the reference path).
 
 
 def _op_defined(ns: str) -> bool:
     try:
-        getattr(getattr(torch.ops, ns), "householder_apply")
+        for name in ("householder_apply", "householder_grad_y"):
+            getattr(getattr(torch.ops, ns), name)
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -385,26 +428,37 @@ def _cpu_op(x, U, transpose, eps, return_s):
 
 def kernel_backward(ops, grad: Tensor, x: Tensor, U: Tensor, transpose: bool, eps: float, a: Tensor | None = None,
                     grad_s: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(dx, dU)`` through the fused kernel of the op namespace ``ops`` (``torch.ops.mokernels`` on CUDA,
+    """``(dx, dU)`` through the fused kernels of the op namespace ``ops`` (``torch.ops.mokernels`` on CUDA,
     ``torch.ops.mokernels_emu`` in the tests): ``dx`` and ``b = g Yᵀ`` in one kernel pass (the op with the
-    other orientation), ``a = x Yᵀ`` saved by the forward (recomputed by a kernel pass when None), dU as thin
-    GEMMs (:func:`_grads_from_projections`; fp32 copies of x and g: ~2·N·D·4 bytes transient)."""
+    other orientation), ``a = x Yᵀ`` saved by the forward (recomputed by a kernel pass when None), then the
+    fused dU reduction ``householder_grad_y`` (``αᵀ g + βᵀ x`` from x and g in their own dtype: partials per
+    block and a fixed-order reduce, deterministic) and [L, L] / [L, D] torch glue
+    (:func:`_grads_from_projections`). Byte counts: csrc/kernels/householder.cuh."""
     D = x.shape[-1]
-    dx, b = ops.householder_apply(grad.contiguous(), U, not transpose, eps, True)
+    g2 = grad.reshape(-1, D).contiguous()
+    dx, b = ops.householder_apply(g2, U, not transpose, eps, True)
+    x2 = x.reshape(-1, D).contiguous()
     if a is None:
-        _, a = ops.householder_apply(x, U, transpose, eps, True)
-    acc = b.dtype
-    dx_extra, dU = _grads_from_projections(a, b, x.reshape(-1, D).to(acc), grad.reshape(-1, D).to(acc), U,
+        _, a = ops.householder_apply(x2, U, transpose, eps, True)
+    dx_extra, dU = _grads_from_projections(a, b, lambda al, be: ops.householder_grad_y(al, be, g2, x2), U,
                                            transpose, eps, grad_s)
     if dx_extra is not None:
-        dx = (dx.reshape(-1, D).to(acc) + dx_extra).to(x.dtype).reshape(x.shape)
-    return dx, dU
+        dx = (dx.to(dx_extra.dtype) + dx_extra).to(x.dtype)
+    return dx.reshape(x.shape), dU
+
+
+def _grad_y_reference(alpha: Tensor, beta: Tensor, g: Tensor, x: Tensor) -> Tensor:
+    """``householder_grad_y``'s specification (its CPU kernel): ``αᵀ g + βᵀ x`` in α's (fp32 / fp64) dtype."""
+    return alpha.T @ g.to(alpha.dtype) + beta.T @ x.to(alpha.dtype)
 
 
 if _HAS_OP:
     torch.library.register_fake("mokernels::householder_apply")(
         lambda x, U, transpose, eps, return_s: (check_args(_OP, x, U, eps), _fake_outputs(x, U, return_s))[1])
     torch.library.register_kernel("mokernels::householder_apply", "cpu")(_cpu_op)
+    torch.library.register_fake("mokernels::householder_grad_y")(
+        lambda alpha, beta, g, x: alpha.new_empty((alpha.shape[1], x.shape[1])))
+    torch.library.register_kernel("mokernels::householder_grad_y", "cpu")(_grad_y_reference)
 
     def _setup_context(ctx, inputs, output):
         x, U, transpose, eps, return_s = inputs
@@ -426,16 +480,16 @@ if _HAS_OP:
 
 
 class _HouseholderFn(torch.autograd.Function):
-    """Eager CUDA path with autograd: the fused forward saves ``a = x Yᵀ`` ([N, L] fp32) for the backward."""
+    """Eager fused path with autograd (op namespace ``ops``): the forward saves ``a = x Yᵀ`` ([N, L] fp32)."""
 
     @staticmethod
-    def forward(x, U, transpose, eps):
-        return torch.ops.mokernels.householder_apply(x, U, transpose, eps, True)
+    def forward(x, U, transpose, eps, ops):
+        return ops.householder_apply(x, U, transpose, eps, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, U, transpose, eps = inputs
-        ctx.transpose, ctx.eps = transpose, eps
+        x, U, transpose, eps, ops = inputs
+        ctx.transpose, ctx.eps, ctx.ops = transpose, eps, ops
         ctx.save_for_backward(x, U, output[1])
         ctx.mark_non_differentiable(output[1])
 
@@ -445,5 +499,5 @@ class _HouseholderFn(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: differentiable reference formulas
             dx, dU = householder_apply_backward_reference(grad, x, U, transpose=ctx.transpose, eps=ctx.eps)
         else:
-            dx, dU = kernel_backward(torch.ops.mokernels, grad, x, U, ctx.transpose, ctx.eps, a)
-        return dx, dU, None, None
+            dx, dU = kernel_backward(ctx.ops, grad, x, U, ctx.transpose, ctx.eps, a)
+        return dx, dU, None, None, None
