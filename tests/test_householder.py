@@ -417,7 +417,8 @@ def test_opcheck(transpose, return_s):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,L,N,D", [(torch.bfloat16, 8, 4096, 4096), (torch.float16, 33, 100, 4100),
-                                         (torch.float32, 64, 37, 20000), (torch.float64, 5, 9, 31)])
+                                         (torch.float32, 64, 37, 20000), (torch.float64, 5, 9, 31),
+                                         (torch.float32, 130, 300, 1000)])  # L > 64: blocked
 def test_cuda_forward_backward(dtype, L, N, D):
     x = rand(N, D, dtype=dtype).cuda().requires_grad_()
     U = rand(L, D, dtype=dtype).cuda().requires_grad_()

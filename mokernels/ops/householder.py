@@ -392,8 +392,7 @@ def hra_vectors(hra_u: Tensor) -> Tensor:
 # ---------------------------------------------------------------- the torch.ops.mokernels op
 # `householder_apply(x, U, transpose, eps, return_s) -> (out, s)` and its backward's `householder_grad_y(alpha, beta,
 # g, x) -> Z`: CUDA = the fused kernels (csrc/householder.cu), CPU = the reference. Registered only when the loaded
-# extension defines both schemas (a checkout running an
-# older prebuilt _C keeps working on the reference path).
+# extension defines both schemas (a checkout running an older prebuilt _C keeps working on the reference path).
 
 
 def _op_defined(ns: str) -> bool:
