@@ -88,7 +88,14 @@ at::Tensor gate_gemm(const at::Tensor& x, const at::Tensor& V, const at::Tensor&
     Args<T> a = make_args<T>(in, clip);
     a.S = ptr<T>(S);
     a.pairs = can_pair(a);
-    check_launch(kFwd, launch_fwd<T>(a, current_stream()));
+    const int sms = num_sms();
+    a.ksplit = fwd_ksplit(a.tokens, a.R, a.d_in, sms);
+    at::Tensor ws;
+    if (a.ksplit > 1) {
+      ws = at::empty({a.ksplit, a.tokens, a.R}, in.x.options().dtype(at::kFloat));
+      a.ws = ptr<float>(ws);
+    }
+    check_launch(kFwd, launch_fwd<T>(a, sms, current_stream()));
   });
   return S;
 }

@@ -54,6 +54,8 @@ FWD_CASES = [
     (torch.bfloat16, (17, 40, 24, 16), "R", False),   # R, d_in, d_s not multiples of the tile; odd T
     (torch.float16, (17, 40, 24, 16), "TR", True),
     (torch.bfloat16, (70, 32, 136, 64), "TR", True),  # two token tiles, two R tiles, MoORE's d_s
+    (torch.float16, (3, 264, 16, 8), "R", True),      # one tile on the emulator's 2 SMs: d_in split in 3 (split-K)
+    (torch.bfloat16, (1, 160, 4, None), "R", False),  # split in 2, synchronous loads (TSan: the split-K reduce)
 ]
 
 
@@ -90,10 +92,11 @@ def test_emulated_backward_kernel(gops, dtype, shape, p_kind, clip):
 @pytest.mark.emu
 @pytest.mark.parametrize("offset", [True, False])
 def test_emulated_unaligned_rows(gops, offset):
-    """Rows not 16-byte aligned take the synchronous-load variant: d_in = 13, R = 10, d_s = 6; or aligned sizes
-    with x at a 2-byte offset (a contiguous view into a larger buffer)."""
+    """Rows not 16-byte aligned take the synchronous-load variant: d_in = 13, R = 9 (odd: element-wise epilogue,
+    a last column without its pair), d_s = 6; or aligned sizes with x at a 2-byte offset (a contiguous view into a
+    larger buffer)."""
     dtype = torch.bfloat16
-    T, d_in, R, d_s = (5, 16, 8, 8) if offset else (5, 13, 10, 6)
+    T, d_in, R, d_s = (5, 16, 8, 8) if offset else (5, 13, 9, 6)
     x, U, sigma, V, gx, Q, p = make(T, d_in, R, d_s, "TR", dtype)
     if offset:
         buf = torch.empty(T * d_in + 1, dtype=dtype)

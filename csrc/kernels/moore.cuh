@@ -35,10 +35,17 @@
 //     ~2.2-2.6x the base Linear (target 2.0 x 1.05 = 2.1x). Closing the gap: 128 x 128 tiles with 3 stages
 //     (64 accumulators per lane more: needs 8 warps as 4 x 2 and a 255-register budget), or wgmma on sm_90a.
 //   * the composition it replaces writes and reads z, gx Q, g and the scaled z ([T, R] each, ~4 x 64 MiB
-//     round trips: ~90 µs) and runs three GEMMs; at 32 tokens (decode-like) the layer is bandwidth bound on
-//     U and V (2 x 32 MiB): ~22 µs floor, and the kernel reads V once per 64-token tile row (one tile row).
+//     round trips: ~90 µs) and runs three GEMMs.
+//   * 32 tokens (decode-like): the layer is bandwidth bound on U and V (2 x 32 MiB): ~22 µs floor. One token tile
+//     gives only R / 128 = 32 blocks, each a chain of 128 dependent K steps (~1 µs each: latency, not bandwidth):
+//     so below one wave the d_in loop is split (fwd_ksplit: 9 splits here, 288 blocks of ~14 + 2 gate steps),
+//     fp32 partials of z_s ⊙ c (S is linear in z) go to a [ksplit, T, R] workspace (4.5 MiB at T = 32) and a
+//     reduce kernel adds them in order. V is then read once (32 MiB, ~11 µs) + U by cuBLAS: estimated ~30 µs,
+//     ~1.4x the floor (the 64-row tile wastes half its mma work at T = 32; a 16- or 32-row tile variant is next).
 //   Backward: dS = dy U, dU = dyᵀ S, dx = dz Vᵀ (+ dV = xᵀ dz when V is trained) are cuBLAS GEMMs, this kernel
 //   recomputes z and gx Q (one GEMM's worth) instead of reading a saved z: ~4 GEMMs vs the forward's 2, ~2-2.5x.
+// Status: compiled for sm_80 and sm_90a (nvcc 13.0: 125-128 registers at the 256 x 2 launch bound, no spills),
+// emulated in CI (plain, ASan, TSan strict) against the reference; NOT yet run on a GPU, nothing above is measured.
 #pragma once
 
 #include <algorithm>
@@ -82,6 +89,8 @@ struct Args {
   T* dz = nullptr;             // backward outputs [T, R], nullptr: not written
   T* dg = nullptr;
   float* partial = nullptr;    // [ceil(T / 64), R] fp32 column sums of dg per token tile, nullptr: none
+  float* ws = nullptr;         // forward split-K: [ksplit, T, R] fp32 partial S (nullptr: S written directly)
+  int ksplit = 1;              // forward: d_in split (grid.y); each split recomputes the short gate loop
 };
 
 #if defined(MOKERNELS_EMULATION)
@@ -103,11 +112,16 @@ MK_GLOBAL void MK_MOORE_BOUNDS experts_gate_kernel(const Args<T> a) {
   const int64_t m0 = mt * kBM;
   const int n0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) % n_tiles) * kBN;
   const int nkx = static_cast<int>(ceil_div(a.d_in, kBK));
-  const int nk = nkx + (a.gx != nullptr ? static_cast<int>(ceil_div(a.d_s, kBK)) : 0);
+  const int nkg = a.gx != nullptr ? static_cast<int>(ceil_div(a.d_s, kBK)) : 0;
+  // split-K (forward, grid.y = a.ksplit): this block's x steps [kx0, kx1), then all nkg gate steps
+  const int sps = static_cast<int>(ceil_div(nkx, a.ksplit));
+  const int kx0 = std::min(nkx, static_cast<int>(blockIdx.y) * sps), kx1 = std::min(nkx, kx0 + sps);
+  const int nk = (kx1 - kx0) + nkg;
   const T zero = from_acc<T>(0.f);
 
   // K step kt < nkx: x[m0.., kt*32..] and V[kt*32.., n0..]; then gx / Q over d_s
-  auto load = [&](int s, int kt) {
+  auto load = [&](int s, int i) {  // the block's i-th step: K step kt of x (kt < nkx) or of the gate
+    const int kt = i < kx1 - kx0 ? kx0 + i : nkx + (i - (kx1 - kx0));
     T* sa = stage + s * kStage;
     T* sb = sa + kStageA;
     const bool gate = kt >= nkx;
@@ -150,7 +164,7 @@ MK_GLOBAL void MK_MOORE_BOUNDS experts_gate_kernel(const Args<T> a) {
     if (MK_MUTABLE("moore.raw_barrier")) block_sync();  // ... and every thread's
     const T* sa = stage + s * kStage;
     const T* sb = sa + kStageA;
-    const bool gate = kt >= nkx;  // block-uniform
+    const bool gate = kt >= kx1 - kx0;  // block-uniform
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
       uint32_t af[kMT][4];
@@ -232,7 +246,13 @@ MK_GLOBAL void MK_MOORE_BOUNDS experts_gate_kernel(const Args<T> a) {
             c[0] = c[0] > 0.f ? c[0] : 0.f;
             c[1] = c[1] > 0.f ? c[1] : 0.f;
           }
-          store2(a.S, idx, two, z[0] * c[0], z[1] * c[1]);
+          if (a.ws != nullptr) {  // split-K: S is linear in z, the splits' z_s ⊙ c add up (fixed order)
+            float* w = a.ws + static_cast<int64_t>(blockIdx.y) * a.tokens * a.R + idx;
+            w[0] = z[0] * c[0];
+            if (two) w[1] = z[1] * c[1];
+          } else {
+            store2(a.S, idx, two, z[0] * c[0], z[1] * c[1]);
+          }
         } else {
           float d[2];
           load2(a.dS, idx, two, d);
@@ -272,6 +292,20 @@ MK_GLOBAL void MK_MOORE_BOUNDS experts_gate_kernel(const Args<T> a) {
   }
 }
 
+// Split-K forward: S[i] = Σ_s ws[s, i] in split order, rounded once.
+// sass-budget: mk::moore::splitk_reduce_kernel block=256 regs<=40 spill=0
+template <class T>
+MK_GLOBAL void MK_LAUNCH_BOUNDS(256)
+    splitk_reduce_kernel(const float* __restrict__ ws, T* __restrict__ S, int64_t n, int ksplit) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int s = 0; s < ksplit; ++s)
+      if (s > 0 || MK_MUTABLE("moore.splitk_first")) v += ws[s * n + i];
+    S[i] = from_acc<T>(v);
+  }
+}
+
 // Host: the 16-byte cp.async path needs 16-byte aligned rows of x, V, gx, Q.
 template <class T>
 inline bool can_async(const Args<T>& a) {
@@ -289,12 +323,30 @@ inline int64_t token_tiles(int64_t tokens) { return ceil_div(tokens, tile::kBM);
 // Blocks of one launch (1-D grid): at most 2^31 - 1.
 inline int64_t grid_blocks(int64_t tokens, int R) { return token_tiles(tokens) * ceil_div(R, tile::kBN); }
 
-// tokens > 0, R > 0, grid_blocks(tokens, R) <= INT32_MAX; forward writes a.S.
+// Forward d_in split: below one wave of blocks (decode: T = 32, R = 4096 gives 32 tiles on 132 SMs, each a chain of
+// d_in / 32 = 128 dependent K steps) the x steps are split over up to 16 blocks per tile, >= 4 steps each, and
+// the fp32 partials [ksplit, T, R] are added by splitk_reduce_kernel. The caller allocates the workspace.
+inline int fwd_ksplit(int64_t tokens, int R, int d_in, int num_sms) {
+  const int64_t blocks = grid_blocks(tokens, R), nkx = ceil_div(d_in, tile::kBK);
+  const int64_t want = ceil_div(2 * static_cast<int64_t>(num_sms), blocks);
+  return static_cast<int>(std::clamp<int64_t>(std::min(want, ceil_div(nkx, 4)), 1, 16));
+}
+
+// tokens > 0, R > 0, grid_blocks(tokens, R) <= INT32_MAX; forward writes a.S (a.ksplit > 1: a.ws is
+// [a.ksplit, T, R] fp32).
 template <class T>
-cudaError_t launch_fwd(const Args<T>& a, cudaStream_t stream) {
+cudaError_t launch_fwd(const Args<T>& a, int num_sms, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     auto k = can_async(a) ? experts_gate_kernel<T, true, false> : experts_gate_kernel<T, false, false>;
-    MK_LAUNCH(k, dim3(static_cast<unsigned>(grid_blocks(a.tokens, a.R))), dim3(tile::kBlock), 0, stream, a);
+    MK_LAUNCH(k, dim3(static_cast<unsigned>(grid_blocks(a.tokens, a.R)), static_cast<unsigned>(a.ksplit)),
+              dim3(tile::kBlock), 0, stream, a);
+    if (a.ksplit > 1) {
+      if (const cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
+      const int64_t n = a.tokens * a.R;
+      const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 8 * static_cast<int64_t>(num_sms));
+      auto reduce = splitk_reduce_kernel<T>;
+      MK_LAUNCH(reduce, dim3(static_cast<unsigned>(blocks)), dim3(256), 0, stream, a.ws, a.S, n, a.ksplit);
+    }
   }
   return last_launch_error();
 }

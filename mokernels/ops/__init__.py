@@ -42,3 +42,4 @@ __all__ += ["householder_apply", "householder_apply_reference", "householder_seq
             "unmerge_householder", "rank_one_experts", "rank_one_experts_reference", "hra_vectors"]
 
 from . import tile_gemm  # noqa: E402,F401  (registers the test op's CPU/fake kernels)
+from . import moore  # noqa: E402,F401  (registers the fused MoORE gate ops' fake/CPU kernels and autograd)
