@@ -10,7 +10,7 @@
 #   pass 4  the emulated tests under the ThreadSanitizer build (race detection: one TSan fiber per CUDA
 #           thread, ordering only from barriers and launch start/end, warp collectives unordered =
 #           strict), small shapes only (MOKERNELS_EMU_SMALL=1; TSan is ~100x slower); of the router
-#           forward modes only keep-all (the shared-memory sort kernel; fp32 and fp64, whose shared-memory layouts differ) and top-2 (the register kernel).
+#           forward modes only keep-all (fp32 and fp64: route_fwd_warp at N <= 256, the shared-memory sort kernel above, whose layouts differ by dtype) and top-2 (the register kernel).
 #   pass 5  the mutation suite: every planted bug of tests/emu_mutants.py caught by some pass, every
 #           correct twin by none; prints the caught/silent table (results/emu_mutants.md).
 set -euo pipefail

@@ -435,7 +435,11 @@ template <class A> inline size_t sort_smem_bytes(int np) {
 }
 
 // One block per row: keys sorted in shared memory, the top-p cut by a sequential scan (see the header).
-// sass-budget: mk::router::route_fwd_sort<*> block=256 smem=49152 regs<=64 spill=0
+// fp64 (not hot): nvcc 13.0 sm_90a spills 8 B at 48 registers (sm_80: none), exempted below.
+// sass-budget: mk::router::route_fwd_sort<__nv_bfloat16,*> block=256 smem=49152 regs<=64 spill=0
+// sass-budget: mk::router::route_fwd_sort<__half,*> block=256 smem=49152 regs<=64 spill=0
+// sass-budget: mk::router::route_fwd_sort<float,*> block=256 smem=49152 regs<=64 spill=0
+// sass-budget: mk::router::route_fwd_sort<double,*> block=256 smem=49152 regs<=64 spill=8
 template <class TI, class TO>
 MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
     route_fwd_sort(const TI* __restrict__ z, FwdOut<TO> out, FwdOpts<acc_t<TO>> o, int np) {
@@ -842,6 +846,56 @@ static_assert(kCosRows == kCosExperts, "cosine staging loop loads one h row per 
 
 // ---- backward ----
 
+// The gradient through the renormalisation, shared by the backward kernels. Over the kept slots
+// (g = dL/dw_j [+ the dense gradient], p = p_j, pmax = max p_sel, S = Σ p_sel) the sums
+// sgp = Σ g p and, for softmax, with e' = exp(p - pmax): Z = Σ e', a1 = Σ e' g, a2 = Σ e' g p,
+// a3 = Σ e' p; then g_j = dL/dp_j for the kept experts and c = Σ_l g_l p_l:
+//   none:    g = gw                              c = Σ gw p
+//   sum:     g = (gw - D) / S,  D = Σ gw p / S     c = 0 (w is invariant to scaling p)
+//   softmax: g = w (gw - D),    w = e'/Z, D = Σ w gw   c = (Σ e' gw p - D Σ e' p) / Z
+template <class A> struct RenormGrad {
+  int renorm;
+  A pmax;
+  A sgp = A(0), zs = A(0), a1 = A(0), a2 = A(0), a3 = A(0);
+  A D = A(0), c = A(0), inv_z = A(0), inv_s = A(0);
+
+  MK_DEVICE void add(A g, A p) {  // one kept slot
+    sgp += g * p;
+    if (renorm == kSoftmax) {
+      const A ep = exp_acc(p - pmax);
+      zs += ep;
+      a1 += ep * g;
+      a2 += ep * g * p;
+      a3 += ep * p;
+    }
+  }
+  template <class F> MK_DEVICE void reduce(F&& f) {  // f: the (collective) sum over the row's threads
+    sgp = f(sgp);
+    if (renorm == kSoftmax) {  // uniform
+      zs = f(zs);
+      a1 = f(a1);
+      a2 = f(a2);
+      a3 = f(a3);
+    }
+  }
+  MK_DEVICE void finish(bool rowok, A S) {  // D, c from the reduced sums
+    if (!rowok) return;
+    inv_s = A(1) / S;
+    if (renorm == kNone) c = sgp;
+    else if (renorm == kSum) D = sgp * inv_s;
+    else {
+      inv_z = A(1) / zs;
+      D = a1 * inv_z;
+      c = (a2 - D * a3) * inv_z;
+    }
+  }
+  MK_DEVICE A grad(A g, A p) const {  // g_j of a kept slot
+    if (renorm == kNone) return g;
+    if (renorm == kSum) return (g - D) * inv_s;
+    return exp_acc(p - pmax) * inv_z * (g - D);
+  }
+};
+
 // The row in registers (expert i = v·GROUP + lane, v < VPL), x = z·r, and its softmax statistics.
 // Every lane of the warp calls it.
 template <class T, int GROUP, int VPL>
@@ -947,43 +1001,14 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
   pmax = group_reduce<GROUP>(pmax, MaxOp{});
   const bool rowok = st.valid && S > A(0);
 
-  // Pass B: the sums the renormalisation's gradient needs.
-  A sgp = A(0), zs = A(0), a1 = A(0), a2 = A(0), a3 = A(0);
+  // Pass B: the sums the renormalisation's gradient needs, then D, c.
+  RenormGrad<A> rg{renorm, pmax};
   for (int j0 = 0; j0 < kmax; j0 += GROUP) {
     const Slot s = one_chunk ? s0 : slot(j0);
-    if (rowok && s.id >= 0) {
-      sgp += s.g * s.p;
-      if (renorm == kSoftmax) {
-        const A ep = exp_acc(s.p - pmax);
-        zs += ep;
-        a1 += ep * s.g;
-        a2 += ep * s.g * s.p;
-        a3 += ep * s.p;
-      }
-    }
+    if (rowok && s.id >= 0) rg.add(s.g, s.p);
   }
-  sgp = group_reduce<GROUP>(sgp, SumOp{});
-  if (renorm == kSoftmax) {  // uniform
-    zs = group_reduce<GROUP>(zs, SumOp{});
-    a1 = group_reduce<GROUP>(a1, SumOp{});
-    a2 = group_reduce<GROUP>(a2, SumOp{});
-    a3 = group_reduce<GROUP>(a3, SumOp{});
-  }
-  // g_j = dL/dp_j for the kept experts; c = Σ_l g_l p_l.
-  //   none:    g = gw                              c = Σ gw p
-  //   sum:     g = (gw - D) / S,  D = Σ gw p / S     c = 0 (w is invariant to scaling p)
-  //   softmax: g = w (gw - D),    w = e'/Z, D = Σ w gw   c = (Σ e' gw p - D Σ e' p) / Z
-  A D = A(0), c = A(0), inv_z = A(0);
-  const A inv_s = rowok ? A(1) / S : A(0);
-  if (rowok) {
-    if (renorm == kNone) c = sgp;
-    else if (renorm == kSum) D = sgp * inv_s;
-    else {
-      inv_z = A(1) / zs;
-      D = a1 * inv_z;
-      c = (a2 - D * a3) * inv_z;
-    }
-  }
+  rg.reduce([](A v) { return group_reduce<GROUP>(v, SumOp{}); });
+  rg.finish(rowok, S);
 
   // Pass C: scatter g to the lanes owning each kept expert (group broadcasts, no shared memory).
   A gacc[VPL];
@@ -994,11 +1019,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
       const Slot s = one_chunk ? s0 : slot(j0);
       A g = A(0);
       const int id = rowok ? s.id : -1;
-      if (id >= 0) {
-        if (renorm == kNone) g = s.g;
-        else if (renorm == kSum) g = (s.g - D) * inv_s;
-        else g = exp_acc(s.p - pmax) * inv_z * (s.g - D);
-      }
+      if (id >= 0) g = rg.grad(s.g, s.p);
       const int lim = kmax - j0 < GROUP ? kmax - j0 : GROUP;  // warp-uniform
       for (int q = 0; q < lim; ++q) {
         const int bid = shfl_idx(id, gbase + q);
@@ -1018,7 +1039,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kThreads)
     const int i = v * GROUP + glane;
     if (i >= n) continue;
     const A p = st.e[v] * st.inv_sum;
-    const A d = p * (gacc[v] - c);
+    const A d = p * (gacc[v] - rg.c);
     dlogits[row * n + i] = from_acc<T>(rowok ? (unit ? d : d * r) : A(0));
   }
 }
@@ -1089,40 +1110,15 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
   S = block_sum(S, red);
   pmax = block_reduce(pmax, red, MaxOp{});
   const bool rowok = valid && S > A(0);
-  A sgp = A(0), zs = A(0), a1 = A(0), a2 = A(0), a3 = A(0);
+  RenormGrad<A> rg{renorm, pmax};
   if (rowok) {  // uniform
     for (int j = tid; j < kmax; j += kSortThreads) {
       const Slot s = slot(j);
-      if (s.id < 0) continue;
-      sgp += s.g * s.p;
-      if (renorm == kSoftmax) {
-        const A ep = exp_acc(s.p - pmax);
-        zs += ep;
-        a1 += ep * s.g;
-        a2 += ep * s.g * s.p;
-        a3 += ep * s.p;
-      }
+      if (s.id >= 0) rg.add(s.g, s.p);
     }
-    sgp = block_sum(sgp, red);
-    if (renorm == kSoftmax) {
-      zs = block_sum(zs, red);
-      a1 = block_sum(a1, red);
-      a2 = block_sum(a2, red);
-      a3 = block_sum(a3, red);
-    }
+    rg.reduce([&](A v) { return block_sum(v, red); });
   }
-  // the same D, c as route_bwd_kernel
-  A D = A(0), c = A(0), inv_z = A(0);
-  const A inv_s = rowok ? A(1) / S : A(0);
-  if (rowok) {
-    if (renorm == kNone) c = sgp;
-    else if (renorm == kSum) D = sgp * inv_s;
-    else {
-      inv_z = A(1) / zs;
-      D = a1 * inv_z;
-      c = (a2 - D * a3) * inv_z;
-    }
-  }
+  rg.finish(rowok, S);
 
   // scatter g_j to gacc[id_j], warp 0, in slot order
   if (rowok && tid < kWarpSize) {  // uniform per warp
@@ -1133,11 +1129,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
       if (j0 + lane < kmax) {
         const Slot s = slot(j0 + lane);
         id = s.id;
-        if (id >= 0) {
-          if (renorm == kNone) g = s.g;
-          else if (renorm == kSum) g = (s.g - D) * inv_s;
-          else g = exp_acc(s.p - pmax) * inv_z * (s.g - D);
-        }
+        if (id >= 0) g = rg.grad(s.g, s.p);
       }
       const int lim = kmax - j0 < kWarpSize ? kmax - j0 : kWarpSize;
       for (int q = 0; q < lim; ++q) {
@@ -1151,7 +1143,7 @@ MK_GLOBAL void MK_LAUNCH_BOUNDS(kSortThreads)
   T* dz = dlogits + row * n;
   for (int i = tid; i < n; i += kSortThreads) {
     const A p = e_of(scaled(zr[i], r, unit)) * inv_sum;
-    const A d = p * (gacc[i] - c);
+    const A d = p * (gacc[i] - rg.c);
     dz[i] = from_acc<T>(rowok ? (unit ? d : d * r) : A(0));
   }
 }
