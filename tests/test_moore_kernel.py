@@ -145,6 +145,24 @@ def test_emulated_layer_gradients(gops, dtype, p_kind, clip, shape):
 
 
 @pytest.mark.emu
+@pytest.mark.parametrize("T,d_in,R,d_s", [(0, 16, 8, 8), (4, 16, 0, 8), (4, 0, 8, 8), (4, 16, 8, 0)])
+def test_emulated_empty_extents(gops, T, d_in, R, d_s):
+    """Zero-sized extents (review R1): T = 0 / R = 0 return without a launch (dsigma of no tokens is 0, not
+    garbage); d_in = 0 runs only the gate steps (z = 0), d_s = 0 only the x steps; V a non-contiguous view."""
+    dtype = torch.bfloat16
+    f = lambda *shape: (torch.randn(*shape, dtype=torch.float64) * 0.5).to(dtype)  # noqa: E731
+    x, sigma, gx, Q, p = f(T, d_in), f(R), f(T, d_s), f(d_s, R), f(T, R)
+    V = f(R, d_in).T  # column-major view: the wrapper's contiguous copy
+    S = gops.experts_gate_gemm(x, V, sigma, gx, Q, p, True)
+    assert S.shape == (T, R)
+    close_ulp(S, experts_gate_reference(x, V, sigma, gx, Q, p, True), dtype, "S")
+    dS = torch.randn(T, R, dtype=torch.float64).to(dtype)
+    got = gops.experts_gate_bwd(dS, x, V, sigma, gx, Q, p, True, True, True, True)
+    for name, a, b in zip(("dz", "dg", "dsigma"), got, experts_gate_bwd_reference(dS, x, V, sigma, gx, Q, p, True)):
+        close_ulp(a, b, dtype, name)
+
+
+@pytest.mark.emu
 def test_emulated_3d_input(gops):
     """x [2, 3, d_in] with per-token gx and p_task [2, 3, R]: leading dims flattened around the kernel."""
     dtype = torch.bfloat16
