@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import SMALL
 
 from mokernels.ops import moore, rank_one_experts, rank_one_experts_reference
 from mokernels.ops.moore import experts_fused, experts_gate_bwd_reference, experts_gate_reference, gate_backward
@@ -66,6 +67,19 @@ def test_emulated_forward(gops, dtype, shape, p_kind, clip):
     x, U, sigma, V, gx, Q, p = make(T, d_in, R, d_s, p_kind, dtype)
     S = gops.experts_gate_gemm(x, V, sigma, gx, Q, p, clip)
     close_ulp(S, experts_gate_reference(x, V, sigma, gx, Q, p, clip), dtype, "S")
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(SMALL, reason="16 blocks of 256 fibers: split bookkeeping, the TSan pass has the split-K reduce case")
+def test_emulated_forward_split_k_cap_and_empty_splits(gops, monkeypatch):
+    """The d_in split as an H100 picks it (review R1): 132 SMs and one 64 x 128 tile want 264 splits, capped at 16;
+    d_in = 65 K steps of 32 gives 5 steps per split, so splits 13-15 own no x step (z = 0: they add 0 · c) - the
+    emulator's default 2 SMs never split more than 4 ways."""
+    monkeypatch.setenv("MOKERNELS_EMU_NUM_SMS", "132")
+    dtype = torch.bfloat16
+    x, U, sigma, V, gx, Q, p = make(3, 65 * 32, 8, 8, "TR", dtype)
+    S = gops.experts_gate_gemm(x, V, sigma, gx, Q, p, True)
+    close_ulp(S, experts_gate_reference(x, V, sigma, gx, Q, p, True), dtype, "S")
 
 
 @pytest.mark.emu
@@ -142,6 +156,25 @@ def test_emulated_layer_gradients(gops, dtype, p_kind, clip, shape):
         g = got[name]
         assert g is not None and g.dtype == dtype and g.shape == w.shape, name
         assert rel_err(g, w) < 8 * EPS[dtype], (name, rel_err(g, w))
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(SMALL, reason="wrapper early returns and loop bounds, not memory ordering")
+@pytest.mark.parametrize("T,d_in,R,d_s", [(0, 16, 8, 8), (4, 16, 0, 8), (4, 0, 8, 8), (4, 16, 8, 0)])
+def test_emulated_empty_extents(gops, T, d_in, R, d_s):
+    """Zero-sized extents (review R1): T = 0 / R = 0 return without a launch (dsigma of no tokens is 0, not
+    garbage); d_in = 0 runs only the gate steps (z = 0), d_s = 0 only the x steps; V a non-contiguous view."""
+    dtype = torch.bfloat16
+    f = lambda *shape: (torch.randn(*shape, dtype=torch.float64) * 0.5).to(dtype)  # noqa: E731
+    x, sigma, gx, Q, p = f(T, d_in), f(R), f(T, d_s), f(d_s, R), f(T, R)
+    V = f(R, d_in).T  # column-major view: the wrapper's contiguous copy
+    S = gops.experts_gate_gemm(x, V, sigma, gx, Q, p, True)
+    assert S.shape == (T, R)
+    close_ulp(S, experts_gate_reference(x, V, sigma, gx, Q, p, True), dtype, "S")
+    dS = torch.randn(T, R, dtype=torch.float64).to(dtype)
+    got = gops.experts_gate_bwd(dS, x, V, sigma, gx, Q, p, True, True, True, True)
+    for name, a, b in zip(("dz", "dg", "dsigma"), got, experts_gate_bwd_reference(dS, x, V, sigma, gx, Q, p, True)):
+        close_ulp(a, b, dtype, name)
 
 
 @pytest.mark.emu
