@@ -66,6 +66,34 @@ def test_module_fresh_wrap_equals_base_and_merge(shape):
     torch.testing.assert_close(m(x, p), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("merged_src", [True, False])
+def test_module_state_dict_carries_merged_flag(merged_src):
+    """A checkpoint saved after merge_householder_() (V holds Hᵀ V) loaded into a fresh module must not apply H
+    again, and an unmerged one loaded into a merged module must apply it: the flag travels in the state_dict."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 12)
+    src = RankOneExperts.from_linear(lin, num_householder=4, d_s=8)
+    with torch.no_grad():
+        src.householder.U.normal_()
+        src.Q.normal_()
+    x = torch.randn(3, 16)
+    want = src(x)
+    if merged_src:
+        src.merge_householder_()
+    dst = RankOneExperts.from_linear(lin, num_householder=4, d_s=8)
+    if not merged_src:
+        dst.merge_householder_()
+    dst.load_state_dict(src.state_dict())
+    assert dst.householder_merged == merged_src
+    torch.testing.assert_close(dst(x), want, rtol=1e-5, atol=1e-5)
+    dst.unmerge_householder_()
+    torch.testing.assert_close(dst(x), want, rtol=1e-5, atol=1e-5)
+    bare = RankOneExperts.from_linear(lin, num_householder=0, d_s=8)
+    if merged_src:
+        with pytest.raises(ValueError, match="no chain"):
+            bare.load_state_dict(src.state_dict(), strict=False)
+
+
 def test_module_gradients_reach_trainables():
     lin = torch.nn.Linear(10, 6)
     m = RankOneExperts.from_linear(lin, num_householder=2, d_s=3)

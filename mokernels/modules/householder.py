@@ -161,6 +161,21 @@ class RankOneExperts(nn.Module):
             self.householder_merged = False
         return self
 
+    def get_extra_state(self) -> dict:
+        """Whether ``V`` holds ``Hᵀ V`` travels with the buffers in ``state_dict()``: a merged checkpoint loaded
+        into a fresh (unmerged) module would otherwise apply H twice, and an unmerged one loaded into a merged
+        module not at all (both silently wrong)."""
+        return {"householder_merged": bool(self.householder_merged)}
+
+    def set_extra_state(self, state) -> None:
+        if not (isinstance(state, dict) and isinstance(state.get("householder_merged"), bool)):
+            raise ValueError(f"RankOneExperts: state_dict '_extra_state' must be {{'householder_merged': bool}}, "
+                             f"got {state!r}")
+        if state["householder_merged"] and self.householder is None:
+            raise ValueError("RankOneExperts: the state_dict holds V with a Householder chain merged in, but this "
+                             "module has no chain (num_householder=0)")
+        self.householder_merged = state["householder_merged"]
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"d_s={0 if self.Q is None else self.Q.shape[0]}, clip={self.clip}")
