@@ -124,8 +124,16 @@ def test_bad_inputs():
         rank_one_experts(x, U, s, V, gx, Q[:-1], p)
     with pytest.raises(ValueError, match="p_task"):
         rank_one_experts(x, U, s, V, gx, Q, p[:-1])
-    with pytest.raises(ValueError, match="H_vectors|U must be"):
+    # the chain is named H_vectors (rank_one_experts has its own U: naming U here sent users to the wrong tensor)
+    with pytest.raises(ValueError, match=r"H_vectors must be \[L, D\] = \[L, 12\]"):
         rank_one_experts(x, U, s, V, gx, Q, p, Hv[:, :-1])
+    with pytest.raises(ValueError, match="H_vectors must have dtype"):
+        rank_one_experts(x, U, s, V, gx, Q, p, Hv.float())
+    with pytest.raises(ValueError, match=r"W must be \[\.\.\., D\]"):
+        merge_householder(torch.tensor(1.0, dtype=torch.float64), Hv)
+    m = RankOneExperts.from_linear(torch.nn.Linear(12, 9), num_householder=2, d_s=4)
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., in_features\] = \[\.\.\., 12\]"):
+        m(torch.randn(3, 11))
     with pytest.raises(ValueError, match="dtype"):
         rank_one_experts(x, U.float(), s, V, gx, Q, p)
     with pytest.raises(ValueError, match="nn.Linear"):

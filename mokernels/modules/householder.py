@@ -137,6 +137,9 @@ class RankOneExperts(nn.Module):
                    num_householder=num_householder, d_s=d_s, clip=clip, eps=eps)
 
     def forward(self, x: Tensor, p_task: Optional[Tensor] = None) -> Tensor:
+        if not (isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features):
+            raise ValueError(f"RankOneExperts: x must be [..., in_features] = [..., {self.in_features}], got "
+                             f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         dt = x.dtype
         gx = F.linear(x, self.gamma.to(dt)) if self.gamma is not None else None
         Q = self.Q.to(dt) if self.Q is not None else None
