@@ -234,6 +234,11 @@ def test_sliced_and_ranks_bad_inputs():
         lora_apply_sliced(x, As, [Bs[0], Bs[1][:2]], scale, ids=ids)
     with pytest.raises(ValueError, match="base_out must be"):
         lora_apply_sliced(x, As, Bs, scale, ids=ids, base_out=torch.zeros(2, 5))
+    # one slice's [N, r, d_in] passed as the stacked form: named as such, not as N malformed "slices"
+    with pytest.raises(ValueError, match=r"As as one tensor must be stacked \[S, N, r, d_in\], got \[3, 4, 8\]"):
+        lora_apply_sliced(x, As[0], Bs[:1], scale, ids=ids)
+    with pytest.raises(ValueError, match=r"Bs as one tensor must be stacked \[S, N, d_out, r\]"):
+        lora_apply_sliced(x, As[:1], Bs[0], scale, ids=ids)
     A, B = As[0], Bs[0]
     for bad, msg in ((torch.tensor([1, 5, 2]), r"ranks must be in \[0, r\] = \[0, 4\]"),
                      (torch.tensor([1, -1, 2]), r"ranks must be in \[0, r\]"),

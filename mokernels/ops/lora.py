@@ -532,6 +532,10 @@ def lora_apply_sliced(
     backward kernels once per slice and sums dx / d(weights)).
     """
     op = "lora_apply_sliced"
+    for name, t, shape in (("As", As, "[S, N, r, d_in]"), ("Bs", Bs, "[S, N, d_out, r]")):
+        # a lone [N, r, d_in] / [N, d_out, r] would otherwise be unbound into N "slices" and fail on their shapes
+        expect(not isinstance(t, Tensor) or t.dim() == 4, op, f"{name} as one tensor must be stacked {shape}, got "
+               f"{list(t.shape) if isinstance(t, Tensor) else ''} (one slice: pass [{name[0]}] or use lora_apply)")
     As = list(As.unbind(0)) if isinstance(As, Tensor) else list(As) if isinstance(As, Sequence) else As
     Bs = list(Bs.unbind(0)) if isinstance(Bs, Tensor) else list(Bs) if isinstance(Bs, Sequence) else Bs
     expect(isinstance(As, list) and isinstance(Bs, list) and 1 <= len(As) <= MAX_SLICES and len(As) == len(Bs), op,
