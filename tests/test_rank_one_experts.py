@@ -167,3 +167,35 @@ def test_cuda_matches_reference(dtype):
     want = rank_one_experts_reference(*[a.double() for a in args])
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2 * want.abs().max().item())
     torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_autocast_keeps_fp32_math_and_casts_params():
+    """README "Autocast": under torch.autocast every parameter follows x's dtype (differentiable cast: fp32
+    params get fp32 grads) and the math stays fp32 — before, the CPU path's fp32 GEMMs (householder_apply,
+    rank_one_experts and the registered ops' CPU kernels) ran in bf16 inside the region (fp32 x: ~1e-2 error)."""
+    from mokernels.ops import moore
+
+    torch.manual_seed(0)
+    x, U, s, V, gx, Q, p, Hv = make(T=6, d_in=48, d_out=20, d_s=8, L=4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_h = householder_apply(x, Hv)
+        y_r = rank_one_experts(x, U, s, V, gx, Q, p, Hv)
+        y_op = torch.ops.mokernels.householder_apply(x, Hv, False, 1e-12, False)[0]
+        if moore.HAS_OP:
+            S_op = torch.ops.mokernels.experts_gate_gemm(x, V, s, gx, Q, p, False)
+    torch.testing.assert_close(y_h, householder_apply(x, Hv), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_op, householder_apply(x, Hv), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_r, rank_one_experts(x, U, s, V, gx, Q, p, Hv), rtol=1e-6, atol=1e-6)
+    if moore.HAS_OP:
+        torch.testing.assert_close(S_op, moore.experts_gate_reference(x, V, s, gx, Q, p), rtol=1e-6, atol=1e-6)
+    # bf16 activations, fp32 parameters: cast to bf16, gradients reach the fp32 parameters
+    xb = x.bfloat16()
+    params = [t.clone().requires_grad_() for t in (U, s, V, Q, p, Hv)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rank_one_experts(xb, params[0], params[1], params[2], gx.bfloat16(), params[3], params[4], params[5])
+    assert y.dtype == torch.bfloat16
+    want = rank_one_experts(xb, *(t.bfloat16() for t in (U, s, V)), gx.bfloat16(), Q.bfloat16(), p.bfloat16(),
+                            Hv.bfloat16())
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in params)

@@ -2,6 +2,8 @@
 the argument and the expected shape/dtype, on every device and at trace time."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -103,3 +105,11 @@ def autocast_like(device_type: str, like: torch.Tensor, *ts):
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return tuple(t.to(like.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts)
     return ts
+
+
+def autocast_off(device_type: str):
+    """Context with ``torch.autocast`` disabled for ``device_type``: the references promise fp32 math (fp64 for
+    fp64), but inside an autocast region their fp32 GEMMs would silently run in the autocast dtype."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

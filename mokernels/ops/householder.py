@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, autocast_like, expect, expect_dtype, expect_same_device, grad_or_tangent, is_eager
+from ._checks import acc_dtype, autocast_like, autocast_off, expect, expect_dtype, expect_same_device, grad_or_tangent, is_eager
 
 _OP = "householder_apply"
 MAX_L = 64  # the fused SIMT kernel's limit (L <= 64); longer chains run in blocks of <= 64 (householder_apply_blocked)
@@ -210,6 +210,11 @@ def householder_apply(x: Tensor, U: Tensor, *, transpose: bool = False, eps: flo
     if isinstance(x, Tensor):
         (U,) = autocast_like(x.device.type, x, U)
     check_args(_OP, x, U, eps)
+    with autocast_off(x.device.type):  # fp32 math inside an autocast region too (README "Autocast")
+        return _householder_apply(x, U, transpose, eps)
+
+
+def _householder_apply(x: Tensor, U: Tensor, transpose: bool, eps: float) -> Tensor:
     if x.device.type != "cuda" or not _HAS_OP or U.shape[0] == 0:
         return householder_apply_reference(x, U, transpose=transpose, eps=eps)
     if U.shape[0] > MAX_L:
@@ -359,6 +364,11 @@ def rank_one_experts(x: Tensor, U: Tensor, sigma: Tensor, V: Tensor, gx: Tensor 
     if isinstance(x, Tensor):
         U, sigma, V, gx, Q, p_task, H_vectors = autocast_like(x.device.type, x, U, sigma, V, gx, Q, p_task, H_vectors)
     _check_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, eps)
+    with autocast_off(x.device.type):  # fp32 math inside an autocast region too (README "Autocast")
+        return _rank_one_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, clip, eps)
+
+
+def _rank_one_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, clip, eps):
     xh = x if H_vectors is None else householder_apply(x, H_vectors, eps=eps)
     if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16):
         from . import moore
@@ -419,7 +429,7 @@ def _fake_outputs(x, U, return_s):
 
 def _cpu_op(x, U, transpose, eps, return_s):
     check_args(_OP, x, U, eps)
-    with torch.no_grad():
+    with torch.no_grad(), autocast_off("cpu"):
         out = householder_apply_reference(x, U, transpose=transpose, eps=eps)
         _, s = _fake_outputs(x, U, return_s)
         if return_s and U.shape[0]:
@@ -451,7 +461,8 @@ def kernel_backward(ops, grad: Tensor, x: Tensor, U: Tensor, transpose: bool, ep
 
 def _grad_y_reference(alpha: Tensor, beta: Tensor, g: Tensor, x: Tensor) -> Tensor:
     """``householder_grad_y``'s specification (its CPU kernel): ``αᵀ g + βᵀ x`` in α's (fp32 / fp64) dtype."""
-    return alpha.T @ g.to(alpha.dtype) + beta.T @ x.to(alpha.dtype)
+    with autocast_off(alpha.device.type):
+        return alpha.T @ g.to(alpha.dtype) + beta.T @ x.to(alpha.dtype)
 
 
 if _HAS_OP:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, expect, expect_dtype, expect_same_device
+from ._checks import acc_dtype, autocast_off, expect, expect_dtype, expect_same_device
 
 _FWD = "experts_gate_gemm"
 _BWD = "experts_gate_bwd"
@@ -140,14 +140,14 @@ if HAS_OP:
     @torch.library.register_kernel("mokernels::" + _FWD, "cpu")
     def _cpu_fwd(x, V, sigma, gx, Q, p_task, clip):
         check_gate_args(_FWD, x, V, sigma, gx, Q, p_task)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off("cpu"):
             return experts_gate_reference(x, V, sigma, gx, Q, p_task, clip)
 
     @torch.library.register_kernel("mokernels::" + _BWD, "cpu")
     def _cpu_bwd(dS, x, V, sigma, gx, Q, p_task, clip, need_dz, need_dg, need_dsigma):
         check_gate_args(_BWD, x, V, sigma, gx, Q, p_task)
         expect(dS.shape == (x.shape[0], V.shape[1]), _BWD, f"dS must be [T, R] = [{x.shape[0]}, {V.shape[1]}]")
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off("cpu"):
             dz, dg, ds = experts_gate_bwd_reference(dS, x, V, sigma, gx, Q, p_task, clip)
         e = x.new_empty((0,))
         return dz if need_dz else e, dg if need_dg else e, ds if need_dsigma else e
