@@ -345,3 +345,24 @@ def test_cuda_sliced_and_ranks_match_reference(monkeypatch, path, use_ranks):
     wantg = torch.autograd.grad(yc, cpu_leaves, g.cpu().float())
     for a, b in zip(got, wantg):
         torch.testing.assert_close(a.cpu().float(), b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
+
+
+def test_forward_mode_ad_is_a_clear_error():
+    """The LoRA ops have reverse-mode autograd only: a forward-mode tangent used to be dropped silently
+    (forward_ad: no tangent on the output; torch.func.jvp: a zero tangent). Now NotImplementedError."""
+    import torch.autograd.forward_ad as fwAD
+
+    N, r, d_in = 3, 4, 8
+    As, Bs, scale = _slices(N, r, d_in, [5, 3], torch.float32)
+    x = torch.randn(2, d_in)
+    ids = torch.tensor([0, 2])
+    calls = [lambda x_: lora_apply_sliced(x_, As, Bs, scale, ids=ids),
+             lambda x_: lora_apply(x_, As[0], Bs[0], scale, ids=ids, ranks=torch.tensor([4, 1, 0])),
+             lambda x_: lora_apply(x_, As[0], Bs[0], scale, ids=ids.int(), validate=False)]
+    for f in calls:
+        with pytest.raises(NotImplementedError, match="forward-mode AD is not supported"):
+            torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f(fwAD.make_dual(x, torch.ones_like(x)))
+        with fwAD.dual_level():  # a dual level without tangents on the inputs is fine
+            torch.testing.assert_close(f(x), f(x.clone()))

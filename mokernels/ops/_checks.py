@@ -113,3 +113,15 @@ def autocast_off(device_type: str):
     if device_type in ("cpu", "cuda"):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def expect_no_tangent(op: str, ts, what: str) -> None:
+    """Ops with reverse-mode autograd only (torch.library registers no forward-mode formula): a forward-mode
+    tangent (``torch.autograd.forward_ad``, or ``torch.func.jvp``, which makes dual tensors too) on any of
+    ``ts`` (described by ``what``) would be dropped silently — the output came back without a tangent, or with
+    a zero one under ``jvp`` — so it is an error. Free outside a ``dual_level``."""
+    if _forward_ad._current_level < 0:
+        return
+    if any(isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in ts):
+        raise NotImplementedError(f"mokernels.{op}: forward-mode AD is not supported (a tangent on {what} would be "
+                                  "dropped): use reverse mode (Tensor.backward / torch.autograd.grad)")

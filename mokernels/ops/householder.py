@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, autocast_like, autocast_off, expect, expect_dtype, expect_same_device, grad_or_tangent, is_eager
+from ._checks import (acc_dtype, autocast_like, autocast_off, expect, expect_dtype, expect_same_device,
+                      grad_or_tangent, is_eager)
 
 _OP = "householder_apply"
 MAX_L = 64  # the fused SIMT kernel's limit (L <= 64); longer chains run in blocks of <= 64 (householder_apply_blocked)

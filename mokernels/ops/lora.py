@@ -75,7 +75,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype, grad_or_tangent
+from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype, expect_no_tangent, grad_or_tangent
 from ._checks import is_eager as _is_eager
 from .router import Routing
 
@@ -446,10 +446,11 @@ def _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture, base_o
     return lead, T, d_out, i, w, off, s, base
 
 
-def _call_op(op, grad_ts, *args):
+def _call_op(op, name: str, grad_ts, *args):
     """The op through its autograd kernel only when autograd may see an input (the Python layer of
     register_autograd costs ~10-15 µs per call even when nothing needs a gradient)."""
     if grad_or_tangent(*grad_ts) or not _is_eager("cpu"):
+        expect_no_tangent(name, grad_ts, "x, the adapters, mixture weights or base_out")
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
@@ -496,7 +497,8 @@ def lora_apply(
     if ranks is not None:
         ranks = _check_ranks(ranks, B.shape[0], B.shape[2], x, validate, "lora_apply")
     grad_ts = (x, A, B) if w is None and base is None else tuple(t for t in (x, A, B, w, base) if t is not None)
-    y = _call_op(torch.ops.mokernels.lora_apply, grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base, ranks)
+    y = _call_op(torch.ops.mokernels.lora_apply, "lora_apply", grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off,
+                 base, ranks)
     return y.reshape(*lead, d_out)
 
 
@@ -555,8 +557,8 @@ def lora_apply_sliced(
     s = _scale_tensor(scale, N, x, op)
     rk = _check_ranks(ranks, N, r, x, validate, op)
     grad_ts = (x, *As, *Bs, *(t for t in (w, base) if t is not None))
-    y = _call_op(torch.ops.mokernels.lora_apply_sliced, grad_ts, x.reshape(T, x.shape[-1]), As, Bs, s, i, w, off, base,
-                 rk)
+    y = _call_op(torch.ops.mokernels.lora_apply_sliced, "lora_apply_sliced", grad_ts, x.reshape(T, x.shape[-1]), As, Bs,
+                 s, i, w, off, base, rk)
     return y.reshape(*lead, d_out)
 
 

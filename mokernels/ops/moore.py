@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, autocast_off, expect, expect_dtype, expect_same_device
+from ._checks import acc_dtype, autocast_off, expect, expect_dtype, expect_no_tangent, expect_same_device
 
 _FWD = "experts_gate_gemm"
 _BWD = "experts_gate_bwd"
@@ -116,6 +116,7 @@ def experts_fused(ops, x: Tensor, U: Tensor, sigma: Tensor, V: Tensor, gx: Tenso
     """``y = experts_gate_gemm(x, V, σ, gx, Q, p_task) Uᵀ`` for ``x [..., d_in]`` (leading dims flattened; gx and
     a per-token p_task likewise), through the op namespace ``ops``. Arguments as checked by
     ``householder._check_experts``; autograd through ``torch.ops.mokernels`` (the registered formula below)."""
+    expect_no_tangent("rank_one_experts", (x, U, sigma, V, gx, Q, p_task), "an input (fused CUDA path)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     gx2 = gx.reshape(-1, gx.shape[-1]) if gx is not None else None
