@@ -11,6 +11,7 @@ from mokernels.ops.lora import (
     lora_apply_reference,
     lora_apply_sliced,
     lora_apply_sliced_reference,
+    lora_shared_apply,
 )
 
 from conftest import SMALL
@@ -356,9 +357,11 @@ def test_forward_mode_ad_is_a_clear_error():
     As, Bs, scale = _slices(N, r, d_in, [5, 3], torch.float32)
     x = torch.randn(2, d_in)
     ids = torch.tensor([0, 2])
+    dense = torch.rand(2, N)
     calls = [lambda x_: lora_apply_sliced(x_, As, Bs, scale, ids=ids),
              lambda x_: lora_apply(x_, As[0], Bs[0], scale, ids=ids, ranks=torch.tensor([4, 1, 0])),
-             lambda x_: lora_apply(x_, As[0], Bs[0], scale, ids=ids.int(), validate=False)]
+             lambda x_: lora_apply(x_, As[0], Bs[0], scale, ids=ids.int(), validate=False),
+             lambda x_: lora_shared_apply(x_, As[0][0], Bs[0], 1.0, weights=dense)]
     for f in calls:
         with pytest.raises(NotImplementedError, match="forward-mode AD is not supported"):
             torch.func.jvp(f, (x,), (torch.ones_like(x),))

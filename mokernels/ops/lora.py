@@ -688,6 +688,7 @@ def lora_shared_apply(
         if validate and _is_eager():
             validate_routing(LoraRouting(i, w, None), N, T, op, "mixture ids")
     base = _check_base(base_out, lead, d_out, x, op)
+    expect_no_tangent(op, (x, A, B, w, base), "x, A, B, the expert weights or base_out")
     y = torch.ops.mokernels.lora_shared_apply(x.reshape(T, d_in), A, B, float(scale), i, w, base)
     return y.reshape(*lead, d_out)
 
