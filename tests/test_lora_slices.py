@@ -369,3 +369,22 @@ def test_forward_mode_ad_is_a_clear_error():
             f(fwAD.make_dual(x, torch.ones_like(x)))
         with fwAD.dual_level():  # a dual level without tangents on the inputs is fine
             torch.testing.assert_close(f(x), f(x.clone()))
+
+
+def test_empty_adapter_pool_is_no_update():
+    """N = 0 adapters (a server with none loaded yet, every id -1): the output is base_out (or 0) and every
+    gradient is zero — the CPU reference used to fail with an IndexError on the empty scale (the kernels
+    already handled it)."""
+    d_in, r = 8, 4
+    x = torch.randn(3, d_in, requires_grad=True)
+    A = torch.randn(0, r, d_in, requires_grad=True)
+    B = torch.randn(0, 5, r, requires_grad=True)
+    base = torch.randn(3, 10, requires_grad=True)
+    w = torch.rand(3, 2, requires_grad=True)
+    y = lora_apply_sliced(x, [A, A], [B, B], torch.zeros(0), mixture=(torch.full((3, 2), -1), w), base_out=base,
+                          ranks=torch.zeros(0, dtype=torch.int32))
+    torch.testing.assert_close(y, base, rtol=0, atol=0)
+    y.square().sum().backward()
+    assert x.grad.abs().max() == 0 and w.grad.abs().max() == 0 and A.grad.shape == A.shape
+    torch.testing.assert_close(base.grad, 2 * base.detach())
+    assert lora_apply(x.detach(), A.detach(), B.detach(), 1.0, ids=torch.full((3,), -1)).abs().max() == 0

@@ -784,7 +784,7 @@ def _token_routing(rt: LoraRouting, T: int, N: int, device, scale: Optional[Tens
     coef = valid
     if w_t is not None:
         coef = coef * w_t.to(acc)
-    if scale is not None:
+    if scale is not None and N > 0:  # N = 0: every slot is invalid (coef 0) and scale is empty
         coef = coef * scale.to(acc)[idc]
     return idc, valid, coef
 
@@ -837,6 +837,9 @@ def lora_apply_reference(x, A, B, scale, ids, weights=None, offsets=None, base_o
     N, d_out, r = B.shape
     T = x.shape[0]
     acc = acc_dtype(x.dtype)
+    if N == 0:  # an empty adapter pool (every id is -1 or out of range): no update, as the kernels
+        y = x.new_zeros((T, d_out), dtype=acc)
+        return (y if base_out is None else y + base_out.to(acc)).to(x.dtype)
     idc, _, coef = _token_routing(LoraRouting(ids, weights, offsets), T, N, x.device, scale.to(acc))
     k = idc.shape[1]
     h = _shrink_all(x, A).gather(1, idc[:, :, None].expand(T, k, r))  # [T, k, r]
@@ -862,6 +865,9 @@ def _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, nee
     N, d_out, r = B.shape
     T, d_in = x.shape
     acc = acc_dtype(x.dtype)
+    if N == 0:  # an empty adapter pool: the output did not depend on x or the weights
+        dw = None if not (need_w and weights is not None) else torch.zeros_like(weights)
+        return x.new_zeros(x.shape), A.new_zeros(A.shape), B.new_zeros(B.shape), dw
     rt = LoraRouting(ids, weights, offsets)
     idc, valid, coef = _token_routing(rt, T, N, x.device, scale.to(acc))
     k = idc.shape[1]
