@@ -486,7 +486,9 @@ def lora_apply(
         ranks: optional ``[N]`` integer tensor (on x's device): mixed ranks in one batch. Adapter n uses
             only the first ``ranks[n] <= r`` rows of ``A[n]`` and columns of ``B[n]`` (A/B stored padded to
             ``r = r_max``); the kernels neither read nor multiply the padding (prefill: padded to the
-            16-wide mma tile), rank 0 = no update. The padded region gets zero gradients.
+            16-wide mma tile), rank 0 = no update. The padded region gets zero gradients. ``scale`` is not
+            derived from the ranks: pass each adapter's own ``alpha_n / ranks[n]`` (PEFT's scaling), not
+            ``alpha / r_max``.
         validate: eager-mode metadata check (one fused pass, one host sync); see the module docstring.
     Returns:
         ``[..., d_out]`` in x's dtype: ``base_out + delta`` (or the delta alone).
