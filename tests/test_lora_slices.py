@@ -11,6 +11,7 @@ from mokernels.ops.lora import (
     lora_apply_reference,
     lora_apply_sliced,
     lora_apply_sliced_reference,
+    lora_shared_apply,
 )
 
 from conftest import SMALL
@@ -234,6 +235,11 @@ def test_sliced_and_ranks_bad_inputs():
         lora_apply_sliced(x, As, [Bs[0], Bs[1][:2]], scale, ids=ids)
     with pytest.raises(ValueError, match="base_out must be"):
         lora_apply_sliced(x, As, Bs, scale, ids=ids, base_out=torch.zeros(2, 5))
+    # one slice's [N, r, d_in] passed as the stacked form: named as such, not as N malformed "slices"
+    with pytest.raises(ValueError, match=r"As as one tensor must be stacked \[S, N, r, d_in\], got \[3, 4, 8\]"):
+        lora_apply_sliced(x, As[0], Bs[:1], scale, ids=ids)
+    with pytest.raises(ValueError, match=r"Bs as one tensor must be stacked \[S, N, d_out, r\]"):
+        lora_apply_sliced(x, As[:1], Bs[0], scale, ids=ids)
     A, B = As[0], Bs[0]
     for bad, msg in ((torch.tensor([1, 5, 2]), r"ranks must be in \[0, r\] = \[0, 4\]"),
                      (torch.tensor([1, -1, 2]), r"ranks must be in \[0, r\]"),
@@ -340,3 +346,45 @@ def test_cuda_sliced_and_ranks_match_reference(monkeypatch, path, use_ranks):
     wantg = torch.autograd.grad(yc, cpu_leaves, g.cpu().float())
     for a, b in zip(got, wantg):
         torch.testing.assert_close(a.cpu().float(), b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
+
+
+def test_forward_mode_ad_is_a_clear_error():
+    """The LoRA ops have reverse-mode autograd only: a forward-mode tangent used to be dropped silently
+    (forward_ad: no tangent on the output; torch.func.jvp: a zero tangent). Now NotImplementedError."""
+    import torch.autograd.forward_ad as fwAD
+
+    N, r, d_in = 3, 4, 8
+    As, Bs, scale = _slices(N, r, d_in, [5, 3], torch.float32)
+    x = torch.randn(2, d_in)
+    ids = torch.tensor([0, 2])
+    dense = torch.rand(2, N)
+    calls = [lambda x_: lora_apply_sliced(x_, As, Bs, scale, ids=ids),
+             lambda x_: lora_apply(x_, As[0], Bs[0], scale, ids=ids, ranks=torch.tensor([4, 1, 0])),
+             lambda x_: lora_apply(x_, As[0], Bs[0], scale, ids=ids.int(), validate=False),
+             lambda x_: lora_shared_apply(x_, As[0][0], Bs[0], 1.0, weights=dense)]
+    for f in calls:
+        with pytest.raises(NotImplementedError, match="forward-mode AD is not supported"):
+            torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f(fwAD.make_dual(x, torch.ones_like(x)))
+        with fwAD.dual_level():  # a dual level without tangents on the inputs is fine
+            torch.testing.assert_close(f(x), f(x.clone()))
+
+
+def test_empty_adapter_pool_is_no_update():
+    """N = 0 adapters (a server with none loaded yet, every id -1): the output is base_out (or 0) and every
+    gradient is zero — the CPU reference used to fail with an IndexError on the empty scale (the kernels
+    already handled it)."""
+    d_in, r = 8, 4
+    x = torch.randn(3, d_in, requires_grad=True)
+    A = torch.randn(0, r, d_in, requires_grad=True)
+    B = torch.randn(0, 5, r, requires_grad=True)
+    base = torch.randn(3, 10, requires_grad=True)
+    w = torch.rand(3, 2, requires_grad=True)
+    y = lora_apply_sliced(x, [A, A], [B, B], torch.zeros(0), mixture=(torch.full((3, 2), -1), w), base_out=base,
+                          ranks=torch.zeros(0, dtype=torch.int32))
+    torch.testing.assert_close(y, base, rtol=0, atol=0)
+    y.square().sum().backward()
+    assert x.grad.abs().max() == 0 and w.grad.abs().max() == 0 and A.grad.shape == A.shape
+    torch.testing.assert_close(base.grad, 2 * base.detach())
+    assert lora_apply(x.detach(), A.detach(), B.detach(), 1.0, ids=torch.full((3,), -1)).abs().max() == 0

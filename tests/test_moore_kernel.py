@@ -252,3 +252,20 @@ def test_cpu_op_gradcheck_and_double_backward():
     f = lambda *a: torch.ops.mokernels.experts_gate_gemm(*a, False)  # noqa: E731
     assert torch.autograd.gradcheck(f, ins)
     assert torch.autograd.gradgradcheck(f, ins)
+
+
+def test_fused_path_rejects_forward_mode_ad():
+    """experts_fused (the CUDA path of rank_one_experts) has reverse-mode autograd only: a forward-mode tangent
+    was dropped silently (no tangent on y); now a clear error. The CPU reference path keeps forward mode."""
+    import torch.autograd.forward_ad as fwAD
+
+    if not moore.HAS_OP:
+        pytest.skip("extension without experts_gate_gemm")
+    x, U, sigma, V, gx, Q, p = make(3, 8, 4, 2, "R", torch.float32)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            experts_fused(torch.ops.mokernels, xd, U, sigma, V, gx, Q, p, False)
+        t = fwAD.unpack_dual(rank_one_experts(xd, U, sigma, V, gx, Q, p)).tangent  # CPU: the reference
+        want = ((torch.ones_like(x) @ V) * (sigma + p + gx @ Q)) @ U.T
+        torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-5)

@@ -66,6 +66,34 @@ def test_module_fresh_wrap_equals_base_and_merge(shape):
     torch.testing.assert_close(m(x, p), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("merged_src", [True, False])
+def test_module_state_dict_carries_merged_flag(merged_src):
+    """A checkpoint saved after merge_householder_() (V holds Hᵀ V) loaded into a fresh module must not apply H
+    again, and an unmerged one loaded into a merged module must apply it: the flag travels in the state_dict."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 12)
+    src = RankOneExperts.from_linear(lin, num_householder=4, d_s=8)
+    with torch.no_grad():
+        src.householder.U.normal_()
+        src.Q.normal_()
+    x = torch.randn(3, 16)
+    want = src(x)
+    if merged_src:
+        src.merge_householder_()
+    dst = RankOneExperts.from_linear(lin, num_householder=4, d_s=8)
+    if not merged_src:
+        dst.merge_householder_()
+    dst.load_state_dict(src.state_dict())
+    assert dst.householder_merged == merged_src
+    torch.testing.assert_close(dst(x), want, rtol=1e-5, atol=1e-5)
+    dst.unmerge_householder_()
+    torch.testing.assert_close(dst(x), want, rtol=1e-5, atol=1e-5)
+    bare = RankOneExperts.from_linear(lin, num_householder=0, d_s=8)
+    if merged_src:
+        with pytest.raises(ValueError, match="no chain"):
+            bare.load_state_dict(src.state_dict(), strict=False)
+
+
 def test_module_gradients_reach_trainables():
     lin = torch.nn.Linear(10, 6)
     m = RankOneExperts.from_linear(lin, num_householder=2, d_s=3)
@@ -96,8 +124,16 @@ def test_bad_inputs():
         rank_one_experts(x, U, s, V, gx, Q[:-1], p)
     with pytest.raises(ValueError, match="p_task"):
         rank_one_experts(x, U, s, V, gx, Q, p[:-1])
-    with pytest.raises(ValueError, match="H_vectors|U must be"):
+    # the chain is named H_vectors (rank_one_experts has its own U: naming U here sent users to the wrong tensor)
+    with pytest.raises(ValueError, match=r"H_vectors must be \[L, D\] = \[L, 12\]"):
         rank_one_experts(x, U, s, V, gx, Q, p, Hv[:, :-1])
+    with pytest.raises(ValueError, match="H_vectors must have dtype"):
+        rank_one_experts(x, U, s, V, gx, Q, p, Hv.float())
+    with pytest.raises(ValueError, match=r"W must be \[\.\.\., D\]"):
+        merge_householder(torch.tensor(1.0, dtype=torch.float64), Hv)
+    m = RankOneExperts.from_linear(torch.nn.Linear(12, 9), num_householder=2, d_s=4)
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., in_features\] = \[\.\.\., 12\]"):
+        m(torch.randn(3, 11))
     with pytest.raises(ValueError, match="dtype"):
         rank_one_experts(x, U.float(), s, V, gx, Q, p)
     with pytest.raises(ValueError, match="nn.Linear"):
@@ -131,3 +167,35 @@ def test_cuda_matches_reference(dtype):
     want = rank_one_experts_reference(*[a.double() for a in args])
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2 * want.abs().max().item())
     torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_autocast_keeps_fp32_math_and_casts_params():
+    """README "Autocast": under torch.autocast every parameter follows x's dtype (differentiable cast: fp32
+    params get fp32 grads) and the math stays fp32 — before, the CPU path's fp32 GEMMs (householder_apply,
+    rank_one_experts and the registered ops' CPU kernels) ran in bf16 inside the region (fp32 x: ~1e-2 error)."""
+    from mokernels.ops import moore
+
+    torch.manual_seed(0)
+    x, U, s, V, gx, Q, p, Hv = make(T=6, d_in=48, d_out=20, d_s=8, L=4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_h = householder_apply(x, Hv)
+        y_r = rank_one_experts(x, U, s, V, gx, Q, p, Hv)
+        y_op = torch.ops.mokernels.householder_apply(x, Hv, False, 1e-12, False)[0]
+        if moore.HAS_OP:
+            S_op = torch.ops.mokernels.experts_gate_gemm(x, V, s, gx, Q, p, False)
+    torch.testing.assert_close(y_h, householder_apply(x, Hv), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_op, householder_apply(x, Hv), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_r, rank_one_experts(x, U, s, V, gx, Q, p, Hv), rtol=1e-6, atol=1e-6)
+    if moore.HAS_OP:
+        torch.testing.assert_close(S_op, moore.experts_gate_reference(x, V, s, gx, Q, p), rtol=1e-6, atol=1e-6)
+    # bf16 activations, fp32 parameters: cast to bf16, gradients reach the fp32 parameters
+    xb = x.bfloat16()
+    params = [t.clone().requires_grad_() for t in (U, s, V, Q, p, Hv)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rank_one_experts(xb, params[0], params[1], params[2], gx.bfloat16(), params[3], params[4], params[5])
+    assert y.dtype == torch.bfloat16
+    want = rank_one_experts(xb, *(t.bfloat16() for t in (U, s, V)), gx.bfloat16(), Q.bfloat16(), p.bfloat16(),
+                            Hv.bfloat16())
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in params)

@@ -137,6 +137,9 @@ class RankOneExperts(nn.Module):
                    num_householder=num_householder, d_s=d_s, clip=clip, eps=eps)
 
     def forward(self, x: Tensor, p_task: Optional[Tensor] = None) -> Tensor:
+        if not (isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features):
+            raise ValueError(f"RankOneExperts: x must be [..., in_features] = [..., {self.in_features}], got "
+                             f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         dt = x.dtype
         gx = F.linear(x, self.gamma.to(dt)) if self.gamma is not None else None
         Q = self.Q.to(dt) if self.Q is not None else None
@@ -160,6 +163,21 @@ class RankOneExperts(nn.Module):
             self.V.copy_(unmerge_householder(self.V.T, self.householder.U.to(self.V.dtype), eps=self.eps).T)
             self.householder_merged = False
         return self
+
+    def get_extra_state(self) -> dict:
+        """Whether ``V`` holds ``Hᵀ V`` travels with the buffers in ``state_dict()``: a merged checkpoint loaded
+        into a fresh (unmerged) module would otherwise apply H twice, and an unmerged one loaded into a merged
+        module not at all (both silently wrong)."""
+        return {"householder_merged": bool(self.householder_merged)}
+
+    def set_extra_state(self, state) -> None:
+        if not (isinstance(state, dict) and isinstance(state.get("householder_merged"), bool)):
+            raise ValueError(f"RankOneExperts: state_dict '_extra_state' must be {{'householder_merged': bool}}, "
+                             f"got {state!r}")
+        if state["householder_merged"] and self.householder is None:
+            raise ValueError("RankOneExperts: the state_dict holds V with a Householder chain merged in, but this "
+                             "module has no chain (num_householder=0)")
+        self.householder_merged = state["householder_merged"]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

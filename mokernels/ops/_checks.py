@@ -2,6 +2,8 @@
 the argument and the expected shape/dtype, on every device and at trace time."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -103,3 +105,23 @@ def autocast_like(device_type: str, like: torch.Tensor, *ts):
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return tuple(t.to(like.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts)
     return ts
+
+
+def autocast_off(device_type: str):
+    """Context with ``torch.autocast`` disabled for ``device_type``: the references promise fp32 math (fp64 for
+    fp64), but inside an autocast region their fp32 GEMMs would silently run in the autocast dtype."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def expect_no_tangent(op: str, ts, what: str) -> None:
+    """Ops with reverse-mode autograd only (torch.library registers no forward-mode formula): a forward-mode
+    tangent (``torch.autograd.forward_ad``, or ``torch.func.jvp``, which makes dual tensors too) on any of
+    ``ts`` (described by ``what``) would be dropped silently — the output came back without a tangent, or with
+    a zero one under ``jvp`` — so it is an error. Free outside a ``dual_level``."""
+    if _forward_ad._current_level < 0:
+        return
+    if any(isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in ts):
+        raise NotImplementedError(f"mokernels.{op}: forward-mode AD is not supported (a tangent on {what} would be "
+                                  "dropped): use reverse mode (Tensor.backward / torch.autograd.grad)")

@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, autocast_like, expect, expect_dtype, expect_same_device, grad_or_tangent, is_eager
+from ._checks import (acc_dtype, autocast_like, autocast_off, expect, expect_dtype, expect_same_device,
+                      grad_or_tangent, is_eager)
 
 _OP = "householder_apply"
 MAX_L = 64  # the fused SIMT kernel's limit (L <= 64); longer chains run in blocks of <= 64 (householder_apply_blocked)
@@ -44,15 +45,18 @@ DEFAULT_EPS = 1e-12
 # ---------------------------------------------------------------- checks
 
 
-def check_args(op: str, x: Tensor, U: Tensor, eps: float = DEFAULT_EPS) -> None:
-    expect(isinstance(x, Tensor) and isinstance(U, Tensor), op, "x and U must be tensors")
-    expect(x.dim() >= 1, op, "x must be [..., D], got a 0-d tensor")
+def check_args(op: str, x: Tensor, U: Tensor, eps: float = DEFAULT_EPS, *, x_name: str = "x",
+               u_name: str = "U") -> None:
+    """``x [..., D]`` and the reflection vectors ``U [L, D]``; ``x_name`` / ``u_name``: the arguments' names in
+    the caller's signature (``rank_one_experts`` has its own ``U``; the chain is ``H_vectors`` there)."""
+    expect(isinstance(x, Tensor) and isinstance(U, Tensor), op, f"{x_name} and {u_name} must be tensors")
+    expect(x.dim() >= 1, op, f"{x_name} must be [..., D], got a 0-d tensor")
     D = x.shape[-1]
-    expect(U.dim() == 2 and U.shape[1] == D, op, f"U must be [L, D] = [L, {D}] (one reflection vector per row, "
-                                                 f"D = x.shape[-1]), got {list(U.shape)}")
-    expect_dtype(op, "x", x)
-    expect_dtype(op, "U", U, like=x)
-    expect_same_device(op, "x", x, U=U)
+    expect(U.dim() == 2 and U.shape[1] == D, op, f"{u_name} must be [L, D] = [L, {D}] (one reflection vector per row, "
+                                                 f"D = {x_name}.shape[-1]), got {list(U.shape)}")
+    expect_dtype(op, x_name, x)
+    expect_dtype(op, u_name, U, like=x)
+    expect_same_device(op, x_name, x, **{u_name: U})
     expect(isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0, op,
            f"eps must be a positive float, got {eps!r}")
 
@@ -207,6 +211,11 @@ def householder_apply(x: Tensor, U: Tensor, *, transpose: bool = False, eps: flo
     if isinstance(x, Tensor):
         (U,) = autocast_like(x.device.type, x, U)
     check_args(_OP, x, U, eps)
+    with autocast_off(x.device.type):  # fp32 math inside an autocast region too (README "Autocast")
+        return _householder_apply(x, U, transpose, eps)
+
+
+def _householder_apply(x: Tensor, U: Tensor, transpose: bool, eps: float) -> Tensor:
     if x.device.type != "cuda" or not _HAS_OP or U.shape[0] == 0:
         return householder_apply_reference(x, U, transpose=transpose, eps=eps)
     if U.shape[0] > MAX_L:
@@ -255,14 +264,14 @@ def merge_householder(W: Tensor, U: Tensor, *, eps: float = DEFAULT_EPS) -> Tens
     """``W' = W H`` for a weight ``W [d_out, D]`` (so ``W' x = W (H x)``: the chain merged into the layer it
     feeds; PEFT HRA's merge). Returns W's dtype (fp32 math). For MoORE's ``V' = Hᵀ V`` (``V [D, R]``) use
     ``merge_householder(V.T, U).T``."""
-    check_args("merge_householder", W, U, eps)
+    check_args("merge_householder", W, U, eps, x_name="W")
     expect(W.dim() == 2, "merge_householder", f"W must be [d_out, D], got {list(W.shape)}")
     return householder_apply(W, U, transpose=True, eps=eps)
 
 
 def unmerge_householder(W: Tensor, U: Tensor, *, eps: float = DEFAULT_EPS) -> Tensor:
     """Inverse of :func:`merge_householder`: ``W = W' Hᵀ`` (H is orthogonal)."""
-    check_args("unmerge_householder", W, U, eps)
+    check_args("unmerge_householder", W, U, eps, x_name="W")
     expect(W.dim() == 2, "unmerge_householder", f"W must be [d_out, D], got {list(W.shape)}")
     return householder_apply(W, U, transpose=False, eps=eps)
 
@@ -303,7 +312,7 @@ def _check_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, eps):
                        f"{list(x.shape[:-1])}, got {list(p_task.shape)}")
         expect_dtype(op, "p_task", p_task, like=x)
     if H_vectors is not None:
-        check_args(op, x, H_vectors, eps)
+        check_args(op, x, H_vectors, eps, u_name="H_vectors")
     expect_same_device(op, "x", x, U=U, sigma=sigma, V=V, gx=gx, Q=Q, p_task=p_task, H_vectors=H_vectors)
 
 
@@ -356,6 +365,11 @@ def rank_one_experts(x: Tensor, U: Tensor, sigma: Tensor, V: Tensor, gx: Tensor 
     if isinstance(x, Tensor):
         U, sigma, V, gx, Q, p_task, H_vectors = autocast_like(x.device.type, x, U, sigma, V, gx, Q, p_task, H_vectors)
     _check_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, eps)
+    with autocast_off(x.device.type):  # fp32 math inside an autocast region too (README "Autocast")
+        return _rank_one_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, clip, eps)
+
+
+def _rank_one_experts(x, U, sigma, V, gx, Q, p_task, H_vectors, clip, eps):
     xh = x if H_vectors is None else householder_apply(x, H_vectors, eps=eps)
     if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16):
         from . import moore
@@ -416,7 +430,7 @@ def _fake_outputs(x, U, return_s):
 
 def _cpu_op(x, U, transpose, eps, return_s):
     check_args(_OP, x, U, eps)
-    with torch.no_grad():
+    with torch.no_grad(), autocast_off("cpu"):
         out = householder_apply_reference(x, U, transpose=transpose, eps=eps)
         _, s = _fake_outputs(x, U, return_s)
         if return_s and U.shape[0]:
@@ -448,7 +462,8 @@ def kernel_backward(ops, grad: Tensor, x: Tensor, U: Tensor, transpose: bool, ep
 
 def _grad_y_reference(alpha: Tensor, beta: Tensor, g: Tensor, x: Tensor) -> Tensor:
     """``householder_grad_y``'s specification (its CPU kernel): ``αᵀ g + βᵀ x`` in α's (fp32 / fp64) dtype."""
-    return alpha.T @ g.to(alpha.dtype) + beta.T @ x.to(alpha.dtype)
+    with autocast_off(alpha.device.type):
+        return alpha.T @ g.to(alpha.dtype) + beta.T @ x.to(alpha.dtype)
 
 
 if _HAS_OP:

@@ -75,7 +75,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype, grad_or_tangent
+from ._checks import FLOAT_DTYPES, acc_dtype, can_sync, expect, expect_dtype, expect_no_tangent, grad_or_tangent
 from ._checks import is_eager as _is_eager
 from .router import Routing
 
@@ -446,10 +446,11 @@ def _prepare_any(x, A, B, scale, ids, segments, mixture, segment_mixture, base_o
     return lead, T, d_out, i, w, off, s, base
 
 
-def _call_op(op, grad_ts, *args):
+def _call_op(op, name: str, grad_ts, *args):
     """The op through its autograd kernel only when autograd may see an input (the Python layer of
     register_autograd costs ~10-15 µs per call even when nothing needs a gradient)."""
     if grad_or_tangent(*grad_ts) or not _is_eager("cpu"):
+        expect_no_tangent(name, grad_ts, "x, the adapters, mixture weights or base_out")
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
@@ -485,7 +486,9 @@ def lora_apply(
         ranks: optional ``[N]`` integer tensor (on x's device): mixed ranks in one batch. Adapter n uses
             only the first ``ranks[n] <= r`` rows of ``A[n]`` and columns of ``B[n]`` (A/B stored padded to
             ``r = r_max``); the kernels neither read nor multiply the padding (prefill: padded to the
-            16-wide mma tile), rank 0 = no update. The padded region gets zero gradients.
+            16-wide mma tile), rank 0 = no update. The padded region gets zero gradients. ``scale`` is not
+            derived from the ranks: pass each adapter's own ``alpha_n / ranks[n]`` (PEFT's scaling), not
+            ``alpha / r_max``.
         validate: eager-mode metadata check (one fused pass, one host sync); see the module docstring.
     Returns:
         ``[..., d_out]`` in x's dtype: ``base_out + delta`` (or the delta alone).
@@ -496,7 +499,8 @@ def lora_apply(
     if ranks is not None:
         ranks = _check_ranks(ranks, B.shape[0], B.shape[2], x, validate, "lora_apply")
     grad_ts = (x, A, B) if w is None and base is None else tuple(t for t in (x, A, B, w, base) if t is not None)
-    y = _call_op(torch.ops.mokernels.lora_apply, grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off, base, ranks)
+    y = _call_op(torch.ops.mokernels.lora_apply, "lora_apply", grad_ts, x.reshape(T, x.shape[-1]), A, B, s, i, w, off,
+                 base, ranks)
     return y.reshape(*lead, d_out)
 
 
@@ -532,6 +536,10 @@ def lora_apply_sliced(
     backward kernels once per slice and sums dx / d(weights)).
     """
     op = "lora_apply_sliced"
+    for name, t, shape in (("As", As, "[S, N, r, d_in]"), ("Bs", Bs, "[S, N, d_out, r]")):
+        # a lone [N, r, d_in] / [N, d_out, r] would otherwise be unbound into N "slices" and fail on their shapes
+        expect(not isinstance(t, Tensor) or t.dim() == 4, op, f"{name} as one tensor must be stacked {shape}, got "
+               f"{list(t.shape) if isinstance(t, Tensor) else ''} (one slice: pass [{name[0]}] or use lora_apply)")
     As = list(As.unbind(0)) if isinstance(As, Tensor) else list(As) if isinstance(As, Sequence) else As
     Bs = list(Bs.unbind(0)) if isinstance(Bs, Tensor) else list(Bs) if isinstance(Bs, Sequence) else Bs
     expect(isinstance(As, list) and isinstance(Bs, list) and 1 <= len(As) <= MAX_SLICES and len(As) == len(Bs), op,
@@ -551,8 +559,8 @@ def lora_apply_sliced(
     s = _scale_tensor(scale, N, x, op)
     rk = _check_ranks(ranks, N, r, x, validate, op)
     grad_ts = (x, *As, *Bs, *(t for t in (w, base) if t is not None))
-    y = _call_op(torch.ops.mokernels.lora_apply_sliced, grad_ts, x.reshape(T, x.shape[-1]), As, Bs, s, i, w, off, base,
-                 rk)
+    y = _call_op(torch.ops.mokernels.lora_apply_sliced, "lora_apply_sliced", grad_ts, x.reshape(T, x.shape[-1]), As, Bs,
+                 s, i, w, off, base, rk)
     return y.reshape(*lead, d_out)
 
 
@@ -682,6 +690,7 @@ def lora_shared_apply(
         if validate and _is_eager():
             validate_routing(LoraRouting(i, w, None), N, T, op, "mixture ids")
     base = _check_base(base_out, lead, d_out, x, op)
+    expect_no_tangent(op, (x, A, B, w, base), "x, A, B, the expert weights or base_out")
     y = torch.ops.mokernels.lora_shared_apply(x.reshape(T, d_in), A, B, float(scale), i, w, base)
     return y.reshape(*lead, d_out)
 
@@ -777,7 +786,7 @@ def _token_routing(rt: LoraRouting, T: int, N: int, device, scale: Optional[Tens
     coef = valid
     if w_t is not None:
         coef = coef * w_t.to(acc)
-    if scale is not None:
+    if scale is not None and N > 0:  # N = 0: every slot is invalid (coef 0) and scale is empty
         coef = coef * scale.to(acc)[idc]
     return idc, valid, coef
 
@@ -830,6 +839,9 @@ def lora_apply_reference(x, A, B, scale, ids, weights=None, offsets=None, base_o
     N, d_out, r = B.shape
     T = x.shape[0]
     acc = acc_dtype(x.dtype)
+    if N == 0:  # an empty adapter pool (every id is -1 or out of range): no update, as the kernels
+        y = x.new_zeros((T, d_out), dtype=acc)
+        return (y if base_out is None else y + base_out.to(acc)).to(x.dtype)
     idc, _, coef = _token_routing(LoraRouting(ids, weights, offsets), T, N, x.device, scale.to(acc))
     k = idc.shape[1]
     h = _shrink_all(x, A).gather(1, idc[:, :, None].expand(T, k, r))  # [T, k, r]
@@ -855,6 +867,9 @@ def _lora_apply_backward_reference(g, x, A, B, scale, ids, weights, offsets, nee
     N, d_out, r = B.shape
     T, d_in = x.shape
     acc = acc_dtype(x.dtype)
+    if N == 0:  # an empty adapter pool: the output did not depend on x or the weights
+        dw = None if not (need_w and weights is not None) else torch.zeros_like(weights)
+        return x.new_zeros(x.shape), A.new_zeros(A.shape), B.new_zeros(B.shape), dw
     rt = LoraRouting(ids, weights, offsets)
     idc, valid, coef = _token_routing(rt, T, N, x.device, scale.to(acc))
     k = idc.shape[1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, expect, expect_dtype, expect_same_device
+from ._checks import acc_dtype, autocast_off, expect, expect_dtype, expect_no_tangent, expect_same_device
 
 _FWD = "experts_gate_gemm"
 _BWD = "experts_gate_bwd"
@@ -116,6 +116,7 @@ def experts_fused(ops, x: Tensor, U: Tensor, sigma: Tensor, V: Tensor, gx: Tenso
     """``y = experts_gate_gemm(x, V, σ, gx, Q, p_task) Uᵀ`` for ``x [..., d_in]`` (leading dims flattened; gx and
     a per-token p_task likewise), through the op namespace ``ops``. Arguments as checked by
     ``householder._check_experts``; autograd through ``torch.ops.mokernels`` (the registered formula below)."""
+    expect_no_tangent("rank_one_experts", (x, U, sigma, V, gx, Q, p_task), "an input (fused CUDA path)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     gx2 = gx.reshape(-1, gx.shape[-1]) if gx is not None else None
@@ -140,14 +141,14 @@ if HAS_OP:
     @torch.library.register_kernel("mokernels::" + _FWD, "cpu")
     def _cpu_fwd(x, V, sigma, gx, Q, p_task, clip):
         check_gate_args(_FWD, x, V, sigma, gx, Q, p_task)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off("cpu"):
             return experts_gate_reference(x, V, sigma, gx, Q, p_task, clip)
 
     @torch.library.register_kernel("mokernels::" + _BWD, "cpu")
     def _cpu_bwd(dS, x, V, sigma, gx, Q, p_task, clip, need_dz, need_dg, need_dsigma):
         check_gate_args(_BWD, x, V, sigma, gx, Q, p_task)
         expect(dS.shape == (x.shape[0], V.shape[1]), _BWD, f"dS must be [T, R] = [{x.shape[0]}, {V.shape[1]}]")
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off("cpu"):
             dz, dg, ds = experts_gate_bwd_reference(dS, x, V, sigma, gx, Q, p_task, clip)
         e = x.new_empty((0,))
         return dz if need_dz else e, dg if need_dg else e, ds if need_dsigma else e
