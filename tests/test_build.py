@@ -44,3 +44,20 @@ def test_cuda_ops_registered():
     # the CUDA kernels are registered with the dispatcher whenever the build has them
     has = torch._C._dispatch_has_kernel_for_dispatch_key("mokernels::rank_one_scale", "CUDA")
     assert has == mokernels.build_info()["with_cuda"]
+
+
+def test_every_kernel_family_has_an_emulation_tu():
+    """Each csrc/<family>.cu is compiled into the emulator modules through csrc/emu/kernels_<family>.cpp (one
+    TU per family, picked up by setup.py and CMakeLists.txt); a family without one would have no emulated
+    kernels and its emu tests would fail only at run time with a missing-op error."""
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    families = sorted(p.stem for p in csrc.glob("*.cu"))
+    assert families, "no csrc/*.cu found"
+    for fam in families:
+        tu = csrc / "emu" / f"kernels_{fam}.cpp"
+        assert tu.exists(), f"{fam}.cu has no emulation TU {tu.relative_to(csrc.parent)}"
+        assert f'#include "../{fam}.cu"' in tu.read_text(), f"{tu.name} does not include ../{fam}.cu"
+    stray = sorted(p.name for p in (csrc / "emu").glob("kernels_*.cpp") if p.stem[len("kernels_"):] not in families)
+    assert not stray, f"emulation TUs without a csrc/<family>.cu: {stray}"
